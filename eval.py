@@ -66,48 +66,45 @@ def stop_token_ids(tokenizer, model_config=None) -> list[int]:
 
 
 # ---- the tiny model and toy task -------------------------------------------------------------------------------
-# The toy task: a list of digits and a question about it ("What is the largest of 3 8 1?"). The answer is a digit
-# that depends on the question, so the policy has to read its prompt; graded by verify.py like any math answer.
-# Levels (for curricula) are the question types, from easy to hard.
-TOY_QUESTIONS = {  # level -> (wording, function of the digit list)
-    0: ("first", lambda ds: ds[0]),
-    1: ("last", lambda ds: ds[-1]),
-    2: ("largest", max),
-    3: ("smallest", min),
-}
-TOY_FILLERS = ("Let me think.", "Hmm.", "Wait.", "So", "We look at the list.", "Check again.")
+# The toy task: "Mia counts from one to 7. Where does the count stop?" The answer is the prompt's number, so the
+# policy has to read its prompt; graded by verify.py like any math answer. The number is the prompt's only digit and
+# always at the same distance from the prompt's end. Names make problems distinct, so that a held-out split of
+# unseen problems exists.
+TOY_NAMES = ("Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ivy", "Ben", "Eva", "Tom", "Amy", "Dan", "Kim", "Ray",
+             "Sue", "Jon", "Liz", "Ned", "Pia", "Ron")
+TOY_PLACES = ("in the garden", "at school", "on the bus", "at home", "in the park")
+TOY_FILLERS = ("Let me check.", "Hmm.", "Wait.", "Yes.", "We count again.", "Check again.")
 
 
-def toy_problems(n: int, seed: int = 0, levels=(0, 1, 2, 3), length: tuple[int, int] = (4, 6)) -> list[dict]:
-    """n toy problems {problem, answer, level, digits}; the same seed gives the same problems."""
+def toy_problems(n: int, seed: int = 0) -> list[dict]:
+    """n toy problems {problem, answer}; the same seed gives the same problems."""
     rng = random.Random(seed)
     problems = []
     for _ in range(n):
-        level = rng.choice(levels)
-        word, answer_of = TOY_QUESTIONS[level]
-        digits = [rng.randrange(10) for _ in range(rng.randint(*length))]
-        problems.append({"problem": f"What is the {word} of {' '.join(map(str, digits))}?",
-                         "answer": str(answer_of(digits)), "level": level, "digits": digits})
+        name, place, x = rng.choice(TOY_NAMES), rng.choice(TOY_PLACES), rng.randint(1, 9)
+        problems.append({"problem": f"{name} counts {place} from one to {x}. Where does the count stop?",
+                         "answer": str(x)})
     return problems
 
 
-def toy_splits(seed: int = 0, n_train: int = 2000, n_test: int = 200, **kwargs) -> tuple[list[dict], list[dict]]:
-    """Train and held-out toy problems; held-out problems never appear in train."""
-    train = toy_problems(n_train, seed=seed, **kwargs)
-    seen = {p["problem"] for p in train}
-    pool = toy_problems(20 * n_test, seed=seed + 10_000, **kwargs)
-    test = [p for p in pool if p["problem"] not in seen][:n_test]
-    return train, test
+def toy_splits(seed: int = 0, n_test: int = 100) -> tuple[list[dict], list[dict]]:
+    """Train and held-out toy problems: each distinct problem lands in exactly one split, by a seeded shuffle."""
+    problems = sorted({p["problem"]: p for p in toy_problems(20_000, seed=seed)}.values(), key=lambda p: p["problem"])
+    random.Random(seed).shuffle(problems)
+    return problems[n_test:], problems[:n_test]
 
 
-def toy_response(answer: str, rng: random.Random, max_fillers: int = 6) -> str:
-    """A response in the format a base model would write: some filler reasoning, then the boxed answer."""
+def toy_response(answer: str, rng: random.Random, max_fillers: int = 3) -> str:
+    """A response in the format a base model would write: the boxed answer, then some idle checking sentences.
+
+    The answer comes first so that it sits at a fixed distance from the prompt's number (a tiny model learns to
+    read by position within seconds, by content only after thousands of steps); the checking is what HAPO trims."""
     fillers = " ".join(rng.choice(TOY_FILLERS) for _ in range(rng.randint(0, max_fillers)))
-    return (fillers + " " if fillers else "") + f"The answer is \\boxed{{{answer}}}."
+    return f"The answer is \\boxed{{{answer}}}." + (" " + fillers if fillers else "")
 
 
 TINY_NAME = "tiny"
-TINY_VERSION = 2  # bump when anything below changes what gets built
+TINY_VERSION = 7  # bump when anything below changes what gets built
 
 
 def load_model(name: str = TINY_NAME, dtype=torch.float32, seed: int = 0):
@@ -142,10 +139,9 @@ def tiny_model_path(seed: int = 0) -> str:
 def build_tiny_model(folder: Path, seed: int = 0) -> None:
     """A Qwen2 model of 0.6M parameters and a BPE tokenizer trained on toy text, saved like a hub checkpoint.
 
-    The weights start random and then get a few seconds of format pretraining on toy responses whose answers are
-    *a random digit of the list*: the model learns to write `... \\boxed{d}` with some d from its prompt and stop,
-    as a base model already writes plausible answers, but it is at chance about which one (accuracy about 0.25).
-    Which digit each question asks for is learned by RL alone.
+    The weights start random and then get ~40 s of supervised pretraining (cached afterwards; see format_pretrain)
+    that leaves a model which writes `\\boxed{d}` and stops, as a base model does, and which answers the toy task
+    right about a third of the time when sampling: RL's job is to make it reliable.
     Filler sentences of random count give HAPO lengths to shorten."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
@@ -195,21 +191,26 @@ def train_tiny_tokenizer(rng: random.Random):
                           additional_special_tokens=specials[1:], chat_template=CHAT_TEMPLATE)
 
 
-def format_pretrain(model, tokenizer, rng: random.Random, steps: int = 80, batch: int = 32) -> None:
-    """Supervised steps on response tokens of toy prompts with random-digit answers (format, not knowledge)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+def format_pretrain(model, tokenizer, rng: random.Random, read_steps: int = 450, doubt_steps: int = 60,
+                    doubt_correct: float = 0.2) -> None:
+    """Supervised steps on response tokens, in two stages.
+
+    1. Toy questions answered right: the model learns to find the number in its prompt (this takes ~400 steps to
+       emerge, far more than a CPU-sized RL run could spend discovering it from nothing).
+    2. Toy answers right only 20% of the time, else a random digit: the model still finds the number but doubts it,
+       and samples the right answer about 0.2 + 0.8/9 ~ 0.3 of the time. RL has to make it sure, as RLVR does
+       with a base model that can solve a problem sometimes."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pad = tokenizer.pad_token_id
-    for _ in range(steps):
-        rows = []
-        for p in toy_problems(batch, seed=rng.randrange(2**31)):
-            prompt = tokenizer.encode(QWEN_MATH_TRAIN.format(problem=p["problem"]))
-            response = tokenizer.encode(toy_response(str(rng.choice(p["digits"])), rng)) + [im_end]
-            rows.append((prompt, response))
+    for step in range(read_steps + doubt_steps):
+        rows = [(p["problem"], p["answer"] if step < read_steps or rng.random() < doubt_correct
+                 else str(rng.randint(1, 9))) for p in toy_problems(32, seed=rng.randrange(2**31))]
+        rows = [(tokenizer.encode(QWEN_MATH_TRAIN.format(problem=q)),
+                 tokenizer.encode(toy_response(a, rng)) + [im_end]) for q, a in rows]
         width = max(len(p) + len(r) for p, r in rows)
-        ids = torch.full((batch, width), pad)
-        labels = torch.full((batch, width), -100)
-        attention = torch.zeros((batch, width), dtype=torch.long)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+        labels = torch.full((len(rows), width), -100)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
         for i, (prompt, response) in enumerate(rows):  # right padding: positions start at 0 for every row
             ids[i, :len(prompt) + len(response)] = torch.tensor(prompt + response)
             labels[i, len(prompt):len(prompt) + len(response)] = torch.tensor(response)
@@ -449,8 +450,9 @@ def generate(engine, tokenizer, prompts: list[str], n: int = 1, temperature: flo
     stops = stop_token_ids(tokenizer, engine if not is_vllm(engine) else None)
     if is_vllm(engine):
         from vllm import SamplingParams
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-                                stop_token_ids=stops)
+        # per-request seeds fail in vLLM's CPU build ("CPU Generator does not use offset"): the engine's seed then
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                seed=seed if torch.cuda.is_available() else None, stop_token_ids=stops)
         outputs = engine.generate(prompts, params, use_tqdm=progress)
         return [[completion_record(tokenizer, list(c.token_ids), stops, max_tokens) for c in o.outputs]
                 for o in outputs]

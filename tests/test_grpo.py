@@ -1,0 +1,265 @@
+"""grpo.py: the fused log-prob, advantages, loss aggregation, learning, weight sync and resume."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import eval as evaluation  # noqa: E402
+import grpo  # noqa: E402
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+# ---- logprobs_and_entropy --------------------------------------------------------------------------------------
+def reference_logprobs_and_entropy(hidden, weight, targets, temperature):
+    log_p = torch.log_softmax(hidden @ weight.T / temperature, dim=-1)
+    return log_p.gather(1, targets[:, None]).squeeze(1), -(log_p.exp() * log_p).sum(-1)
+
+
+def random_problem(n=37, h=24, v=101, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randint(v, (n,), generator=g)
+    return hidden, weight, targets, torch.randn(n, dtype=torch.float64, generator=g), \
+        torch.randn(n, dtype=torch.float64, generator=g)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 37, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_fused_logprob_matches_float64_reference_values_and_gradients(chunk, temperature):
+    hidden, weight, targets, g_logp, g_entropy = random_problem()
+    ref_logp, ref_entropy = reference_logprobs_and_entropy(hidden, weight, targets, temperature)
+    (ref_logp @ g_logp + ref_entropy @ g_entropy).backward()
+    ref_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    logp, entropy = grpo.logprobs_and_entropy(hidden, weight, targets, temperature, chunk_size=chunk)
+    (logp @ g_logp + entropy @ g_entropy).backward()
+    torch.testing.assert_close(logp, ref_logp, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(entropy, ref_entropy, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(hidden.grad, ref_grads[0], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(weight.grad, ref_grads[1], rtol=1e-6, atol=1e-9)
+
+
+def test_fused_logprob_gradient_without_entropy_term():
+    hidden, weight, targets, g_logp, _ = random_problem(seed=1)
+    ref_logp, _ = reference_logprobs_and_entropy(hidden, weight, targets, 0.7)
+    (ref_logp @ g_logp).backward()
+    ref_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    logp, entropy = grpo.logprobs_and_entropy(hidden, weight, targets, 0.7, chunk_size=8)
+    (logp @ g_logp).backward()  # entropy only logged: its gradient is None and its work is skipped
+    torch.testing.assert_close(hidden.grad, ref_grads[0], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(weight.grad, ref_grads[1], rtol=1e-6, atol=1e-9)
+
+
+def test_fused_logprob_saves_no_tokens_by_vocab_tensor():
+    n, h, v = 40, 16, 300
+    hidden, weight, targets, g_logp, g_entropy = random_problem(n, h, v)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        logp, entropy = grpo.logprobs_and_entropy(hidden, weight, targets, 1.0, chunk_size=8)
+    (logp @ g_logp + entropy @ g_entropy).backward()
+    assert saved, "the hook saw nothing: the test would pass vacuously"
+    assert all(torch.Size(s).numel() != n * v for s in saved), f"a [tokens x vocab] tensor was saved: {saved}"
+
+
+def test_fused_logprob_in_float32_is_close_to_float64():
+    hidden, weight, targets, _, _ = random_problem()
+    logp, entropy = grpo.logprobs_and_entropy(hidden.float(), weight.float(), targets, 0.6, chunk_size=7)
+    ref_logp, ref_entropy = reference_logprobs_and_entropy(hidden, weight, targets, 0.6)
+    assert logp.dtype == torch.float32
+    torch.testing.assert_close(logp.double(), ref_logp.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(entropy.double(), ref_entropy.detach(), rtol=1e-4, atol=1e-4)
+
+
+# ---- advantages and loss ---------------------------------------------------------------------------------------
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    std = torch.tensor([1.0, 0, 0, 0]).std().item()
+    expected = torch.tensor([0.75 / std, -0.25 / std, -0.25 / std, -0.25 / std, 0, 0, 0, 0])
+    torch.testing.assert_close(grpo.group_advantages(rewards, 4), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grpo.group_advantages(rewards, 4, std_normalize=False),
+                               torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]))
+
+
+@pytest.mark.parametrize("mode,expected", [
+    # two sequences of lengths 1 and 3 with per-token losses [1] and [2, 3, 4]; max length 5
+    ("token-mean", (1 + 2 + 3 + 4) / 4),
+    ("seq-mean-token-mean", (1 / 1 + (2 + 3 + 4) / 3) / 2),
+    ("seq-mean-token-sum-norm", (1 / 5 + (2 + 3 + 4) / 5) / 2),
+])
+def test_loss_aggregation_by_hand(mode, expected):
+    weights = grpo.token_weights([1, 3], mode, minibatch_tokens=4, minibatch_seqs=2, max_len=5)
+    assert (weights * torch.tensor([1.0, 2, 3, 4])).sum().item() == pytest.approx(expected)
+
+
+def test_clipped_surrogate_by_hand():
+    args = grpo.Args(clip_low=0.2, clip_high=0.3)
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.5, 0.5, 1.1, 0.7])).requires_grad_()
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss, stats = grpo.policy_loss(logp, old, adv, torch.full((4,), 0.25), args)
+    # ratio 1.5 clipped to 1.3 for A>0; 0.5 unclipped for A>0 (min picks 0.5); 1.1 for A<0; 0.7 clipped to 0.8 for A<0
+    assert loss.item() == pytest.approx(-(1.3 + 0.5 - 1.1 - 0.8) / 4)
+    assert stats["clip_frac"] == pytest.approx(0.5)
+
+
+def test_low_var_kl_is_zero_at_equality_and_positive_elsewhere():
+    logp = torch.tensor([-1.0, -2.0, -0.5])
+    assert torch.all(grpo.low_var_kl(logp, logp) == 0)
+    assert torch.all(grpo.low_var_kl(logp, logp + torch.tensor([0.3, -0.4, 1.0])) > 0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return evaluation.load_model("tiny")
+
+
+def fake_rollouts(tokenizer, n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [tokenizer.encode(p["problem"]) for p in evaluation.toy_problems(n, seed=seed)]
+    return [{"prompt_ids": p, "response_ids": torch.randint(5, 300, (int(torch.randint(2, 9, (1,), generator=g)),),
+                                                             generator=g).tolist(),
+             "engine_logprobs": [], "truncated": False} for p in prompts]
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_gradient_accumulation_equals_one_big_batch(tiny, mode):
+    model, tokenizer = tiny
+    rollouts = fake_rollouts(tokenizer)
+    for r in rollouts:
+        r["engine_logprobs"] = [0.0] * len(r["response_ids"])
+    advantages = torch.linspace(-1, 1, len(rollouts))
+    grads = []
+    for micro in (8, 2, 3):
+        m = type(model)(model.config)
+        m.load_state_dict(model.state_dict())
+        m.double().train()  # float64: the comparison is about the accumulation, not float32 summation order
+        args = grpo.Args(mini_batch=8, micro_batch=micro, loss_agg=mode, max_grad_norm=1e9)
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: we only read the accumulated gradient
+        optimizer.zero_grad = lambda set_to_none=True: None  # keep the gradient for inspection
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        torch.manual_seed(0)
+        grpo.update_policy(m, None, rollouts, advantages, optimizer, scheduler, args,
+                           torch.autocast("cpu", enabled=False), tokenizer.pad_token_id, torch.device("cpu"))
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-9, atol=1e-12)
+
+
+def test_response_logprobs_skip_the_prompt(tiny):
+    model, tokenizer = tiny
+    rollouts = fake_rollouts(tokenizer, n=3)
+    batch = grpo.collate(rollouts, tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        logp, _ = grpo.response_logprobs(model, batch, 1.0, 4)
+        full = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                 -1)
+    expected = torch.cat([full[i, len(r["prompt_ids"]) - 1:len(r["prompt_ids"]) + len(r["response_ids"]) - 1]
+                          .gather(1, torch.tensor(r["response_ids"])[:, None]).squeeze(1)
+                          for i, r in enumerate(rollouts)])
+    assert logp.shape[0] == sum(len(r["response_ids"]) for r in rollouts)
+    torch.testing.assert_close(logp, expected, rtol=1e-4, atol=1e-5)
+
+
+# ---- whole runs ------------------------------------------------------------------------------------------------
+def run_script(*args, timeout=600):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    out = subprocess.run([sys.executable, str(ROOT / "grpo.py"), *args], capture_output=True, text=True,
+                         timeout=timeout, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
+
+
+def test_default_run_learns(tmp_path):
+    """The CartPole of the codebase: no arguments, the tiny model's reward climbs on the toy task."""
+    run_script("--output-dir", str(tmp_path), timeout=300)
+    rewards = [m["reward_mean"] for m in read_metrics(tmp_path)]
+    tenth = max(1, len(rewards) // 10)
+    first, last = sum(rewards[:tenth]) / tenth, sum(rewards[-tenth:]) / tenth
+    print(f"reward first tenth {first:.3f}, last tenth {last:.3f}")
+    assert first <= 0.35, f"the task is too easy at the start: {first:.3f}"
+    assert last >= 0.8, f"the default run did not learn: {first:.3f} -> {last:.3f}"
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
+              "--eval-every", "0", "--eval-max-problems", "4"]
+    run_script(*common, "--total-steps", "4", "--output-dir", str(tmp_path / "straight"))
+    run_script(*common, "--total-steps", "2", "--output-dir", str(tmp_path / "first"))
+    run_script(*common, "--total-steps", "4", "--resume", str(tmp_path / "first" / "checkpoint-2"),
+               "--output-dir", str(tmp_path / "resumed"))
+    from safetensors.torch import load_file
+    straight = load_file(tmp_path / "straight" / "checkpoint-4" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors")
+    first = load_file(tmp_path / "first" / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(first[k], straight[k]) for k in straight), "steps 3-4 changed nothing"
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), f"{k} differs after resume"
+
+
+def test_bad_arguments_fail_clearly(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--train-data", str(tmp_path / "missing.jsonl")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode != 0 and "missing.jsonl" in out.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1?", "answer": "2"}\n')
+    out = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--train-data", str(bad), "--rollout", "hf"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode != 0 and "problem" in out.stderr and "--problem-key" in out.stderr
+
+
+# ---- vLLM weight sync ------------------------------------------------------------------------------------------
+def untied_copy(tmp_path):
+    model, tokenizer = evaluation.load_model("tiny")
+    config = model.config
+    config.tie_word_embeddings = False
+    untied = type(model)(config)
+    state = model.state_dict()
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    untied.load_state_dict(state)
+    untied.generation_config = model.generation_config
+    untied.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed")
+@pytest.mark.parametrize("tied", [True, False])
+def test_vllm_greedy_equals_hf_greedy_after_a_training_step_and_push(tmp_path, tied):
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    path = evaluation.resolve_model_path("tiny") if tied else untied_copy(tmp_path)
+    model, tokenizer = evaluation.load_model(path)
+    assert model.config.tie_word_embeddings == tied
+    args = grpo.Args(rollout="vllm", lr=3e-3, mini_batch=16, micro_batch=16)
+    engine = grpo.make_rollout_engine(args, path, model, torch.device("cpu"))
+    rollouts = fake_rollouts(tokenizer, n=16, seed=3)
+    optimizer, scheduler = grpo.make_optimizer(model, args, 10)
+    model.train()
+    grpo.update_policy(model, None, [dict(r, engine_logprobs=[0.0] * len(r["response_ids"])) for r in rollouts],
+                       torch.linspace(-1, 1, 16), optimizer, scheduler, args, torch.autocast("cpu", enabled=False),
+                       tokenizer.pad_token_id, torch.device("cpu"))
+    grpo.push_weights(engine, model)
+    prompts = [evaluation.build_prompt(p["problem"], tokenizer, "qwen-math-train")
+               for p in evaluation.toy_problems(6, seed=4)]
+    hf = [c[0]["token_ids"] for c in evaluation.generate(model, tokenizer, prompts, max_tokens=24)]
+    vllm = [c[0]["token_ids"] for c in evaluation.generate(engine, tokenizer, prompts, max_tokens=24)]
+    stale, _ = evaluation.load_model(path)
+    before = [c[0]["token_ids"] for c in evaluation.generate(stale, tokenizer, prompts, max_tokens=24)]
+    assert hf != before, "the training step did not change greedy outputs: the test cannot tell a missed push"
+    assert vllm == hf
