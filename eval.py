@@ -137,7 +137,7 @@ def tiny_model_path(seed: int = 0) -> str:
 
 
 def build_tiny_model(folder: Path, seed: int = 0) -> None:
-    """A Qwen2 model of 0.6M parameters and a BPE tokenizer trained on toy text, saved like a hub checkpoint.
+    """A Qwen2 model of 0.45M parameters and a BPE tokenizer trained on toy text, saved like a hub checkpoint.
 
     The weights start random and then get ~40 s of supervised pretraining (cached afterwards; see format_pretrain)
     that leaves a model which writes `\\boxed{d}` and stops, as a base model does, and which answers the toy task

@@ -142,11 +142,11 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
                 g = grad_logp[s:s + ctx.chunk_size, None]
                 grad_z -= g * p
                 grad_z.scatter_add_(1, targets[s:s + ctx.chunk_size, None], g)
-            grad_z = grad_z.mul_(ctx.inv_temperature).to(hidden.dtype)
+            grad_z = grad_z.mul_(ctx.inv_temperature)
             if grad_hidden is not None:
-                grad_hidden[s:s + ctx.chunk_size] = grad_z @ w
-            if grad_weight is not None:
-                grad_weight += (grad_z.T @ h).to(stats_dtype)
+                grad_hidden[s:s + ctx.chunk_size] = grad_z.to(hidden.dtype) @ w
+            if grad_weight is not None:  # accumulate in place: no temporary of the weight's size per chunk
+                grad_weight.addmm_(grad_z.T, h.to(stats_dtype))
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
@@ -539,7 +539,7 @@ def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, 
         ref_logp = token_logprobs(reference, rollouts, args, pad_id, device) if reference is not None else None
     stats = {"loss": [], "clip_frac": [], "kl": [], "entropy": [], "grad_norm": [], "logprob_gap": []}
     skipped = False
-    for _ in range(args.num_updates):
+    for update in range(args.num_updates):
         order = torch.randperm(len(rollouts)).tolist()
         for m in range(0, len(rollouts), args.mini_batch):
             mini = [i for i in order[m:m + args.mini_batch] if not rollouts[i].get("masked")]
@@ -560,8 +560,9 @@ def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, 
                                       per_token(ref_logp) if ref_logp is not None else None,
                                       entropy if args.entropy_coef else None)
                 loss.backward()
-                engine_lp = torch.tensor([lp for r in rows for lp in r["engine_logprobs"]], device=device)
-                stats["logprob_gap"].append((engine_lp - logp.detach()).abs().mean().item())
+                if update == 0:  # the sampling policy is the current one only before the first optimizer step
+                    engine_lp = torch.tensor([lp for r in rows for lp in r["engine_logprobs"]], device=device)
+                    stats["logprob_gap"].append((engine_lp - logp.detach()).abs().mean().item())
                 stats["loss"].append(loss.item())
                 stats["clip_frac"].append(s["clip_frac"])
                 stats["kl"].append(s.get("kl", 0.0))

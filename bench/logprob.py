@@ -1,0 +1,185 @@
+"""Time and peak memory of the LM-head log-prob (+ entropy) forward+backward at Qwen2.5-Math-1.5B's head. Not a test.
+
+Head: hidden 1536, vocab 151936, temperature 0.6 (the paper's); gradients flow to both the hidden states and the
+weight (tied embeddings are trained). Methods, each one forward+backward:
+  ours            grpo.logprobs_and_entropy, loss = (logp * g1 + entropy * g2).sum()
+  ours, logp only the same Function, loss = (logp * g1).sum() (the entropy is only logged: its backward is skipped)
+  naive           log_softmax((hidden @ weight.T).float() / T) over the full [tokens x vocab] tensor, same loss
+  GEMM floor      the three matmuls alone: hidden @ W.T, grad @ W, grad.T @ hidden
+  Liger FLCE      liger_kernel's LigerFusedLinearCrossEntropyLoss(reduction="none"), log-prob only (if installed)
+Time: median of --reps runs after a warm-up (on CPU the warm-up is a 64-token run: a full one costs as much as a
+rep). Memory: peak growth over the inputs (grads included): CUDA max_memory_allocated; CPU peak RSS (ru_maxrss) in
+a fresh subprocess per case. Exactness: max |logp - naive logp| (the naive formula, row-chunked, under no_grad).
+
+    python bench/logprob.py --device cpu                        # tokens 256,1024, fp32, 1 rep: a few minutes
+    python bench/logprob.py                                     # GPU: tokens 8192,32768,65536, bf16, 5 reps
+"""
+import argparse
+import importlib.util
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from grpo import logprobs_and_entropy  # noqa: E402
+
+HIDDEN, VOCAB, T = 1536, 151936, 0.6
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def ours(h, w, t, g1, g2, chunk):
+    logp, entropy = logprobs_and_entropy(h, w, t, T, chunk)
+    (logp * g1 + entropy * g2).sum().backward()
+    return logp
+
+
+def ours_logp_only(h, w, t, g1, g2, chunk):
+    logp, _ = logprobs_and_entropy(h, w, t, T, chunk)
+    (logp * g1).sum().backward()
+    return logp
+
+
+def naive(h, w, t, g1, g2, chunk):
+    logp_all = torch.log_softmax((h @ w.T).float() / T, -1)
+    logp = logp_all.gather(1, t[:, None]).squeeze(1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    (logp * g1 + entropy * g2).sum().backward()
+    return logp
+
+
+@torch.no_grad()
+def gemm_floor(h, w, t, g1, g2, chunk):
+    z = h @ w.T  # stands in for the gradient of the logits in the two backward matmuls
+    z @ w, z.T @ h
+    return None
+
+
+def liger(h, w, t, g1, g2, chunk):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    out = LigerFusedLinearCrossEntropyLoss(reduction="none")(w, h / T, t)  # logits / T == (h / T) @ W.T
+    logp = -(out[0] if isinstance(out, tuple) else out)
+    (logp * g1).sum().backward()
+    return logp
+
+
+CASES = {"ours": ours, "ours, logp only": ours_logp_only, "naive": naive, "GEMM floor": gemm_floor,
+         "Liger FLCE": liger}
+CHECKED = {"ours", "Liger FLCE"}  # rows that report the exactness column
+
+
+@torch.no_grad()
+def reference_logp(h, w, t, rows=4096):
+    return torch.cat([torch.log_softmax((h[s:s + rows] @ w.T).float() / T, -1).gather(1, t[s:s + rows, None])
+                      .squeeze(1) for s in range(0, len(h), rows)])
+
+
+def tokens(n, dtype, device):
+    h = torch.randn(n, HIDDEN, dtype=dtype, device=device).requires_grad_()
+    t = torch.randint(VOCAB, (n,), device=device)
+    return h, t, torch.randn(n, device=device), torch.randn(n, device=device)
+
+
+def run_case(name, n, args):
+    """{'ms': median time, 'bytes': peak extra memory, 'diff': exactness or None}, in this process."""
+    device, dtype, cuda = torch.device(args.device), DTYPES[args.dtype], args.device == "cuda"
+    torch.manual_seed(0)
+    w = torch.randn(VOCAB, HIDDEN, dtype=dtype, device=device).mul_(0.05).requires_grad_()  # logits' std ~ 2
+    big = tokens(n, dtype, device)
+    warm = big if cuda else tokens(min(n, 64), dtype, device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times, peak = [], 0
+    for i in range(args.reps + 1):
+        h, t, g1, g2 = warm if i == 0 else big
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            mem_before = torch.cuda.memory_allocated()
+        sync()
+        start = time.perf_counter()
+        logp = CASES[name](h, w, t, g1, g2, args.chunk)
+        sync()
+        if i > 0:
+            times.append(time.perf_counter() - start)
+            if cuda:
+                peak = max(peak, torch.cuda.max_memory_allocated() - mem_before)
+        h.grad = w.grad = None
+    if not cuda:  # ru_maxrss is in KiB on Linux; the 64-token warm-up peaks lower than the measured runs
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+    diff = None
+    if name in CHECKED:
+        diff = (logp.detach() - reference_logp(big[0].detach(), w.detach(), big[1])).abs().max().item()
+    return {"ms": statistics.median(times) * 1e3, "bytes": peak, "diff": diff}
+
+
+def run_isolated(name, n, args):
+    """CPU: one case in a fresh subprocess, so that its peak RSS is its own."""
+    cmd = [sys.executable, __file__, "--one-case", name, "--tokens", str(n), "--device", args.device,
+           "--dtype", args.dtype, "--chunk", str(args.chunk), "--reps", str(args.reps)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode == 0:
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    if p.returncode == -9 or "memory" in p.stderr.lower():
+        return "OOM"
+    return "error: " + (p.stderr.strip().splitlines() or ["?"])[-1][:80]
+
+
+def measure(name, n, args):
+    if name == "Liger FLCE" and importlib.util.find_spec("liger_kernel") is None:
+        return "not installed"
+    if args.device == "cpu":
+        return run_isolated(name, n, args)
+    try:
+        return run_case(name, n, args)
+    except torch.OutOfMemoryError:
+        return "OOM"
+    except Exception as e:  # e.g. an incompatible liger_kernel
+        return f"error: {type(e).__name__}: {str(e)[:80]}"
+    finally:
+        torch.cuda.empty_cache()
+
+
+def main():
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu")
+    ap.add_argument("--tokens", default=None, help="comma-separated token counts")
+    ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--chunk", type=int, default=1024, help="tokens per chunk in ours")
+    ap.add_argument("--reps", type=int, default=None, help="timed runs after the warm-up (default 5 cuda, 1 cpu)")
+    ap.add_argument("--one-case", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    on_gpu = args.device == "cuda"
+    args.tokens = [int(x) for x in (args.tokens or ("8192,32768,65536" if on_gpu else "256,1024")).split(",")]
+    args.dtype = args.dtype or ("bf16" if on_gpu else "fp32")
+    args.reps = args.reps or (5 if on_gpu else 1)
+
+    if args.one_case:
+        print(json.dumps(run_case(args.one_case, args.tokens[0], args)))
+        return
+
+    device = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"LM head {HIDDEN} x {VOCAB}, T={T}, {args.dtype}, chunk {args.chunk}, {device}, torch "
+          f"{torch.__version__}; time: median of {args.reps} after a warm-up\n")
+    mem = "CUDA max_memory_allocated" if on_gpu else "peak RSS, fresh process"
+    print(f"| tokens | method | time (ms) | x floor | peak extra MiB ({mem}) | max abs logp diff vs naive |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for n in args.tokens:
+        results = {name: measure(name, n, args) for name in CASES}
+        floor = results["GEMM floor"]
+        for name, r in results.items():
+            if isinstance(r, str):
+                print(f"| {n} | {name} | {r} | | | |")
+                continue
+            ratio = f"{r['ms'] / floor['ms']:.2f}" if isinstance(floor, dict) else ""
+            diff = "" if r["diff"] is None else f"{r['diff']:.1e}"
+            print(f"| {n} | {name} | {r['ms']:,.1f} | {ratio} | {r['bytes'] / 2**20:,.0f} | {diff} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
