@@ -54,7 +54,7 @@ class Args:
     train_data: str = "toy"  # jsonl/json/parquet with problem and answer columns (paper: dsr_sub.jsonl); "toy"
     problem_key: str = "problem"  # column holding the problem text
     answer_key: str = "answer"  # column holding the gold answer
-    eval_data: str = "toy"  # "toy" (held-out split), a benchmark name (math500, ...) or a file
+    eval_data: str = "auto"  # toy (held-out split), a benchmark (math500, ...) or a file; auto: toy or math500
     eval_max_problems: int = 0  # evaluate on the first this many problems; 0: all
     template: str = "qwen-math-train"  # prompt template: qwen-math-train (paper), qwen25-math-cot, chat, plain
     max_prompt_tokens: int = 1024  # longer prompts are dropped, with a count printed (paper: 1024)
@@ -363,12 +363,17 @@ def load_prompts(args, tokenizer) -> list[dict]:
 
 
 def load_eval_problems(args) -> list[dict]:
-    if args.eval_data == "toy":
-        problems = evaluation.toy_splits()[1]
-    elif Path(args.eval_data).suffix in (".jsonl", ".json", ".parquet"):
-        problems = evaluation.load_problems(args.eval_data, args.problem_key, args.answer_key)
-    else:
-        problems = evaluation.load_benchmark(args.eval_data)
+    if args.eval_data == "auto":
+        args.eval_data = "toy" if args.model == evaluation.TINY_NAME else "math500"
+    try:
+        if args.eval_data == "toy":
+            problems = evaluation.toy_splits()[1]
+        elif Path(args.eval_data).suffix in (".jsonl", ".json", ".parquet"):
+            problems = evaluation.load_problems(args.eval_data, args.problem_key, args.answer_key)
+        else:
+            problems = evaluation.load_benchmark(args.eval_data)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--eval-data: {e}") from None
     return problems[:args.eval_max_problems] if args.eval_max_problems else problems
 
 
