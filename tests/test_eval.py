@@ -251,10 +251,11 @@ def test_cli_with_no_arguments_evaluates_the_tiny_model_on_the_toy_task(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     toy = results["benchmarks"]["toy"]
-    assert toy["problems"] == 200 and toy["n"] == 1 and toy["temperature"] == 0.0 and toy["mode"] == "boxed"
+    held_out = len(evaluation.toy_splits()[1])
+    assert toy["problems"] == held_out and toy["n"] == 1 and toy["temperature"] == 0.0 and toy["mode"] == "boxed"
     assert 0.0 <= toy["accuracy"] <= 1.0 and toy["response_len_mean"] > 0 and toy["unparseable_golds"] == 0
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 200
+    assert len(samples) == held_out
     assert {"benchmark", "prompt", "response", "extracted", "gold", "correct", "length"} <= set(samples[0])
     assert "toy" in done.stdout and "accuracy" in done.stdout, "the results table"
 
