@@ -9,11 +9,20 @@ Sections: prompt templates | the tiny model and toy task | benchmarks | metrics 
 """
 from __future__ import annotations
 
+import argparse
+import csv
+import functools
+import importlib.util
 import json
+import math
 import os
 import random
+import re
 import shutil
+import sys
 import tempfile
+import time
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -139,9 +148,10 @@ def tiny_model_path(seed: int = 0) -> str:
 def build_tiny_model(folder: Path, seed: int = 0) -> None:
     """A Qwen2 model of 0.45M parameters and a BPE tokenizer trained on toy text, saved like a hub checkpoint.
 
-    The weights start random and then get ~40 s of supervised pretraining (cached afterwards; see format_pretrain)
-    that leaves a model which writes `\\boxed{d}` and stops, as a base model does, and which answers the toy task
-    right about a third of the time when sampling: RL's job is to make it reliable.
+    The weights start random and then get ~40-60 s (2 cores) of supervised pretraining (cached afterwards; see format_pretrain)
+    that leaves a model which writes `\\boxed{d}` and stops, as a base model does, and which samples the right toy
+    answer only some of the time (0.1-0.2 in the first steps of the default GRPO run): RL's job is to make it
+    reliable.
     Filler sentences of random count give HAPO lengths to shorten."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
@@ -197,9 +207,10 @@ def format_pretrain(model, tokenizer, rng: random.Random, read_steps: int = 450,
 
     1. Toy questions answered right: the model learns to find the number in its prompt (this takes ~400 steps to
        emerge, far more than a CPU-sized RL run could spend discovering it from nothing).
-    2. Toy answers right only 20% of the time, else a random digit: the model still finds the number but doubts it,
-       and samples the right answer about 0.2 + 0.8/9 ~ 0.3 of the time. RL has to make it sure, as RLVR does
-       with a base model that can solve a problem sometimes."""
+    2. Toy answers right only 20% of the time, else a random digit: the model still finds the number but doubts it
+       (converged, it would sample the right answer 0.2 + 0.8/9 ~ 0.3 of the time; after these 60 steps the
+       default GRPO run starts at 0.1-0.2). RL has to make it sure, as RLVR does with a base model that can solve
+       a problem sometimes."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for step in range(read_steps + doubt_steps):
@@ -263,8 +274,6 @@ def load_problems(path: str, problem_key: str = "problem", answer_key: str = "an
     return problems
 
 
-import csv  # noqa: E402  (stdlib imports of the sections below kept with them)
-import re  # noqa: E402
 
 # The six benchmarks of the 1-shot RLVR paper; its "Avg." column is their unweighted mean.
 PAPER_BENCHMARKS = ("math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench")
@@ -392,9 +401,6 @@ def is_true(flag) -> bool:
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------------
-import functools  # noqa: E402
-import math  # noqa: E402
-from fractions import Fraction  # noqa: E402
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -521,10 +527,6 @@ def gold_parses(gold: str) -> bool:
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
 
 # Decoding per benchmark unless --n / --temperature say otherwise, as in the 1-shot RLVR paper (Qwen2.5-Math
 # evaluation): greedy, except avg@8 at temperature 0.6 on the small competition sets, where one greedy pass over

@@ -3,7 +3,7 @@
 Group Relative Policy Optimization (Shao et al., 2024, DeepSeekMath): sample n responses per prompt, reward each by
 checking its final answer, and push up the log-probability of responses that beat their group's mean, with PPO's
 clipped ratio, an optional KL penalty to a frozen reference model and an optional entropy bonus. The defaults train
-the built-in tiny model on the toy task on a CPU in about a minute; the README gives the real-run commands (the
+the built-in tiny model on the toy task on a CPU in about two minutes (2 cores); the README gives the real-run commands (the
 1-shot RLVR paper's DSR-sub baseline on Qwen2.5-Math-1.5B).
 
     python grpo.py                                 # tiny model, toy task, CPU
@@ -27,7 +27,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,10 +241,10 @@ def generate_hf(model, tokenizer, prompt_ids, args, stops):
     token_logprobs = scores.gather(-1, generated[..., None]).squeeze(-1)
     rollouts = []
     for prompt, ids, lps in zip(rows, generated.tolist(), token_logprobs.tolist()):
-        end = next((i for i, t in enumerate(ids) if t in stops), None)
-        n = end + 1 if end is not None else len(ids)
-        rollouts.append({"prompt_ids": prompt, "response_ids": ids[:n], "truncated": end is None,
-                         "engine_logprobs": lps[:n]})
+        response = evaluation.completion_record(tokenizer, ids, stops, args.max_new_tokens)  # cut after a stop
+        n = len(response["token_ids"])
+        rollouts.append({"prompt_ids": prompt, "response_ids": response["token_ids"],
+                         "truncated": response["truncated"], "engine_logprobs": lps[:n]})
     model.train()
     model.config.use_cache = not args.gradient_checkpointing
     return rollouts

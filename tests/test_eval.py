@@ -3,7 +3,6 @@ import csv
 import itertools
 import json
 import math
-import os
 import subprocess
 import sys
 from fractions import Fraction
