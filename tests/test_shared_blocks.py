@@ -1,0 +1,76 @@
+"""The algorithm scripts are forks of grpo.py: a block that a fork copies must stay identical to grpo.py's.
+
+Every top-level function or class that a fork defines under the same name as grpo.py must have the same source,
+unless it is listed below with the reason it differs. The list is the map of what each paper changes."""
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FORKS = ["hapo.py", "one_shot.py", "pcl.py", "ppo.py"]
+# Every script carries its own copy of these (the project's shape): a fork that drops one fails.
+REQUIRED = ["ChunkedLogprobEntropy", "logprobs_and_entropy", "make_rollout_engine", "push_weights", "parse_args",
+            "Args", "main"]
+# Differ in every fork by nature: each script's hyperparameters and its main loop.
+ALWAYS_DIFFERENT = {"Args", "main"}
+# (fork, name): why that block differs from grpo.py's.
+MEANT_TO_DIFFER: dict[tuple[str, str], str] = {
+}
+
+
+def top_level_blocks(path: Path) -> dict[str, str]:
+    tree = ast.parse(path.read_text())
+    source = path.read_text()
+    return {node.name: ast.get_source_segment(source, node) for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
+def present_forks() -> list[str]:
+    return [f for f in FORKS if (ROOT / f).exists()]
+
+
+def test_grpo_has_every_required_block():
+    blocks = top_level_blocks(ROOT / "grpo.py")
+    assert not [n for n in REQUIRED if n not in blocks]
+
+
+@pytest.mark.parametrize("fork", FORKS)
+def test_fork_keeps_grpo_blocks_identical(fork):
+    if not (ROOT / fork).exists():
+        pytest.skip(f"{fork} is not written yet")
+    reference, blocks = top_level_blocks(ROOT / "grpo.py"), top_level_blocks(ROOT / fork)
+    missing = [n for n in REQUIRED if n not in blocks]
+    assert not missing, f"{fork} lacks its own copy of {missing}"
+    drifted = [n for n in blocks if n in reference and blocks[n] != reference[n]
+               and n not in ALWAYS_DIFFERENT and (fork, n) not in MEANT_TO_DIFFER]
+    assert not drifted, (f"{fork} changed {drifted} against grpo.py: copy grpo.py's version, or add it to "
+                         "MEANT_TO_DIFFER with the reason")
+
+
+def test_every_listed_difference_is_real():
+    """A stale entry would hide a future drift: each listed block must exist in both files and differ."""
+    stale = []
+    for (fork, name), reason in MEANT_TO_DIFFER.items():
+        assert reason.strip(), f"({fork}, {name}) needs a reason"
+        if not (ROOT / fork).exists():
+            continue
+        reference, blocks = top_level_blocks(ROOT / "grpo.py"), top_level_blocks(ROOT / fork)
+        if name not in reference or name not in blocks or reference[name] == blocks[name]:
+            stale.append((fork, name))
+    assert not stale, f"listed as different but identical or absent: {stale}"
+
+
+def test_the_check_catches_a_drift(tmp_path):
+    """Guard against a comparison that cannot fail: a one-character change to a copied block is seen."""
+    source = (ROOT / "grpo.py").read_text()
+    changed = source.replace("return centered.view(-1)", "return centered.view((-1))", 1)
+    assert changed != source
+    (tmp_path / "fork.py").write_text(changed)
+    original, edited = top_level_blocks(ROOT / "grpo.py"), top_level_blocks(tmp_path / "fork.py")
+    assert [n for n in original if original[n] != edited[n]] == ["group_advantages"]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
