@@ -1,0 +1,822 @@
+"""PPO with a learned critic and GAE for LLM math reasoning in one file.
+
+Proximal Policy Optimization (Schulman et al., 2017) as used for LLMs since Ziegler et al. (2019) and Ouyang et al.
+(2022): a critic (the base model's transformer plus a scalar value head) predicts, at every response token, the
+return still to come; generalized advantage estimation (GAE, Schulman et al., 2016) turns the per-token rewards (the
+verified outcome on the last token, minus a KL penalty to a frozen reference on every token) and the critic's values
+into per-token advantages; the policy takes PPO-clipped steps on them and the critic regresses the returns with a
+clipped value loss. The 1-shot RLVR paper (Wang et al., 2025) reports PPO next to GRPO on Qwen2.5-Math-1.5B. The
+defaults train the built-in tiny model on the toy task on a CPU in a few minutes; the README gives the real-run
+command.
+
+    python ppo.py                                  # tiny model, toy task, CPU
+    python ppo.py --help                           # every hyperparameter, with the paper's value
+
+Differs from grpo.py in: the critic (a second model with its own AdamW, optional warm-up steps, saved in every
+checkpoint and restored on resume); per-token rewards with the KL penalty folded in (or, with --kl-in-loss, GRPO's
+k3 KL in the loss); GAE advantages and returns instead of group-normalised rewards, whitened over the batch's
+tokens; the clipped value loss and its own update loop; old and reference log-probs computed before the update
+(the rewards need them); the reference may live on the CPU between its forwards.
+
+Choices and simplifications, all flags:
+- gamma = lambda = 1 by default: the outcome reward arrives only at the end, so any discount would only shrink the
+  signal that reaches early tokens; with lambda = 1 the advantage is the Monte-Carlo return minus V(s_t).
+- A truncated response earns 0 and its end counts as terminal (V = 0 after the last token), as in grpo.py.
+- The value of token t is read from the hidden state at position t-1, the one whose logits give token t's
+  log-prob: V(s_t) is the value of the state in which token t is chosen.
+- Rollouts, the fused log-prob, evaluation, logging and checkpoints are grpo.py's.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import inspect
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import eval as evaluation
+import verify
+
+
+@dataclass
+class Args:
+    # experiment
+    seed: int = 1  # seeds python, numpy, torch and the rollout sampler
+    output_dir: str = ""  # default runs/ppo-<time>
+    total_steps: int = 100  # rollout batches (paper, GRPO: 2000 steps; it reports the best checkpoint)
+    eval_every: int = 25  # evaluate every this many steps (and at the end); 0: only at the end
+    save_every: int = 0  # checkpoint every this many steps (and at the end); 0: only at the end
+    resume: str = ""  # a checkpoint folder to continue from
+    track: str = ""  # also log to "tensorboard" or "wandb" when installed
+    # model & data
+    model: str = "tiny"  # hub id or folder (paper: Qwen/Qwen2.5-Math-1.5B); "tiny" builds the built-in model
+    train_data: str = "toy"  # jsonl/json/parquet with problem and answer columns (paper: dsr_sub.jsonl); "toy"
+    problem_key: str = "problem"  # column holding the problem text
+    answer_key: str = "answer"  # column holding the gold answer
+    eval_data: str = "auto"  # toy (held-out split), a benchmark (math500, ...) or a file; auto: toy or math500
+    eval_max_problems: int = 0  # evaluate on the first this many problems; 0: all
+    template: str = "qwen-math-train"  # prompt template: qwen-math-train (paper), qwen25-math-cot, chat, plain
+    max_prompt_tokens: int = 1024  # longer prompts are dropped, with a count printed (paper: 1024)
+    # rollout
+    rollout: str = "auto"  # "vllm", "hf" (transformers generate) or "auto" (vllm when installed)
+    prompts_per_step: int = 16  # prompts per rollout batch (paper: 128)
+    samples_per_prompt: int = 8  # responses per prompt (paper: 8)
+    temperature: float = 1.0  # sampling temperature, also divides the trainer's logits (paper: 0.6)
+    top_p: float = 1.0  # nucleus sampling (paper: 1.0)
+    max_new_tokens: int = 40  # response budget; longer responses are truncated and score 0 (paper: 3072)
+    gpu_memory_utilization: float = 0.35  # vLLM's share of the GPU; the trainer uses the rest
+    vllm_sleep: bool = True  # free vLLM's GPU memory while training (GPU only)
+    # algorithm
+    answer_mode: str = "boxed"  # verify.py mode for the reward: "boxed" (paper) or "flex"
+    mask_truncated: bool = False  # drop truncated responses from the policy and value losses
+    gamma: float = 1.0  # GAE discount (paper: 1.0, verl's default; outcome rewards want no discount)
+    lam: float = 1.0  # GAE lambda; 1: Monte-Carlo returns minus values (paper: 1.0, verl's default)
+    whiten_advantages: bool = True  # advantages (A - mean) / std over the batch's response tokens (paper: on)
+    clip_low: float = 0.2  # PPO ratio clip below 1 (paper: 0.2)
+    clip_high: float = 0.2  # PPO ratio clip above 1 (paper: 0.2)
+    kl_coef: float = 0.0  # KL penalty to the reference; 0 loads no reference (paper: 0.001)
+    kl_in_loss: bool = False  # GRPO's k3 KL in the policy loss, not -kl_coef * KL in every token's reward
+    entropy_coef: float = 0.0  # entropy bonus: loss -= coef * entropy (paper: 0.001)
+    loss_agg: str = "token-mean"  # policy loss: token-mean (paper), seq-mean-token-mean, seq-mean-token-sum-norm
+    num_updates: int = 2  # epochs over each rollout batch, for the policy and the critic (paper: 1)
+    mini_batch: int = 64  # responses per optimizer step (paper: 1024 = the whole batch, one step per batch)
+    micro_batch: int = 32  # responses per forward/backward; gradients accumulate over a mini-batch
+    # critic
+    critic_model: str = ""  # hub id or folder for the critic's transformer; "": --model (paper: the base model)
+    critic_lr: float = 1e-3  # the critic's AdamW learning rate (paper: 1e-5; the tiny model needs far more)
+    critic_weight_decay: float = 0.01  # (paper: 0.01)
+    critic_warmup_steps: int = 0  # rollout batches at the start that train only the critic (paper: 0)
+    critic_max_grad_norm: float = 1.0  # the critic's gradient-norm clip (paper: 1.0)
+    value_clip: float = 0.5  # new values stay within +-value_clip of the rollout-time values in the loss (paper: 0.5)
+    # optimisation
+    lr: float = 2e-4  # the policy's AdamW learning rate (paper: 1e-6; the tiny model needs far more)
+    weight_decay: float = 0.01  # (paper: 0.01)
+    lr_schedule: str = "constant"  # "constant" (paper) or "cosine" (after warmup), for policy and critic
+    warmup_steps: int = 0  # linear warmup, in optimizer steps, for policy and critic
+    max_grad_norm: float = 1.0  # the policy's global gradient-norm clip (paper: 1.0)
+    gradient_checkpointing: bool = False  # recompute activations in backward, policy and critic (real runs: on)
+    reference_on_cpu: bool = False  # keep the reference in CPU memory, on the GPU only for its forward pass
+    logprob_chunk: int = 1024  # tokens per chunk in the fused log-prob
+    max_bad_steps: int = 3  # stop after this many updates in a row with a non-finite loss or gradient
+
+
+# ---- log-probs: the memory-critical piece --------------------------------------------------------------------
+class ChunkedLogprobEntropy(torch.autograd.Function):
+    """log p(target) and entropy of softmax(hidden @ weight.T * inv_temperature), chunk by chunk over tokens.
+
+    Forward keeps only per-token statistics (log-sum-exp, entropy); backward recomputes each chunk's logits. With
+    z the scaled logits, p = softmax(z) and H = lse - sum p z:
+      d logp / dz = onehot(target) - p          d H / dz = -p * (log p + H)
+    so no [tokens x vocab] tensor outlives a chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, inv_temperature: float, chunk_size: int):
+        ctx.set_materialize_grads(False)
+        w = weight.to(hidden.dtype)
+        n = hidden.shape[0]
+        stats_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 for bf16/fp32; fp64 stays fp64
+        logp = torch.empty(n, dtype=stats_dtype, device=hidden.device)
+        entropy = torch.empty_like(logp)
+        lse = torch.empty_like(logp)
+        for s in range(0, n, chunk_size):
+            z = (hidden[s:s + chunk_size] @ w.T).to(stats_dtype).mul_(inv_temperature)
+            lse_c = torch.logsumexp(z, dim=-1)
+            logp[s:s + chunk_size] = z.gather(1, targets[s:s + chunk_size, None]).squeeze(1) - lse_c
+            p = torch.softmax(z, dim=-1)
+            entropy[s:s + chunk_size] = lse_c - (p * z).sum(-1)
+            lse[s:s + chunk_size] = lse_c
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.inv_temperature, ctx.chunk_size = inv_temperature, chunk_size
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None
+        w = weight.to(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        stats_dtype = lse.dtype
+        grad_weight = torch.zeros(weight.shape, dtype=stats_dtype, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for s in range(0, hidden.shape[0], ctx.chunk_size):
+            h = hidden[s:s + ctx.chunk_size]
+            z = (h @ w.T).to(stats_dtype).mul_(ctx.inv_temperature)
+            log_p = z.sub_(lse[s:s + ctx.chunk_size, None])  # z is not needed again: reuse its memory
+            p = log_p.exp()
+            grad_z = torch.zeros_like(p)
+            if grad_entropy is not None:  # skipped entirely when the entropy is only logged
+                g = grad_entropy[s:s + ctx.chunk_size, None]
+                grad_z -= g * p * (log_p + entropy[s:s + ctx.chunk_size, None])
+            if grad_logp is not None:
+                g = grad_logp[s:s + ctx.chunk_size, None]
+                grad_z -= g * p
+                grad_z.scatter_add_(1, targets[s:s + ctx.chunk_size, None], g)
+            grad_z = grad_z.mul_(ctx.inv_temperature)
+            if grad_hidden is not None:
+                grad_hidden[s:s + ctx.chunk_size] = grad_z.to(hidden.dtype) @ w
+            if grad_weight is not None:  # accumulate in place: no temporary of the weight's size per chunk
+                grad_weight.addmm_(grad_z.T, h.to(stats_dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def logprobs_and_entropy(hidden, weight, targets, temperature: float = 1.0, chunk_size: int = 1024):
+    """Per-token log-prob of `targets` and entropy under softmax(hidden @ weight.T / temperature): float32 for
+    bf16/fp32 inputs (float64 for float64 ones, which the tests use as the exact reference)."""
+    return ChunkedLogprobEntropy.apply(hidden, weight, targets, 1.0 / temperature, chunk_size)
+
+
+def response_logprobs(model, batch: dict, temperature: float, chunk_size: int):
+    """Log-probs and entropies of the response tokens of a collated batch, flattened in row order.
+
+    Only the hidden states that predict response tokens reach the LM head: the prompt's never do."""
+    decoder = getattr(model, model.base_model_prefix)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    predicts_response = batch["response_mask"][:, 1:]
+    hidden = hidden[:, :-1][predicts_response]
+    targets = batch["input_ids"][:, 1:][predicts_response]
+    return logprobs_and_entropy(hidden, model.get_output_embeddings().weight, targets, temperature, chunk_size)
+
+
+def response_values(critic, batch: dict):
+    """The critic's V(s_t) for every response token t of a collated batch, flattened in row order.
+
+    s_t is the prompt plus the response before token t. Its value is read from the hidden state at position t-1,
+    the same state whose logits give token t's log-prob in response_logprobs, so values and log-probs line up token
+    for token. The state after the last token is terminal and never valued."""
+    decoder = getattr(critic, critic.base_model_prefix)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    predicts_response = batch["response_mask"][:, 1:]
+    return critic.score(hidden[:, :-1][predicts_response]).squeeze(-1).float()
+
+
+def collate(rollouts: list[dict], pad_id: int, device) -> dict:
+    """Right-padded prompt+response rows; response_mask marks the response tokens (stop token included)."""
+    width = max(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rollouts)
+    input_ids = torch.full((len(rollouts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rollouts), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rollouts), width), dtype=torch.bool)
+    for i, r in enumerate(rollouts):
+        p, n = len(r["prompt_ids"]), len(r["response_ids"])
+        input_ids[i, :p + n] = torch.tensor(r["prompt_ids"] + r["response_ids"])
+        attention_mask[i, :p + n] = 1
+        response_mask[i, p:p + n] = True
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            "response_mask": response_mask.to(device)}
+
+
+# ---- rollouts --------------------------------------------------------------------------------------------------
+def make_rollout_engine(args, model_path: str, model, device):
+    """An in-process vLLM engine on the trainer's device, or None for HF `generate` on the policy itself."""
+    vllm_installed = importlib.util.find_spec("vllm") is not None
+    if args.rollout == "hf" or (args.rollout == "auto" and not vllm_installed):
+        return None
+    if args.rollout not in ("vllm", "auto"):
+        raise SystemExit(f"--rollout must be vllm, hf or auto, not {args.rollout!r}")
+    if not vllm_installed:
+        raise SystemExit("--rollout vllm: vLLM is not installed (pip install vllm), or use --rollout hf")
+    # In-process engine: its model is reachable for weight pushes. On CPU the KV cache needs an explicit size.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+    on_gpu = device.type == "cuda"
+    return LLM(model=model_path, dtype="bfloat16" if on_gpu else "float32", seed=args.seed,
+               gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=on_gpu and args.vllm_sleep,
+               max_model_len=min(args.max_prompt_tokens + args.max_new_tokens, model.config.max_position_embeddings),
+               enable_prefix_caching=True,
+               logprobs_mode="processed_logprobs")  # log-probs after temperature: comparable to the trainer's
+
+
+def generate(engine, model, tokenizer, prompt_ids: list[list[int]], args, step: int, stops: list[int]):
+    """n sampled responses per prompt: [{prompt_ids, response_ids, truncated, engine_logprobs}], grouped by prompt."""
+    if engine is not None:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        params = SamplingParams(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
+                                max_tokens=args.max_new_tokens, stop_token_ids=stops, logprobs=0,
+                                # per-request seeds fail in the CPU build ("CPU Generator does not use offset")
+                                seed=args.seed * 100_003 + step if torch.cuda.is_available() else None)
+        outputs = engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+        return [{"prompt_ids": ids, "response_ids": list(c.token_ids), "truncated": c.finish_reason == "length",
+                 "engine_logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]}
+                for ids, o in zip(prompt_ids, outputs) for c in o.outputs]
+    return generate_hf(model, tokenizer, prompt_ids, args, stops)
+
+
+@torch.no_grad()
+def generate_hf(model, tokenizer, prompt_ids, args, stops):
+    """The fallback: transformers `generate` on the policy itself, left-padded, sampling from the torch RNG."""
+    model.eval()
+    model.config.use_cache = True
+    rows = [ids for ids in prompt_ids for _ in range(args.samples_per_prompt)]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0) \
+        if args.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
+                         eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, output_scores=True,
+                         return_dict_in_generate=True, **sampling)
+    generated = out.sequences[:, width:]
+    scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # processed: after temperature and top-p
+    token_logprobs = scores.gather(-1, generated[..., None]).squeeze(-1)
+    rollouts = []
+    for prompt, ids, lps in zip(rows, generated.tolist(), token_logprobs.tolist()):
+        response = evaluation.completion_record(tokenizer, ids, stops, args.max_new_tokens)  # cut after a stop
+        n = len(response["token_ids"])
+        rollouts.append({"prompt_ids": prompt, "response_ids": response["token_ids"],
+                         "truncated": response["truncated"], "engine_logprobs": lps[:n]})
+    model.train()
+    model.config.use_cache = not args.gradient_checkpointing
+    return rollouts
+
+
+def push_weights(engine, model) -> None:
+    """Load the policy's weights into the vLLM engine in place, then forget cached prefixes of the old weights.
+
+    state_dict() carries lm_head.weight even when it is tied to the embeddings; without it vLLM silently generates
+    from neither the old nor the new weights."""
+    if engine is None:
+        return
+    state = model.state_dict()
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = model.get_output_embeddings().weight
+    engine.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
+    engine.reset_prefix_cache()
+
+
+def sleep_engine(engine, args) -> None:
+    """Free vLLM's GPU memory (weights and KV cache) for the training step; the push refills the weights."""
+    if engine is not None and args.vllm_sleep and torch.cuda.is_available():
+        engine.sleep(level=2)
+
+
+def wake_engine(engine, model, args) -> None:
+    if engine is not None and args.vllm_sleep and torch.cuda.is_available():
+        engine.wake_up(tags=["weights"])
+        push_weights(engine, model)
+        engine.wake_up(tags=["kv_cache"])
+    else:
+        push_weights(engine, model)
+
+
+# ---- the algorithm ---------------------------------------------------------------------------------------------
+def token_rewards(scores: list[float], lengths: list[int], kl: list[torch.Tensor] | None = None,
+                  kl_coef: float = 0.0) -> list[torch.Tensor]:
+    """Per-token rewards: the verified outcome on the last response token and, when kl is given, -kl_coef * KL on
+    every token (the PPO-RLHF form of Ziegler et al., 2019: the penalty is part of the return the critic learns)."""
+    out = []
+    for i, n in enumerate(lengths):
+        r = torch.zeros(n) if kl is None else -kl_coef * kl[i].float()
+        if n:
+            r[-1] += scores[i]
+        out.append(r)
+    return out
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalized advantage estimation over right-padded [responses, tokens] tensors: (advantages, returns).
+
+      delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)        A_t = delta_t + gamma * lam * A_{t+1}        R_t = A_t + V(s_t)
+
+    The state after a response's last token is terminal (V = 0). Rewards and values at padding are zeroed first, so
+    whatever sits there changes nothing; advantages and returns are 0 at padding."""
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(values)
+    running = next_value = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+        next_value = values[:, t]
+    return advantages, advantages + values
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8):
+    """(x - mean) / std over the valid tokens of the whole batch; padding stays 0."""
+    valid = x[mask]
+    var = valid.var() if valid.numel() > 1 else torch.zeros((), dtype=x.dtype)
+    return (x - valid.mean()) * torch.rsqrt(var + eps) * mask
+
+
+def token_weights(lengths: list[int], mode: str, minibatch_tokens: int, minibatch_seqs: int, max_len: int):
+    """Per-token weights w such that the mini-batch loss is sum(w * per-token loss).
+
+    The normalisers are those of the whole mini-batch, so micro-batches accumulate to exactly its gradient."""
+    if mode == "token-mean":
+        per_seq = [1.0 / minibatch_tokens] * len(lengths)
+    elif mode == "seq-mean-token-mean":
+        per_seq = [1.0 / (n * minibatch_seqs) for n in lengths]
+    elif mode == "seq-mean-token-sum-norm":
+        per_seq = [1.0 / (max_len * minibatch_seqs)] * len(lengths)
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}")
+    return torch.cat([torch.full((n,), w) for n, w in zip(lengths, per_seq)])
+
+
+def policy_loss(logp, old_logp, advantages, weights, args, ref_logp=None, entropy=None):
+    """PPO clipped surrogate + k3 KL to the reference + entropy bonus, per token, aggregated with `weights`."""
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1 - args.clip_low, 1 + args.clip_high)
+    per_token = -torch.minimum(ratio * advantages, clipped * advantages)
+    stats = {"clip_frac": ((ratio * advantages) > (clipped * advantages)).float().mean().item()}
+    if ref_logp is not None:
+        kl = low_var_kl(logp, ref_logp)
+        per_token = per_token + args.kl_coef * kl
+        stats["kl"] = kl.mean().item()
+    if entropy is not None:
+        per_token = per_token - args.entropy_coef * entropy
+    return (per_token * weights).sum(), stats
+
+
+def low_var_kl(logp, ref_logp):
+    """k3 estimator of KL(policy || reference): exp(r) - r - 1 with r = ref - logp; unbiased, always >= 0."""
+    r = ref_logp - logp
+    return torch.clamp(torch.exp(r) - r - 1, min=-10, max=10)
+
+
+def value_loss(values, old_values, returns, weights, clip: float):
+    """PPO's clipped value loss per token, 0.5 * max((V - R)^2, (V_clip - R)^2), aggregated with `weights`.
+
+    V_clip = V_old + clamp(V - V_old, -clip, clip): like the ratio clip for the policy, a value may not profit from
+    moving further than `clip` from its value at rollout time."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped_error, clipped_error = (values - returns) ** 2, (clipped - returns) ** 2
+    per_token = 0.5 * torch.maximum(unclipped_error, clipped_error)
+    return (per_token * weights).sum(), {"value_clip_frac": (clipped_error > unclipped_error).float().mean().item()}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over the given tokens: 1 for a perfect critic, 0 for one that predicts the mean, below
+    0 for one worse than that; nan when the returns do not vary."""
+    var = returns.var()
+    return (1 - (returns - values).var() / var).item() if var > 0 else float("nan")
+
+
+# ---- plumbing: arguments, data, checkpoints, logging -----------------------------------------------------------
+def parse_args(argv=None, args_class=Args) -> Args:
+    """--flag-name for every Args field; booleans also take --no-flag-name. Help is the field's comment."""
+    source = inspect.getsource(args_class)
+    helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", source, re.M))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(args_class):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=helps.get(f.name))
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(flag, type=kind, default=f.default, help=helps.get(f.name))
+    return args_class(**vars(parser.parse_args(argv)))
+
+
+def load_prompts(args, tokenizer) -> list[dict]:
+    """Training problems with their tokenized prompts; prompts over the length limit are dropped and counted."""
+    try:
+        problems = evaluation.load_problems(args.train_data, args.problem_key, args.answer_key)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--train-data: {e}") from None
+    kept = []
+    for p in problems:
+        ids = tokenizer.encode(evaluation.build_prompt(p["problem"], tokenizer, args.template))
+        if len(ids) <= args.max_prompt_tokens:
+            kept.append({**p, "prompt_ids": ids})
+    if len(kept) < len(problems):
+        print(f"dropped {len(problems) - len(kept)} of {len(problems)} prompts longer than {args.max_prompt_tokens} "
+              "tokens")
+    if not kept:
+        raise SystemExit(f"no training prompt fits in --max-prompt-tokens {args.max_prompt_tokens}")
+    return kept
+
+
+def load_eval_problems(args) -> list[dict]:
+    if args.eval_data == "auto":
+        args.eval_data = "toy" if args.model == evaluation.TINY_NAME else "math500"
+    try:
+        if args.eval_data == "toy":
+            problems = evaluation.toy_splits()[1]
+        elif Path(args.eval_data).suffix in (".jsonl", ".json", ".parquet"):
+            problems = evaluation.load_problems(args.eval_data, args.problem_key, args.answer_key)
+        else:
+            problems = evaluation.load_benchmark(args.eval_data)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--eval-data: {e}") from None
+    return problems[:args.eval_max_problems] if args.eval_max_problems else problems
+
+
+def batch_indices(step: int, n_problems: int, batch: int, seed: int) -> list[int]:
+    """The problems of rollout batch `step`: epochs of seeded shuffles, so the data order is a function of the
+    step alone and a resumed run sees exactly the batches an uninterrupted one would."""
+    out = []
+    for position in range(step * batch, (step + 1) * batch):
+        epoch, i = divmod(position, n_problems)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n_problems)[i]))
+    return out
+
+
+def make_optimizer(model, args, total_updates: int):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+    def lr_factor(update: int) -> float:
+        if update < args.warmup_steps:
+            return (update + 1) / args.warmup_steps
+        if args.lr_schedule == "cosine":
+            progress = (update - args.warmup_steps) / max(1, total_updates - args.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict | None = None):
+    """An HF folder (loadable by transformers, vLLM and eval.py) plus what resuming needs: optimizer, RNG, step."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                **(extra or {})}, folder / "trainer_state.pt")
+
+
+def load_trainer_state(folder: Path, optimizer, scheduler) -> dict:
+    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
+
+
+class Logger:
+    """One line per step to stdout, the same as JSON lines in metrics.jsonl, and optionally TensorBoard/wandb."""
+
+    def __init__(self, output_dir: Path, args):
+        self.file = open(output_dir / "metrics.jsonl", "a")
+        self.tracker = None
+        if args.track == "tensorboard" and importlib.util.find_spec("tensorboard"):
+            from torch.utils.tensorboard import SummaryWriter
+            self.tracker = SummaryWriter(str(output_dir))
+        elif args.track == "wandb" and importlib.util.find_spec("wandb"):
+            import wandb
+            self.tracker = wandb.init(config=dataclasses.asdict(args), dir=str(output_dir))
+        elif args.track:
+            print(f"--track {args.track}: not installed, logging to metrics.jsonl only")
+
+    def log(self, metrics: dict, line_keys=("reward_mean", "accuracy", "response_len_mean", "entropy", "kl",
+                                              "clip_frac", "grad_norm", "time_generate", "time_score",
+                                              "time_train", "tokens_per_s", "logprob_gap")):
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        shown = [f"{k.replace('eval/', 'eval_')} {v:.4g}" for k, v in metrics.items()
+                 if (k in line_keys or k.startswith("eval/")) and isinstance(v, (int, float))]
+        print(f"step {metrics['step']:>5} | " + " | ".join(shown), flush=True)
+        if self.tracker is not None and hasattr(self.tracker, "add_scalar"):
+            for k, v in metrics.items():
+                self.tracker.add_scalar(k, v, metrics["step"])
+        elif self.tracker is not None:
+            self.tracker.log(metrics, step=metrics["step"])
+
+
+# ---- main loop -------------------------------------------------------------------------------------------------
+def main(args: Args):
+    # setup: seed, policy, reference, critic, optimizers, data, engine, output dir, resume
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    check_args(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model_path = args.resume or evaluation.resolve_model_path(args.model)
+    model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
+    model.to(device).train()
+    reference = None
+    if args.kl_coef > 0:  # with no KL term there is nothing to compare against: no reference is loaded
+        reference = evaluation.load_model(evaluation.resolve_model_path(args.model))[0].eval()
+        reference.requires_grad_(False)
+        reference.to("cpu" if args.reference_on_cpu else device)
+    critic_path = str(Path(args.resume) / "critic") if args.resume else \
+        evaluation.resolve_model_path(args.critic_model or args.model)
+    critic = load_critic(critic_path, tokenizer, device)
+    if args.gradient_checkpointing:
+        for m in (model, critic):
+            m.gradient_checkpointing_enable()
+            m.config.use_cache = False
+    problems = load_prompts(args, tokenizer)
+    eval_problems = load_eval_problems(args)
+    batch_size = args.prompts_per_step * args.samples_per_prompt
+    if batch_size % args.mini_batch or args.mini_batch % args.micro_batch:
+        raise SystemExit(f"need mini_batch | prompts_per_step*samples_per_prompt ({batch_size}) and "
+                         f"micro_batch | mini_batch; got mini_batch={args.mini_batch}, micro_batch={args.micro_batch}")
+    updates_per_step = args.num_updates * batch_size // args.mini_batch
+    optimizer, scheduler = make_optimizer(model, args, (args.total_steps - args.critic_warmup_steps) * updates_per_step)
+    critic_args = dataclasses.replace(args, lr=args.critic_lr, weight_decay=args.critic_weight_decay)
+    critic_optimizer, critic_scheduler = make_optimizer(critic, critic_args, args.total_steps * updates_per_step)
+    output_dir = Path(args.output_dir or f"runs/{Path(__file__).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    start_step = 0
+    if args.resume:
+        state = load_trainer_state(Path(args.resume), optimizer, scheduler)
+        critic_optimizer.load_state_dict(state["critic_optimizer"])
+        critic_scheduler.load_state_dict(state["critic_scheduler"])
+        start_step = state["step"]
+        print(f"resumed from {args.resume} at step {start_step}")
+    engine = make_rollout_engine(args, model_path, model, device)
+    push_weights(engine, model)  # the engine loaded fp32 files from disk; from here on it tracks the policy
+    stops = evaluation.stop_token_ids(tokenizer, model)
+    logger = Logger(output_dir, args)
+    pad_id = tokenizer.pad_token_id
+    pad = lambda rows: torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # noqa: E731
+    bad_steps = 0
+
+    for step in range(start_step, args.total_steps):
+        metrics = {"step": step + 1}
+        # 1. sample prompts
+        batch = [problems[i] for i in batch_indices(step, len(problems), args.prompts_per_step, args.seed)]
+        # 2. generate
+        t0 = time.time()
+        rollouts = generate(engine, model, tokenizer, [p["prompt_ids"] for p in batch], args, step, stops)
+        t1 = time.time()
+        # 3. score: the final answer checked by verify.py; a truncated response earns nothing
+        texts = tokenizer.batch_decode([r["response_ids"] for r in rollouts], skip_special_tokens=True)
+        golds = [p["answer"] for p in batch for _ in range(args.samples_per_prompt)]
+        correct = verify.score_batch(texts, golds, mode=args.answer_mode)
+        rewards = torch.tensor([0.0 if r["truncated"] else c for r, c in zip(rollouts, correct)])
+        t2 = time.time()
+        # 4. values, per-token rewards (outcome + KL penalty), GAE advantages and returns
+        if args.mask_truncated:
+            rollouts = [dict(r, masked=r["truncated"]) for r in rollouts]
+        sleep_engine(engine, args)
+        lengths = [len(r["response_ids"]) for r in rollouts]
+        with torch.no_grad(), autocast:  # fixed for all passes over this batch
+            old_logp = token_logprobs(model, rollouts, args, pad_id, device)
+            ref_logp = reference_logprobs(reference, rollouts, args, pad_id, device) if reference is not None else None
+            old_values = [v.cpu() for v in token_values(critic, rollouts, args, pad_id, device)]
+        engine_lp = torch.tensor([lp for r in rollouts for lp in r["engine_logprobs"]])
+        metrics["logprob_gap"] = (engine_lp - torch.cat(old_logp).cpu()).abs().mean().item()
+        kl = None
+        if ref_logp is not None and not args.kl_in_loss:  # k1 = log pi - log pi_ref per token, as in PPO-RLHF
+            kl = [(lp - ref).float().cpu() for lp, ref in zip(old_logp, ref_logp)]
+            metrics["kl"] = torch.cat(kl).mean().item()
+        mask = pad([torch.ones(n, dtype=torch.bool) for n in lengths])
+        values = pad(old_values)
+        advantages, returns = gae(pad(token_rewards(rewards.tolist(), lengths, kl, args.kl_coef)), values, mask,
+                                  args.gamma, args.lam)
+        metrics.update(explained_var=explained_variance(values[mask], returns[mask]),
+                       value_mean=values[mask].mean().item(), return_mean=returns[mask].mean().item())
+        if args.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        advantages = [a[:n] for a, n in zip(advantages, lengths)]
+        returns = [r[:n] for r, n in zip(returns, lengths)]
+        # 5. update: the critic, then (after its warm-up) the policy, num_updates passes over mini-batches each
+        train_stats = update_critic(critic, rollouts, old_values, returns, critic_optimizer, critic_scheduler, args,
+                                    autocast, pad_id, device)
+        if step >= args.critic_warmup_steps:
+            policy_stats = update_policy(model, rollouts, advantages, old_logp, ref_logp if args.kl_in_loss else None,
+                                         optimizer, scheduler, args, autocast, pad_id, device)
+            train_stats["skipped"] |= policy_stats.pop("skipped")
+            train_stats.update(policy_stats)
+        # 6. push weights into the rollout engine
+        wake_engine(engine, model, args)
+        t3 = time.time()
+        bad_steps = bad_steps + 1 if train_stats.pop("skipped") else 0
+        if bad_steps >= args.max_bad_steps:
+            raise SystemExit(f"stopping: {bad_steps} updates in a row had a non-finite loss or gradient "
+                             "(lower --lr or --critic-lr, check the data, or use fp32)")
+        # 7. log / evaluate / checkpoint
+        metrics.update(reward_mean=rewards.mean().item(), accuracy=sum(correct) / len(correct),
+                       response_len_mean=sum(lengths) / len(lengths),
+                       truncated_share=sum(r["truncated"] for r in rollouts) / len(rollouts),
+                       time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
+                       tokens_per_s=sum(lengths) / max(t1 - t0, 1e-9), lr=scheduler.get_last_lr()[0], **train_stats)
+        last = step + 1 == args.total_steps
+        if last or (args.eval_every and (step + 1) % args.eval_every == 0):
+            metrics.update(run_evaluation(engine or model, tokenizer, eval_problems, args))
+        if last or (args.save_every and (step + 1) % args.save_every == 0):
+            folder = output_dir / f"checkpoint-{step + 1}"
+            save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler,
+                            extra={"critic_optimizer": critic_optimizer.state_dict(),
+                                   "critic_scheduler": critic_scheduler.state_dict()})
+            critic.save_pretrained(folder / "critic")
+            tokenizer.save_pretrained(folder / "critic")
+        logger.log(metrics, line_keys=LINE_KEYS)
+    return output_dir
+
+
+LINE_KEYS = ("reward_mean", "accuracy", "response_len_mean", "entropy", "kl", "clip_frac", "explained_var",
+             "value_loss", "value_clip_frac", "grad_norm", "critic_grad_norm", "time_generate", "time_train",
+             "logprob_gap")
+
+
+def check_args(args: Args) -> None:
+    """PPO's own arguments, checked before anything is loaded."""
+    if not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1):
+        raise SystemExit(f"--gamma and --lam must lie in [0, 1]; got gamma={args.gamma}, lam={args.lam}")
+    if args.value_clip <= 0:
+        raise SystemExit(f"--value-clip must be positive; got {args.value_clip}")
+    if not 0 <= args.critic_warmup_steps < args.total_steps:
+        raise SystemExit(f"--critic-warmup-steps must lie in [0, total_steps={args.total_steps}); "
+                         f"got {args.critic_warmup_steps}")
+
+
+def load_critic(path: str, tokenizer, device):
+    """The critic: the transformer of `path` under a scalar value head (transformers' ForTokenClassification with
+    one label, the form verl uses), freshly initialised for a base model, restored for a saved critic."""
+    from transformers import AutoModelForTokenClassification
+    if path.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
+        raise SystemExit(f"critic {path}: no such folder")
+    try:
+        critic = AutoModelForTokenClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"critic {path}: cannot load it as a model with a value head ({e})") from None
+    if not isinstance(getattr(critic, "score", None), torch.nn.Linear):
+        raise SystemExit(f"critic {path}: {type(critic).__name__} has no linear `score` head to use as value head")
+    if critic.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise SystemExit(f"critic {path}: its vocabulary ({critic.get_input_embeddings().num_embeddings}) is smaller "
+                         f"than the policy tokenizer's ({len(tokenizer)}); the critic must read the policy's tokens")
+    return critic.to(device).train()
+
+
+def update_critic(critic, rollouts, old_values, returns, optimizer, scheduler, args, autocast, pad_id, device):
+    """num_updates passes of the clipped value loss over the batch in shuffled mini-batches; token-mean per
+    mini-batch, one optimizer step per mini-batch."""
+    stats = {"value_loss": [], "value_clip_frac": [], "critic_grad_norm": []}
+    skipped = False
+    for _ in range(args.num_updates):
+        order = torch.randperm(len(rollouts)).tolist()
+        for m in range(0, len(rollouts), args.mini_batch):
+            mini = [i for i in order[m:m + args.mini_batch] if not rollouts[i].get("masked")]
+            if not mini:
+                continue
+            mini_tokens = sum(len(rollouts[i]["response_ids"]) for i in mini)
+            mini_loss = 0.0
+            for u in range(0, len(mini), args.micro_batch):
+                micro = mini[u:u + args.micro_batch]
+                rows = [rollouts[i] for i in micro]
+                lengths = [len(r["response_ids"]) for r in rows]
+                with autocast:
+                    values = response_values(critic, collate(rows, pad_id, device))
+                per_token = lambda x: torch.cat([x[i] for i in micro]).to(device)  # noqa: E731
+                weights = token_weights(lengths, "token-mean", mini_tokens, len(mini), args.max_new_tokens)
+                loss, s = value_loss(values, per_token(old_values), per_token(returns), weights.to(device),
+                                     args.value_clip)
+                loss.backward()
+                mini_loss += loss.item()  # the micro-batch's share of the mini-batch loss
+                stats["value_clip_frac"].append(s["value_clip_frac"])
+            stats["value_loss"].append(mini_loss)
+            grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.critic_max_grad_norm)
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                skipped = True
+                print(f"non-finite critic gradient norm ({grad_norm.item()}): update skipped")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            stats["critic_grad_norm"].append(grad_norm.item())
+    out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+    out["skipped"] = skipped
+    return out
+
+
+def update_policy(model, rollouts, advantages, old_logp, ref_logp, optimizer, scheduler, args, autocast, pad_id,
+                  device):
+    """num_updates passes over the batch in shuffled mini-batches; one optimizer step per mini-batch. Advantages
+    are per token; old (and, for the KL-in-loss form, reference) log-probs come from before the update."""
+    stats = {"policy_loss": [], "clip_frac": [], "kl": [], "entropy": [], "grad_norm": []}
+    skipped = False
+    for _ in range(args.num_updates):
+        order = torch.randperm(len(rollouts)).tolist()
+        for m in range(0, len(rollouts), args.mini_batch):
+            mini = [i for i in order[m:m + args.mini_batch] if not rollouts[i].get("masked")]
+            if not mini:
+                continue
+            mini_tokens = sum(len(rollouts[i]["response_ids"]) for i in mini)
+            mini_loss = 0.0
+            for u in range(0, len(mini), args.micro_batch):
+                micro = mini[u:u + args.micro_batch]
+                rows = [rollouts[i] for i in micro]
+                lengths = [len(r["response_ids"]) for r in rows]
+                with autocast:
+                    logp, entropy = response_logprobs(model, collate(rows, pad_id, device), args.temperature,
+                                                      args.logprob_chunk)
+                per_token = lambda values: torch.cat([values[i] for i in micro]).to(device)
+                weights = token_weights(lengths, args.loss_agg, mini_tokens, len(mini), args.max_new_tokens)
+                loss, s = policy_loss(logp, per_token(old_logp), per_token(advantages), weights.to(device), args,
+                                      per_token(ref_logp) if ref_logp is not None else None,
+                                      entropy if args.entropy_coef else None)
+                loss.backward()
+                mini_loss += loss.item()  # the micro-batch's share of the mini-batch loss
+                stats["clip_frac"].append(s["clip_frac"])
+                if "kl" in s:
+                    stats["kl"].append(s["kl"])
+                stats["entropy"].append(entropy.detach().mean().item())
+            stats["policy_loss"].append(mini_loss)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                skipped = True
+                print(f"non-finite gradient norm ({grad_norm.item()}): update skipped")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            stats["grad_norm"].append(grad_norm.item())
+    out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+    out["skipped"] = skipped
+    return out
+
+
+def token_logprobs(model, rollouts, args, pad_id, device) -> list[torch.Tensor]:
+    """Per-rollout 1-D tensors of the response tokens' log-probs under `model` (no gradient)."""
+    out = []
+    for u in range(0, len(rollouts), args.micro_batch):
+        rows = rollouts[u:u + args.micro_batch]
+        logp, _ = response_logprobs(model, collate(rows, pad_id, device), args.temperature, args.logprob_chunk)
+        out += list(logp.split([len(r["response_ids"]) for r in rows]))
+    return out
+
+
+def reference_logprobs(reference, rollouts, args, pad_id, device) -> list[torch.Tensor]:
+    """The frozen reference's log-probs; with --reference-on-cpu it visits the GPU only for this forward."""
+    reference.to(device)
+    out = token_logprobs(reference, rollouts, args, pad_id, device)
+    if args.reference_on_cpu:
+        reference.to("cpu")
+    return out
+
+
+def token_values(critic, rollouts, args, pad_id, device) -> list[torch.Tensor]:
+    """Per-rollout 1-D tensors of the critic's values of the response tokens (no gradient)."""
+    out = []
+    for u in range(0, len(rollouts), args.micro_batch):
+        rows = rollouts[u:u + args.micro_batch]
+        values = response_values(critic, collate(rows, pad_id, device))
+        out += list(values.split([len(r["response_ids"]) for r in rows]))
+    return out
+
+
+def run_evaluation(engine, tokenizer, problems, args) -> dict:
+    """Greedy accuracy on the held-out problems (toy split or a benchmark), through eval.py."""
+    with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's random stream
+        metrics, _ = evaluation.evaluate(engine, tokenizer, problems, template=args.template,
+                                         max_tokens=args.max_new_tokens, seed=args.seed, mode=args.answer_mode)
+    return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+if __name__ == "__main__":
+    main(parse_args())
