@@ -17,6 +17,9 @@ REQUIRED = ["ChunkedLogprobEntropy", "logprobs_and_entropy", "make_rollout_engin
 ALWAYS_DIFFERENT = {"Args", "main"}
 # (fork, name): why that block differs from grpo.py's.
 MEANT_TO_DIFFER: dict[tuple[str, str], str] = {
+    ("ppo.py", "update_policy"): "PPO's advantages are per token (GAE), and the old and reference log-probs are "
+                                 "computed before the update because the per-token rewards (KL penalty) and GAE need "
+                                 "them; the engine-vs-trainer log-prob gap is measured from those old log-probs.",
 }
 
 

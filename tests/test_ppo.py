@@ -1,0 +1,307 @@
+"""ppo.py: GAE, whitening, the value loss, per-token rewards, the critic's alignment, learning, warm-up and resume."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import eval as evaluation  # noqa: E402
+import ppo  # noqa: E402
+
+
+# ---- GAE -------------------------------------------------------------------------------------------------------
+def test_gae_by_hand():
+    # row 0: 3 tokens, outcome 1 on the last; row 1: 2 tokens, outcome 0, then one padded slot holding junk
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 7.0]], dtype=torch.float64)
+    values = torch.tensor([[0.5, 0.6, 0.8], [0.3, 0.2, 5.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    # gamma = lambda = 1: A_t = (sum of rewards from t) - V(s_t), R_t = the outcome
+    advantages, returns = ppo.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(advantages, torch.tensor([[0.5, 0.4, 0.2], [-0.3, -0.2, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(returns, torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64))
+    # gamma 0.9, lambda 0.5, row 0: deltas 0.9*0.6-0.5 = 0.04, 0.9*0.8-0.6 = 0.12, 1-0.8 = 0.2; gamma*lambda = 0.45
+    #   A_2 = 0.2, A_1 = 0.12 + 0.45*0.2 = 0.21, A_0 = 0.04 + 0.45*0.21 = 0.1345
+    # row 1: deltas 0.9*0.2-0.3 = -0.12, 0-0.2 = -0.2 (terminal after the last token): A_1 = -0.2, A_0 = -0.21
+    advantages, returns = ppo.gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    expected = torch.tensor([[0.1345, 0.21, 0.2], [-0.21, -0.2, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(advantages, expected)
+    torch.testing.assert_close(returns, torch.tensor([[0.6345, 0.81, 1.0], [0.09, 0.0, 0.0]], dtype=torch.float64))
+
+
+def loop_gae(rewards: list[float], values: list[float], gamma: float, lam: float) -> list[float]:
+    """The textbook sum A_t = sum_l (gamma*lam)^l delta_{t+l}, one response at a time, no padding anywhere."""
+    n = len(rewards)
+    deltas = [rewards[t] + gamma * (values[t + 1] if t + 1 < n else 0.0) - values[t] for t in range(n)]
+    return [sum((gamma * lam) ** l * deltas[t + l] for l in range(n - t)) for t in range(n)]
+
+
+def random_padded_batch(seed: int, rows: int = 6, width: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, width + 1, (rows,), generator=g).tolist()
+    lengths[0] = width  # one full row: no padding after it
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    rewards = torch.randn(rows, width, dtype=torch.float64, generator=g)
+    values = torch.randn(rows, width, dtype=torch.float64, generator=g)
+    return rewards, values, mask, lengths
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.7, 0.0), (1.0, 0.3)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gae_matches_a_per_response_loop_on_random_padded_data(gamma, lam, seed):
+    rewards, values, mask, lengths = random_padded_batch(seed)
+    advantages, returns = ppo.gae(rewards, values, mask, gamma, lam)
+    for i, n in enumerate(lengths):
+        expected = torch.tensor(loop_gae(rewards[i, :n].tolist(), values[i, :n].tolist(), gamma, lam),
+                                dtype=torch.float64)
+        torch.testing.assert_close(advantages[i, :n], expected, rtol=1e-12, atol=1e-12)
+        assert torch.all(advantages[i, n:] == 0) and torch.all(returns[i, n:] == 0), "padding must stay 0"
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.9, 0.5)])
+def test_returns_are_advantages_plus_values_before_whitening(gamma, lam):
+    rewards, values, mask, _ = random_padded_batch(3)
+    advantages, returns = ppo.gae(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(returns[mask], advantages[mask] + values[mask], rtol=0, atol=0)
+    if lam == 1.0:  # Monte-Carlo: R_t = sum_{k>=t} gamma^(k-t) r_k, whatever the values
+        for i in range(mask.shape[0]):
+            r = rewards[i, mask[i]].tolist()
+            mc = [sum(gamma ** (k - t) * r[k] for k in range(t, len(r))) for t in range(len(r))]
+            torch.testing.assert_close(returns[i, mask[i]], torch.tensor(mc, dtype=torch.float64))
+
+
+def test_padding_changes_nothing():
+    """Whatever sits in padded slots (rewards, values) changes no advantage, return or whitened advantage."""
+    rewards, values, mask, _ = random_padded_batch(4)
+    junk_rewards, junk_values = rewards.clone(), values.clone()
+    junk_rewards[~mask] = 1e3
+    junk_values[~mask] = -1e3
+    assert (~mask).any(), "no padding in the batch: the test would pass vacuously"
+    a, r = ppo.gae(rewards, values, mask, 0.95, 0.9)
+    a_junk, r_junk = ppo.gae(junk_rewards, junk_values, mask, 0.95, 0.9)
+    torch.testing.assert_close(a_junk, a, rtol=0, atol=0)
+    torch.testing.assert_close(r_junk, r, rtol=0, atol=0)
+    junk_a = a.clone()
+    junk_a[~mask] = 50.0
+    torch.testing.assert_close(ppo.whiten(junk_a, mask), ppo.whiten(a, mask), rtol=0, atol=0)
+
+
+def test_whiten_over_valid_tokens():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    w = ppo.whiten(x, mask)
+    valid = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    torch.testing.assert_close(w[mask], (valid - 2.5) / valid.std(), rtol=1e-7, atol=1e-7)
+    assert torch.all(w[~mask] == 0)
+    assert torch.all(ppo.whiten(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool)) == 0), "constant -> 0, no nan"
+
+
+def test_token_rewards_put_the_outcome_on_the_last_token_and_the_kl_penalty_on_every_token():
+    plain = ppo.token_rewards([1.0, 0.0], [3, 2])
+    assert [r.tolist() for r in plain] == [[0.0, 0.0, 1.0], [0.0, 0.0]]
+    kl = [torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.0, 0.0])]
+    with_kl = ppo.token_rewards([1.0, 0.0], [3, 2], kl, kl_coef=0.1)
+    torch.testing.assert_close(with_kl[0], torch.tensor([-0.05, 0.1, 1.0 - 0.2]))
+    torch.testing.assert_close(with_kl[1], torch.tensor([-0.1, 0.0]))
+
+
+# ---- value loss ------------------------------------------------------------------------------------------------
+def test_clipped_value_loss_by_hand():
+    old = torch.zeros(4, dtype=torch.float64)
+    values = torch.tensor([0.3, 1.0, -1.0, 0.2], dtype=torch.float64, requires_grad=True)
+    returns = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    loss, stats = ppo.value_loss(values, old, returns, torch.full((4,), 0.25, dtype=torch.float64), clip=0.5)
+    # token 0: inside the clip, 0.5*0.7^2; token 1: V=1 clipped to 0.5, max(0, 0.5^2) -> 0.5*0.25 (clipped wins);
+    # token 2: V=-1 clipped to -0.5, max(1, 0.25) -> 0.5*1 (unclipped wins); token 3: 0.5*0.2^2
+    assert loss.item() == pytest.approx((0.245 + 0.125 + 0.5 + 0.02) / 4)
+    assert stats["value_clip_frac"] == pytest.approx(0.25)
+    loss.backward()
+    # the clipped branch of token 1 is flat in V: no gradient pulls it further from its rollout-time value
+    torch.testing.assert_close(values.grad, torch.tensor([-0.7, 0.0, -1.0, 0.2], dtype=torch.float64) * 0.25)
+
+
+def test_explained_variance():
+    returns = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    assert ppo.explained_variance(returns.clone(), returns) == pytest.approx(1.0)
+    assert ppo.explained_variance(torch.full((4,), 0.5), returns) == pytest.approx(0.0)
+    # residuals [-0.2, 0.2, 0.2, -0.2] have variance 0.16/3; returns have 1/3
+    assert ppo.explained_variance(torch.tensor([0.2, 0.8, 0.8, 0.2]), returns) == pytest.approx(1 - 0.16)
+    assert math.isnan(ppo.explained_variance(torch.zeros(4), torch.ones(4)))
+
+
+# ---- the critic on the tiny model ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = evaluation.load_model("tiny")
+    torch.manual_seed(0)
+    critic = ppo.load_critic(evaluation.resolve_model_path("tiny"), tokenizer, torch.device("cpu"))
+    return model, tokenizer, critic
+
+
+def fake_rollouts(tokenizer, n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [tokenizer.encode(p["problem"]) for p in evaluation.toy_problems(n, seed=seed)]
+    return [{"prompt_ids": p, "response_ids": torch.randint(5, 300, (int(torch.randint(2, 9, (1,), generator=g)),),
+                                                             generator=g).tolist(),
+             "engine_logprobs": [], "truncated": False} for p in prompts]
+
+
+def test_value_of_token_t_is_read_where_token_t_is_predicted(tiny):
+    """V(s_t) comes from the hidden state at position t-1, the same one response_logprobs uses for token t."""
+    _, tokenizer, critic = tiny
+    rollouts = fake_rollouts(tokenizer, n=3)
+    batch = ppo.collate(rollouts, tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        values = ppo.response_values(critic, batch)
+        critic.eval()  # the HF head's dropout, which response_values never applies
+        per_position = critic(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., 0]
+        critic.train()
+    expected = torch.cat([per_position[i, len(r["prompt_ids"]) - 1:len(r["prompt_ids"]) + len(r["response_ids"]) - 1]
+                          for i, r in enumerate(rollouts)])
+    assert values.shape[0] == sum(len(r["response_ids"]) for r in rollouts)
+    torch.testing.assert_close(values, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_values_do_not_depend_on_the_padding_of_the_batch(tiny):
+    _, tokenizer, critic = tiny
+    rollouts = fake_rollouts(tokenizer, n=6, seed=1)
+    with torch.no_grad():
+        together = ppo.token_values(critic, rollouts, ppo.Args(micro_batch=6), tokenizer.pad_token_id, "cpu")
+        alone = ppo.token_values(critic, rollouts, ppo.Args(micro_batch=1), tokenizer.pad_token_id, "cpu")
+    assert len({len(r["prompt_ids"]) + len(r["response_ids"]) for r in rollouts}) > 1, "no padding: vacuous"
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_critic_gradient_accumulation_equals_one_big_batch(tiny):
+    _, tokenizer, critic = tiny
+    rollouts = fake_rollouts(tokenizer, seed=2)
+    g = torch.Generator().manual_seed(0)
+    old_values = [torch.randn(len(r["response_ids"]), dtype=torch.float64, generator=g) * 0.1 for r in rollouts]
+    returns = [torch.randn(len(r["response_ids"]), dtype=torch.float64, generator=g) for r in rollouts]
+    grads = []
+    for micro in (8, 2, 3):
+        c = type(critic)(critic.config)
+        c.load_state_dict(critic.state_dict())
+        c.double().train()  # float64: the comparison is about the accumulation, not float32 summation order
+        args = ppo.Args(mini_batch=8, micro_batch=micro, num_updates=1, critic_max_grad_norm=1e9)
+        optimizer = torch.optim.SGD(c.parameters(), lr=0.0)  # lr 0: only the accumulated gradient is read
+        optimizer.zero_grad = lambda set_to_none=True: None
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        torch.manual_seed(0)
+        ppo.update_critic(c, rollouts, old_values, returns, optimizer, scheduler, args,
+                          torch.autocast("cpu", enabled=False), tokenizer.pad_token_id, torch.device("cpu"))
+        grads.append(torch.cat([p.grad.flatten() for p in c.parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-9, atol=1e-12)
+
+
+# ---- whole runs ------------------------------------------------------------------------------------------------
+def run_script(*args, timeout=600, check=True):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, str(ROOT / "ppo.py"), *args], capture_output=True, text=True,
+                         timeout=timeout, cwd=ROOT, env=env)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """One default run (no arguments), shared by the assertions below."""
+    output_dir = tmp_path_factory.mktemp("default")
+    run_script("--output-dir", str(output_dir), timeout=400)
+    return read_metrics(output_dir)
+
+
+def tenths(metrics, key):
+    values = [m[key] for m in metrics if key in m and not math.isnan(m[key])]
+    tenth = max(1, len(values) // 10)
+    return sum(values[:tenth]) / tenth, sum(values[-tenth:]) / tenth
+
+
+def test_default_run_learns(default_run):
+    """The CartPole of the codebase: no arguments, the tiny model's reward climbs on the toy task."""
+    first, last = tenths(default_run, "reward_mean")
+    print(f"reward first tenth {first:.3f}, last tenth {last:.3f}")
+    assert first <= 0.35, f"the task is too easy at the start: {first:.3f}"
+    assert last >= 0.8, f"the default run did not learn: {first:.3f} -> {last:.3f}"
+
+
+def test_default_run_critic_explains_the_returns(default_run):
+    first, last = tenths(default_run, "explained_var")
+    print(f"explained variance first tenth {first:.3f}, last tenth {last:.3f}")
+    assert last > 0.2, f"the critic does not predict the returns: explained variance {first:.3f} -> {last:.3f}"
+    keys = {"value_loss", "value_clip_frac", "critic_grad_norm", "policy_loss", "clip_frac", "entropy", "grad_norm",
+            "logprob_gap"}
+    assert keys <= set(default_run[-1]), f"missing metrics: {keys - set(default_run[-1])}"
+
+
+SHORT = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
+         "--eval-every", "0", "--eval-max-problems", "4"]
+
+
+def test_resumed_run_equals_uninterrupted_run_for_policy_and_critic(tmp_path):
+    common = SHORT + ["--kl-coef", "0.05", "--reference-on-cpu"]  # the KL-in-reward path and the offload, too
+    run_script(*common, "--total-steps", "4", "--output-dir", str(tmp_path / "straight"))
+    run_script(*common, "--total-steps", "2", "--output-dir", str(tmp_path / "first"))
+    run_script(*common, "--total-steps", "4", "--resume", str(tmp_path / "first" / "checkpoint-2"),
+               "--output-dir", str(tmp_path / "resumed"))
+    from safetensors.torch import load_file
+    for part in ("model.safetensors", "critic/model.safetensors"):
+        straight = load_file(tmp_path / "straight" / "checkpoint-4" / part)
+        resumed = load_file(tmp_path / "resumed" / "checkpoint-4" / part)
+        first = load_file(tmp_path / "first" / "checkpoint-2" / part)
+        assert any(not torch.equal(first[k], straight[k]) for k in straight), f"{part}: steps 3-4 changed nothing"
+        for k in straight:
+            assert torch.equal(straight[k], resumed[k]), f"{part}: {k} differs after resume"
+    kls = [m["kl"] for m in read_metrics(tmp_path / "straight")]
+    assert kls[0] == 0 and any(k != 0 for k in kls[1:]), f"the KL penalty is not measured: {kls}"
+
+
+def test_critic_warmup_leaves_the_policy_alone(tmp_path):
+    run_script(*SHORT, "--total-steps", "3", "--critic-warmup-steps", "2", "--save-every", "2",
+               "--kl-coef", "0.05", "--kl-in-loss", "--output-dir", str(tmp_path))
+    from safetensors.torch import load_file
+    initial = load_file(Path(evaluation.resolve_model_path("tiny")) / "model.safetensors")
+    warm = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    after = load_file(tmp_path / "checkpoint-3" / "model.safetensors")
+    assert all(torch.equal(initial[k], warm[k]) for k in initial), "the policy moved during the critic's warm-up"
+    assert any(not torch.equal(initial[k], after[k]) for k in initial), "the policy never moved after the warm-up"
+    critic = load_file(tmp_path / "checkpoint-2" / "critic" / "model.safetensors")
+    assert any(not torch.equal(initial[k], critic[k]) for k in initial if k in critic), "the critic did not train"
+    metrics = read_metrics(tmp_path)
+    assert "policy_loss" not in metrics[0] and "policy_loss" in metrics[2]
+    assert "kl" in metrics[2], "the KL-in-loss form logs its KL"
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--critic-model", "/nonexistent/critic"], "/nonexistent/critic"),
+    (["--gamma", "1.5"], "--gamma"),
+    (["--critic-warmup-steps", "100"], "--critic-warmup-steps"),
+    (["--value-clip", "0"], "--value-clip"),
+])
+def test_bad_arguments_fail_clearly(tmp_path, flags, needle):
+    out = run_script(*SHORT, *flags, "--output-dir", str(tmp_path), timeout=120, check=False)
+    assert out.returncode != 0 and needle in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_resume_from_a_checkpoint_without_critic_fails_clearly(tmp_path):
+    folder = tmp_path / "grpo-checkpoint"
+    model, tokenizer = evaluation.load_model("tiny")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = run_script(*SHORT, "--resume", str(folder), "--output-dir", str(tmp_path / "run"), timeout=120,
+                     check=False)
+    assert out.returncode != 0 and "critic" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
