@@ -88,9 +88,9 @@ class Args:
     kl_in_loss: bool = False  # GRPO's k3 KL in the policy loss, not -kl_coef * KL in every token's reward
     entropy_coef: float = 0.0  # entropy bonus: loss -= coef * entropy (paper: 0.001)
     loss_agg: str = "token-mean"  # policy loss: token-mean (paper), seq-mean-token-mean, seq-mean-token-sum-norm
-    num_updates: int = 2  # epochs over each rollout batch, for the policy and the critic (paper: 1)
+    num_updates: int = 1  # epochs over each rollout batch, for the policy and the critic (paper: 1)
     mini_batch: int = 64  # responses per optimizer step (paper: 1024 = the whole batch, one step per batch)
-    micro_batch: int = 32  # responses per forward/backward; gradients accumulate over a mini-batch
+    micro_batch: int = 64  # responses per forward/backward; gradients accumulate over a mini-batch
     # critic
     critic_model: str = ""  # hub id or folder for the critic's transformer; "": --model (paper: the base model)
     critic_lr: float = 1e-3  # the critic's AdamW learning rate (paper: 1e-5; the tiny model needs far more)
@@ -635,6 +635,8 @@ def main(args: Args):
             train_stats["skipped"] |= policy_stats.pop("skipped")
             train_stats.update(policy_stats)
         # 6. push weights into the rollout engine
+        if device.type == "cuda":  # three models' activations stay cached by torch unless handed back before vLLM
+            torch.cuda.empty_cache()  # wakes up and allocates its weights and KV cache again
         wake_engine(engine, model, args)
         t3 = time.time()
         bad_steps = bad_steps + 1 if train_stats.pop("skipped") else 0
