@@ -285,15 +285,19 @@ def test_critic_warmup_leaves_the_policy_alone(tmp_path):
     assert "kl" in metrics[2], "the KL-in-loss form logs its KL"
 
 
-@pytest.mark.parametrize("flags,needle", [
-    (["--critic-model", "/nonexistent/critic"], "/nonexistent/critic"),
-    (["--gamma", "1.5"], "--gamma"),
-    (["--critic-warmup-steps", "100"], "--critic-warmup-steps"),
-    (["--value-clip", "0"], "--value-clip"),
+@pytest.mark.parametrize("field,value,needle", [
+    ("gamma", 1.5, "--gamma"), ("lam", -0.1, "--lam"), ("critic_warmup_steps", 100, "--critic-warmup-steps"),
+    ("value_clip", 0.0, "--value-clip"),
 ])
-def test_bad_arguments_fail_clearly(tmp_path, flags, needle):
-    out = run_script(*SHORT, *flags, "--output-dir", str(tmp_path), timeout=120, check=False)
-    assert out.returncode != 0 and needle in out.stderr, out.stderr[-2000:]
+def test_bad_arguments_fail_clearly(field, value, needle):
+    with pytest.raises(SystemExit, match=needle):
+        ppo.check_args(ppo.Args(**{field: value}))
+
+
+def test_missing_critic_model_fails_clearly(tmp_path):
+    out = run_script(*SHORT, "--critic-model", "/nonexistent/critic", "--output-dir", str(tmp_path), timeout=120,
+                     check=False)
+    assert out.returncode != 0 and "/nonexistent/critic" in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
@@ -302,6 +306,5 @@ def test_resume_from_a_checkpoint_without_critic_fails_clearly(tmp_path):
     model, tokenizer = evaluation.load_model("tiny")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    out = run_script(*SHORT, "--resume", str(folder), "--output-dir", str(tmp_path / "run"), timeout=120,
-                     check=False)
-    assert out.returncode != 0 and "critic" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    with pytest.raises(SystemExit, match="critic"):
+        ppo.main(ppo.parse_args([*SHORT, "--resume", str(folder), "--output-dir", str(tmp_path / "run")]))
