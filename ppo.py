@@ -620,8 +620,10 @@ def main(args: Args):
         values = pad(old_values)
         advantages, returns = gae(pad(token_rewards(rewards.tolist(), lengths, kl, args.kl_coef)), values, mask,
                                   args.gamma, args.lam)
-        metrics.update(explained_var=explained_variance(values[mask], returns[mask]),
-                       value_mean=values[mask].mean().item(), return_mean=returns[mask].mean().item())
+        valid_values, valid_returns = values[mask], returns[mask]
+        metrics.update(explained_var=explained_variance(valid_values, valid_returns),
+                       value_mean=valid_values.mean().item(), return_mean=valid_returns.mean().item(),
+                       return_var=valid_returns.var().item())
         if args.whiten_advantages:
             advantages = whiten(advantages, mask)
         advantages = [a[:n] for a, n in zip(advantages, lengths)]
