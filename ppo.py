@@ -533,6 +533,11 @@ class Logger:
             self.tracker.log(metrics, step=metrics["step"])
 
 
+LINE_KEYS = ("reward_mean", "accuracy", "response_len_mean", "entropy", "kl", "clip_frac", "explained_var",
+             "value_loss", "value_clip_frac", "grad_norm", "critic_grad_norm", "time_generate", "time_train",
+             "logprob_gap")  # the stdout line; metrics.jsonl has every metric
+
+
 # ---- main loop -------------------------------------------------------------------------------------------------
 def main(args: Args):
     # setup: seed, policy, reference, critic, optimizers, data, engine, output dir, resume
@@ -663,11 +668,6 @@ def main(args: Args):
             tokenizer.save_pretrained(folder / "critic")
         logger.log(metrics, line_keys=LINE_KEYS)
     return output_dir
-
-
-LINE_KEYS = ("reward_mean", "accuracy", "response_len_mean", "entropy", "kl", "clip_frac", "explained_var",
-             "value_loss", "value_clip_frac", "grad_norm", "critic_grad_norm", "time_generate", "time_train",
-             "logprob_gap")
 
 
 def check_args(args: Args) -> None:
