@@ -202,6 +202,32 @@ def test_critic_gradient_accumulation_equals_one_big_batch(tiny):
     torch.testing.assert_close(grads[2], grads[0], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_policy_gradient_accumulation_equals_one_big_batch(tiny, mode):
+    model, tokenizer, _ = tiny
+    rollouts = fake_rollouts(tokenizer, seed=3)
+    g = torch.Generator().manual_seed(1)
+    advantages = [torch.randn(len(r["response_ids"]), dtype=torch.float64, generator=g) for r in rollouts]
+    grads = []
+    for micro in (8, 2, 3):
+        m = type(model)(model.config)
+        m.load_state_dict(model.state_dict())
+        m.double().train()
+        with torch.no_grad():
+            old_logp = ppo.token_logprobs(m, rollouts, ppo.Args(), tokenizer.pad_token_id, "cpu")
+        args = ppo.Args(mini_batch=8, micro_batch=micro, num_updates=1, loss_agg=mode, max_grad_norm=1e9)
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.0)
+        optimizer.zero_grad = lambda set_to_none=True: None
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        torch.manual_seed(0)
+        ppo.update_policy(m, rollouts, advantages, old_logp, None, optimizer, scheduler, args,
+                          torch.autocast("cpu", enabled=False), tokenizer.pad_token_id, torch.device("cpu"))
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-9, atol=1e-12)
+
+
 # ---- whole runs ------------------------------------------------------------------------------------------------
 def run_script(*args, timeout=600, check=True):
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
