@@ -53,7 +53,7 @@ class Args:
     # experiment
     seed: int = 1  # seeds python, numpy, torch and the rollout sampler
     output_dir: str = ""  # default runs/ppo-<time>
-    total_steps: int = 100  # rollout batches (paper, GRPO: 2000 steps; it reports the best checkpoint)
+    total_steps: int = 60  # rollout batches (paper, GRPO: 2000 steps; it reports the best checkpoint)
     eval_every: int = 25  # evaluate every this many steps (and at the end); 0: only at the end
     save_every: int = 0  # checkpoint every this many steps (and at the end); 0: only at the end
     resume: str = ""  # a checkpoint folder to continue from
@@ -626,9 +626,10 @@ def main(args: Args):
         advantages, returns = gae(pad(token_rewards(rewards.tolist(), lengths, kl, args.kl_coef)), values, mask,
                                   args.gamma, args.lam)
         valid_values, valid_returns = values[mask], returns[mask]
-        metrics.update(explained_var=explained_variance(valid_values, valid_returns),
-                       value_mean=valid_values.mean().item(), return_mean=valid_returns.mean().item(),
+        metrics.update(value_mean=valid_values.mean().item(), return_mean=valid_returns.mean().item(),
                        return_var=valid_returns.var().item())
+        if metrics["return_var"] > 0:  # undefined when every return is the same (e.g. all responses right)
+            metrics["explained_var"] = explained_variance(valid_values, valid_returns)
         if args.whiten_advantages:
             advantages = whiten(advantages, mask)
         advantages = [a[:n] for a, n in zip(advantages, lengths)]

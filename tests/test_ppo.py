@@ -250,30 +250,25 @@ def default_run(tmp_path_factory):
     return read_metrics(output_dir)
 
 
-def tenths(metrics, key):
-    values = [m[key] for m in metrics if key in m and not math.isnan(m[key])]
-    tenth = max(1, len(values) // 10)
-    return sum(values[:tenth]) / tenth, sum(values[-tenth:]) / tenth
-
-
 def test_default_run_learns(default_run):
     """The CartPole of the codebase: no arguments, the tiny model's reward climbs on the toy task."""
-    first, last = tenths(default_run, "reward_mean")
-    print(f"reward first tenth {first:.3f}, last tenth {last:.3f}")
-    assert first <= 0.35, f"the task is too easy at the start: {first:.3f}"
-    assert last >= 0.8, f"the default run did not learn: {first:.3f} -> {last:.3f}"
+    rewards = [m["reward_mean"] for m in default_run]
+    start, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    print(f"reward first five steps {start:.3f}, last five {last:.3f}")
+    assert start <= 0.4, f"the task is too easy at the start: {start:.3f}"  # step 0: ~0.25 (eval.build_tiny_model)
+    assert last >= 0.85, f"the default run did not learn: {start:.3f} -> {last:.3f}"
 
 
 def test_default_run_critic_explains_the_returns(default_run):
-    """Over the second half, the critic's values explain part of the returns' variance. Steps are pooled by their
+    """The critic's values explain a good part of the returns' variance over the run. Steps are pooled by their
     return variance: once nearly every response is right, the returns hardly vary and one step's ratio is noise."""
-    half = [m for m in default_run[len(default_run) // 2:] if m["return_var"] > 0]
-    pooled = 1 - sum((1 - m["explained_var"]) * m["return_var"] for m in half) / sum(m["return_var"] for m in half)
-    first, _ = tenths(default_run, "explained_var")
-    print(f"explained variance: first tenth {first:.3f}, second half pooled {pooled:.3f}")
+    steps = [m for m in default_run if "explained_var" in m]
+    pooled = 1 - sum((1 - m["explained_var"]) * m["return_var"] for m in steps) / sum(m["return_var"] for m in steps)
+    print(f"explained variance: first three steps {[round(m['explained_var'], 3) for m in steps[:3]]}, "
+          f"whole run pooled {pooled:.3f}")
     assert pooled > 0.2, f"the critic does not predict the returns: pooled explained variance {pooled:.3f}"
     keys = {"value_loss", "value_clip_frac", "critic_grad_norm", "policy_loss", "clip_frac", "entropy", "grad_norm",
-            "logprob_gap", "value_mean", "return_mean"}
+            "logprob_gap", "value_mean", "return_mean", "return_var"}
     assert keys <= set(default_run[-1]), f"missing metrics: {keys - set(default_run[-1])}"
 
 
