@@ -384,7 +384,7 @@ def find_examples(problems: list[dict], ids, labels=()) -> list[dict]:
         if not rows:
             kind = "`index` column" if "index" in problems[0] else "row number (the data has no `index` column)"
             raise SystemExit(f"example {example_id!r}: no training problem has this {kind} in the training data "
-                             "(or its prompt is over --max-prompt-tokens)")
+                             "(or it was dropped: see the lines above)")
         if len({(p["problem"], p["answer"]) for p in rows}) > 1:
             raise SystemExit(f"example {example_id!r}: the training data has {len(rows)} different problems with "
                              "this index")
@@ -422,22 +422,33 @@ def parse_args(argv=None, args_class=Args) -> Args:
 
 
 def load_prompts(args, tokenizer) -> list[dict]:
-    """Training problems with their tokenized prompts and ids (the `index` column, else the row number); prompts
-    over the length limit are dropped and counted."""
+    """Training problems with their tokenized prompts and ids (the `index` column, else the row number). Problems
+    without an answer (DSR-sub has one, index 265) and prompts over the length limit are dropped and counted."""
     try:
-        problems = evaluation.load_problems(args.train_data, args.problem_key, args.answer_key)
+        rows = evaluation.toy_splits()[0] if args.train_data == "toy" else evaluation.read_rows(args.train_data)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--train-data: {e}") from None
-    kept = []
-    for row, p in enumerate(problems):  # an example's id names its row even after long prompts are dropped
-        ids = tokenizer.encode(evaluation.build_prompt(p["problem"], tokenizer, args.template))
+    kept, unanswered = [], []
+    for row, p in enumerate(rows):  # an example's id names its row even after some rows are dropped
+        for key in (args.problem_key, args.answer_key):
+            if key not in p:
+                raise SystemExit(f"--train-data: {args.train_data}: row {row} has no {key!r} (its keys: "
+                                 f"{', '.join(p)}); choose the column with --problem-key / --answer-key")
+        example_id = str(p.get("index", row))
+        if p[args.answer_key] is None or str(p[args.answer_key]).strip() == "":
+            unanswered.append(example_id)
+            continue
+        problem, answer = str(p[args.problem_key]), str(p[args.answer_key])
+        ids = tokenizer.encode(evaluation.build_prompt(problem, tokenizer, args.template))
         if len(ids) <= args.max_prompt_tokens:
-            kept.append({**p, "id": str(p.get("index", row)), "prompt_ids": ids})
-    if len(kept) < len(problems):
-        print(f"dropped {len(problems) - len(kept)} of {len(problems)} prompts longer than {args.max_prompt_tokens} "
-              "tokens")
+            kept.append({**p, "problem": problem, "answer": answer, "id": example_id, "prompt_ids": ids})
+    if unanswered:
+        print(f"dropped {len(unanswered)} problems with an empty answer: {', '.join(unanswered[:10])}")
+    if len(kept) + len(unanswered) < len(rows):
+        print(f"dropped {len(rows) - len(unanswered) - len(kept)} of {len(rows)} prompts longer than "
+              f"{args.max_prompt_tokens} tokens")
     if not kept:
-        raise SystemExit(f"no training prompt fits in --max-prompt-tokens {args.max_prompt_tokens}")
+        raise SystemExit(f"no usable training problem in --train-data (max prompt tokens {args.max_prompt_tokens})")
     return kept
 
 

@@ -17,6 +17,14 @@ REQUIRED = ["ChunkedLogprobEntropy", "logprobs_and_entropy", "make_rollout_engin
 ALWAYS_DIFFERENT = {"Args", "main"}
 # (fork, name): why that block differs from grpo.py's.
 MEANT_TO_DIFFER: dict[tuple[str, str], str] = {
+    ("one_shot.py", "parse_args"): "flags that take several values (--rank 1 13, --example-index, --label): the "
+                                   "paper trains on several examples at once",
+    ("one_shot.py", "load_prompts"): "each problem keeps its id (the data's `index` column, else its row number), "
+                                     "by which a history file and --example-index name it; a row without an "
+                                     "answer is dropped, not fatal (DSR-sub has one, index 265)",
+    ("one_shot.py", "load_eval_problems"): "several evaluation sets (the paper's six benchmarks), not one",
+    ("one_shot.py", "run_evaluation"): "evaluates every set with eval.py's protocol for it and logs their average, "
+                                       "by which the paper picks its reported checkpoint",
 }
 
 
