@@ -89,9 +89,9 @@ def mean_entropy(model, rollouts, pad_id):
 
 @pytest.mark.parametrize("coef", [0.001, -0.001])
 def test_a_step_on_the_entropy_term_alone_moves_entropy_by_its_sign(tiny, coef):
-    """The entropy-only ablation: zero advantages leave loss = -coef * entropy (the paper's 0.001; Adam makes the step
-    size independent of its scale); a positive bonus raises the entropy
-    of the same responses, a negative one (the control: the test can fail) lowers it."""
+    """The entropy-only ablation: zero advantages leave loss = -coef * entropy (the paper's 0.001; Adam makes the
+    step size independent of its scale). A positive bonus raises the entropy of the same responses, a negative one
+    (the control: the test can fail) lowers it."""
     base, tokenizer = tiny
     model = type(base)(base.config)
     model.load_state_dict(base.state_dict())
