@@ -588,6 +588,8 @@ def main(args: Args):
             raise SystemExit(f"--rank {min(args.rank)}: ranks start at 1 (pi_1, the largest historical variance)")
         if args.label and len(args.label) != len(args.rank):
             raise SystemExit(f"--label: give one label per example ({len(args.rank)}), got {len(args.label)}")
+    if chosen is not None and not args.total_steps:
+        raise SystemExit("--total-steps 0 means a pool run only, but the example is already given")
     replicate(list(chosen or args.rank), args.prompts_per_step)  # unequal shares fail now, not after the pool run
     reference = None
     if args.kl_coef > 0:  # with no KL term there is nothing to compare against: no reference is loaded

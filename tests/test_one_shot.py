@@ -144,6 +144,7 @@ def test_bad_inputs_fail_clearly(tmp_path):
     assert "--eval-data" in fails_with(tmp_path, "--eval-data", "toy,nonsense")
     assert "--entropy-coef" in fails_with(tmp_path, "--entropy-only", "--entropy-coef", "0")
     assert "trainer_state.pt" in fails_with(tmp_path, "--resume", str(tmp_path))
+    assert "pool run only" in fails_with(tmp_path, "--example-index", "1", "--total-steps", "0")
 
 
 def test_a_bad_history_fails_without_a_traceback(tmp_path):
