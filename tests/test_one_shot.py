@@ -111,6 +111,21 @@ def test_a_step_on_the_entropy_term_alone_moves_entropy_by_its_sign(tiny, coef):
     assert (after - before) * coef > 0, f"entropy {before:.4f} -> {after:.4f} with coefficient {coef}"
 
 
+def test_ablations_reach_the_loss_and_the_metrics(tmp_path):
+    """Two examples, one relabelled (label noise), trained on the entropy term alone: the loss is -coef * entropy
+    even though the correctly labelled example's rewards vary (its advantages would not be zero)."""
+    args = one_shot.parse_args(["--example-index", "1", "3", "--label", "1", "99", "--entropy-only", "--kl-coef", "0",
+                                "--prompts-per-step", "2", "--samples-per-prompt", "8", "--mini-batch", "16",
+                                "--micro-batch", "16", "--total-steps", "1", "--eval-every", "0",
+                                "--eval-max-problems", "2", "--rollout", "hf", "--output-dir", str(tmp_path)])
+    one_shot.main(args)
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-1]
+    assert 0 < metrics["accuracy/1"] < 1, "example 1's rewards do not vary: the check below could not fail"
+    assert metrics["accuracy/3"] == 0, "label 99 cannot be matched by a toy answer"
+    assert 0 <= metrics["true_label_accuracy"] <= 1
+    assert metrics["loss"] == pytest.approx(-0.001 * metrics["entropy"], rel=1e-5)
+
+
 # ---- arguments and errors --------------------------------------------------------------------------------------
 def test_flags_take_several_values():
     args = one_shot.parse_args(["--rank", "1", "13", "--example-index", "124", "--label", "12.7"])
