@@ -48,7 +48,7 @@ class Args:
     # experiment
     seed: int = 1  # seeds python, numpy, torch and the rollout sampler
     output_dir: str = ""  # default runs/one_shot-<time>
-    total_steps: int = 40  # 1-shot RLVR steps; 0: only the pool run (paper: 2000; it reports the best checkpoint)
+    total_steps: int = 30  # 1-shot RLVR steps; 0: only the pool run (paper: 2000; it reports the best checkpoint)
     eval_every: int = 5  # evaluate every this many steps, before the first and at the end; 0: at the end (paper: 20)
     save_every: int = 0  # checkpoint every this many steps (and at the end); 0: only at the end (paper: 20)
     resume: str = ""  # a checkpoint folder to continue from (of the pool run or of 1-shot training)

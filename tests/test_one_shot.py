@@ -201,7 +201,7 @@ def read_metrics(path):
 def default_run(tmp_path_factory):
     """One run with no arguments, shared by the tests below: the toy pool run, pi_1, 1-shot RLVR from the base."""
     output_dir = tmp_path_factory.mktemp("default")
-    out = run_script("--output-dir", str(output_dir), timeout=600)
+    out = run_script("--output-dir", str(output_dir), timeout=900)
     return output_dir, out.stdout
 
 
