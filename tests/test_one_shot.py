@@ -238,20 +238,26 @@ def test_default_run_logs_held_out_accuracy_and_the_best(default_run):
     assert all(m["entropy"] > 0 and m["response_len_mean"] > 0 for m in metrics if m["step"] > 0)
 
 
+def train_in_process(*argv):
+    one_shot.main(one_shot.parse_args(list(argv)))
+
+
 def test_resume_and_a_history_file_reproduce_the_uninterrupted_run(tmp_path):
     """HF rollouts. A pool run resumed midway records the same history; 1-shot training resumed midway, and 1-shot
-    training started afresh from the pool run's history file, end with the weights of the uninterrupted run."""
+    training started afresh from the pool run's history file, end with the weights of the uninterrupted run. (In
+    this process, to save four interpreter starts: every run seeds itself.)"""
     from safetensors.torch import load_file
     common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
               "--pool-size", "4", "--eval-every", "0", "--eval-max-problems", "4"]
-    run_script(*common, "--pool-steps", "2", "--total-steps", "2", "--save-every", "1",
-               "--output-dir", str(tmp_path / "first"))
+    train_in_process(*common, "--pool-steps", "2", "--total-steps", "2", "--save-every", "1",
+                     "--output-dir", str(tmp_path / "first"))
     history = tmp_path / "first" / "pool" / "accuracy_history.json"
-    run_script(*common, "--total-steps", "3", "--resume", str(tmp_path / "first" / "checkpoint-2"),
-               "--output-dir", str(tmp_path / "resumed"))
-    run_script(*common, "--history", str(history), "--total-steps", "3", "--output-dir", str(tmp_path / "straight"))
-    run_script(*common, "--pool-steps", "2", "--total-steps", "0", "--resume",
-               str(tmp_path / "first" / "pool" / "checkpoint-1"), "--output-dir", str(tmp_path / "pool-resumed"))
+    train_in_process(*common, "--total-steps", "3", "--resume", str(tmp_path / "first" / "checkpoint-2"),
+                     "--output-dir", str(tmp_path / "resumed"))
+    train_in_process(*common, "--history", str(history), "--total-steps", "3",
+                     "--output-dir", str(tmp_path / "straight"))
+    train_in_process(*common, "--pool-steps", "2", "--total-steps", "0", "--resume",
+                     str(tmp_path / "first" / "pool" / "checkpoint-1"), "--output-dir", str(tmp_path / "pool-resumed"))
 
     def weights(folder):
         return load_file(tmp_path / folder / "model.safetensors")
