@@ -580,6 +580,9 @@ def main(args: Args):
         examples = find_examples(problems, chosen, [e["answer"] for e in state["examples"]])
     elif args.example_index or args.history:
         chosen = list(args.example_index) or select_by_rank(load_history(args.history), args.rank)
+        if args.history:
+            print(f"{args.history} ranked by historical variance: "
+                  + ", ".join(f"pi_{r} = {i}" for r, i in zip(args.rank, chosen)))
         examples = find_examples(problems, chosen, args.label)
     else:
         if args.pool_steps <= 0:
@@ -611,7 +614,8 @@ def main(args: Args):
         print(f"pool run: {args.pool_steps} GRPO steps over {len(pool)} problems, recording their accuracy")
         history = train(args, "pool", pool, model, output_dir / "pool", state, **run)
         chosen = select_by_rank(history, args.rank)
-        print("ranked by historical variance: " + ", ".join(f"pi_{r} = {i}" for r, i in zip(args.rank, chosen)))
+        print("pool history ranked by historical variance: "
+              + ", ".join(f"pi_{r} = {i}" for r, i in zip(args.rank, chosen)))
         examples = find_examples(problems, chosen, args.label)
         model, state = evaluation.load_model(base_path)[0], {}  # 1-shot RLVR starts again from the base model
     if not args.total_steps:
