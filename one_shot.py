@@ -15,11 +15,12 @@ copies of it. The README gives the paper's commands.
     python one_shot.py --help                      # every hyperparameter, with the paper's value
 
 Differs from grpo.py in: the choice of the example(s) (a pool run that writes accuracy_history.json, a history file
-ranked by std, or indices given), the batch (every step: equal shares of copies of the example(s), each copy its
-own group), per-example training accuracy, several evaluation sets with the best average tracked (best.json), the
-paper's ablations (entropy only: no outcome reward; a replaced label), and flags that take several values (--rank 1
-13). The algorithm is grpo.py's (clipped surrogate, k3 KL, entropy bonus, token-mean); the paper's settings are in
-the Args comments.
+ranked by std, or indices given); the batch (every step: equal shares of copies of the example(s), each copy its
+own group); per-example training accuracy; several evaluation sets, evaluated also before the first step, with the
+best average kept (best.json); the paper's ablations (entropy only: no outcome reward; a replaced label); flags
+that take several values (--rank 1 13); training rows keep their ids, and a row without an answer is dropped.
+The algorithm is grpo.py's (clipped surrogate, k3 KL, entropy bonus, token-mean) with the paper's KL and entropy
+coefficients on by default; the paper's settings are in the Args comments.
 """
 from __future__ import annotations
 
