@@ -5,10 +5,11 @@ math problem, replicated to fill the batch, lifts Qwen2.5-Math-1.5B on MATH500 f
 example is picked by its *historical variance*: train GRPO on a pool (DSR-sub, 1209 problems), record each example's
 training accuracy every time it is sampled, rank the examples by the standard deviation of that record (largest
 first); pi_1 is the top one. Held-out accuracy keeps rising after the training accuracy on the example saturates
-("post-saturation generalization"), so the held-out sets are evaluated all along and the best checkpoint is kept.
+("post-saturation generalization"), so the held-out sets are evaluated all along and the best evaluation is kept.
 The defaults run the whole pipeline on the built-in tiny model and the toy task on a CPU in a few minutes (2 cores):
 a short pool run records the history, pi_1 is chosen by the same rule, and training restarts from the base model on
-copies of it. The README gives the paper's commands.
+copies of it. Training accuracy on it saturates; held-out toy accuracy falls (the tiny model learns to give pi_1's
+answer to every question: see the README, which also gives the paper's commands).
 
     python one_shot.py                             # toy pool run -> pi_1 -> 1-shot RLVR from the base model, CPU
     python one_shot.py --history acc_step_500.json --rank 1 --train-data dsr_sub.jsonl ...   # the paper's pi_1
