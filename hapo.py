@@ -57,7 +57,7 @@ class Args:
     # model & data
     model: str = "tiny"  # hub id or folder (paper: deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B and two more)
     train_data: str = "toy"  # jsonl/json/parquet with problem and answer columns (paper: 2,000 DeepScaleR); "toy"
-    train_problems: int = 160  # train on the first this many problems, so each is revisited; 0: all (paper: 0)
+    train_problems: int = 320  # train on the first this many problems, so each is revisited; 0: all (paper: 0)
     problem_key: str = "problem"  # column holding the problem text
     answer_key: str = "answer"  # column holding the gold answer
     eval_data: str = "auto"  # toy (held-out split), a benchmark (math500, ...) or a file; auto: toy or math500
