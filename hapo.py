@@ -57,7 +57,7 @@ class Args:
     # model & data
     model: str = "tiny"  # hub id or folder (paper: deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B and two more)
     train_data: str = "toy"  # jsonl/json/parquet with problem and answer columns (paper: 2,000 DeepScaleR); "toy"
-    train_problems: int = 320  # train on the first this many problems, so each is revisited; 0: all (paper: 0)
+    train_problems: int = 320  # train on the first this many problems, so each is revisited; 0: all (paper: all)
     problem_key: str = "problem"  # column holding the problem text
     answer_key: str = "answer"  # column holding the gold answer
     eval_data: str = "auto"  # toy (held-out split), a benchmark (math500, ...) or a file; auto: toy or math500
@@ -75,7 +75,7 @@ class Args:
     vllm_sleep: bool = True  # free vLLM's GPU memory while training (GPU only)
     # algorithm: HAPO's reward
     length_weight: float = 1.0  # w of the length reward; in [0, 1], so any right answer beats any wrong (paper: 1.0)
-    length_reward: str = "cosine"  # "cosine" (paper) or "linear" (piecewise, 10% tolerance; the paper's code)
+    length_reward: str = "cosine"  # "cosine" (paper) or "linear" (piecewise, tolerance 0.1 h_i; the paper's code)
     history_mode: str = "min"  # h_i: "min" = shortest correct length so far (paper), "mean" = mean correct length
     # algorithm: GRPO underneath
     answer_mode: str = "boxed"  # verify.py mode for the reward: "boxed" or "flex"

@@ -188,6 +188,15 @@ def test_bad_hapo_arguments_fail_before_loading_anything(flag, value, message):
         hapo.main(hapo.Args(**{flag: value}))
 
 
+def test_help_lists_the_hapo_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        hapo.parse_args(["--help"])
+    assert exit_.value.code == 0
+    shown = capsys.readouterr().out
+    for flag in ("--length-weight", "--length-reward", "--history-mode", "--train-problems"):
+        assert flag in shown
+
+
 def test_bad_length_weight_fails_clearly_from_the_command_line():
     out = subprocess.run([sys.executable, str(ROOT / "hapo.py"), "--length-weight", "2"], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
