@@ -41,11 +41,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="1", help="comma-separated seeds; both scripts run once per seed")
     parser.add_argument("--steps", type=int, default=100, help="--total-steps of both runs")
+    parser.add_argument("--keep", default="", help="keep the runs' folders (metrics.jsonl, checkpoints) under here")
     parser.add_argument("extra", nargs="*", help="flags passed to both scripts (after --)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = args.keep or tmp
         for seed in seeds:
             runs = {}
             for script in ("grpo.py", "hapo.py"):
