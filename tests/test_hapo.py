@@ -133,22 +133,25 @@ def default_run(tmp_path_factory):
 def test_default_run_accuracy_climbs(default_run):
     first, last = tenths(default_run, "accuracy")
     print(f"accuracy first tenth {first:.3f}, last tenth {last:.3f}")
-    assert first <= 0.35, f"the task is too easy at the start: {first:.3f}"
-    assert last >= 0.8, f"the default run did not learn to answer: {first:.3f} -> {last:.3f}"
+    assert first <= 0.5, f"the task is too easy at the start: {first:.3f}"  # step 0: ~0.25 (eval.build_tiny_model)
+    assert last >= 0.85 and last - first >= 0.3, f"the default run did not learn to answer: {first:.3f} -> {last:.3f}"
 
 
 def test_default_run_responses_get_shorter(default_run):
-    first, last = tenths(default_run, "response_len_mean")
-    print(f"mean response length first tenth {first:.2f}, last tenth {last:.2f}")
-    assert last <= 0.75 * first, f"the length reward did not shorten responses: {first:.2f} -> {last:.2f}"
+    """The toy's shortest right answer is 9 tokens with the stop token, and the tiny model starts at ~12.5 by
+    padding it with filler sentences (GRPO keeps them: 12.3 over its last tenth, bench/hapo_vs_grpo.py)."""
+    for key in ("response_len_mean", "correct_len_mean"):
+        first, last = tenths(default_run, key)
+        print(f"{key} first tenth {first:.2f}, last tenth {last:.2f}")
+        assert last <= 0.8 * first, f"the length reward did not shorten responses: {key} {first:.2f} -> {last:.2f}"
 
 
 def test_default_run_builds_a_history_that_shrinks(default_run):
-    assert default_run[-1]["history_share"] == 1.0, "every training problem should have a correct response by now"
-    with_history = [m for m in default_run if m["history_share"] > 0.5]
-    assert with_history[-1]["history_len_mean"] < with_history[0]["history_len_mean"] - 1, \
-        "h_i should fall as shorter correct responses are found"
-    assert default_run[-1]["scored_with_history"] == 1.0
+    assert default_run[-1]["history_share"] >= 0.95, "nearly every training problem should have a correct answer"
+    assert default_run[-1]["scored_with_history"] >= 0.95
+    first, last = tenths([m for m in default_run if m["history_share"] > 0], "history_len_mean")
+    print(f"mean h_i first tenth {first:.2f}, last tenth {last:.2f}")
+    assert last <= first - 0.5, f"h_i should fall as shorter correct answers are found: {first:.2f} -> {last:.2f}"
     assert {"eval/correct_len_mean", "eval/response_len_p90", "correct_len_p90"} <= set(default_run[-1])
 
 
