@@ -558,11 +558,14 @@ def main(args: Args):
     # setup: seed, model, value model, optimizers, data, engine, output dir, resume
     if args.select not in ("pcl", "uniform", "dynamic-sampling"):
         raise SystemExit(f"--select must be pcl, uniform or dynamic-sampling, not {args.select!r}")
-    if args.candidates_factor < 1 or not 0.0 <= args.tau <= 1.0 or args.prompts_per_step < 1 \
-            or args.samples_per_prompt < 2:
-        raise SystemExit("need --candidates-factor >= 1, 0 <= --tau <= 1, --prompts-per-step >= 1 and "
-                         "--samples-per-prompt >= 2 (a group of one has no advantage); got "
-                         f"{args.candidates_factor}, {args.tau}, {args.prompts_per_step}, {args.samples_per_prompt}")
+    for bad, message in ((args.candidates_factor < 1,
+                          f"--candidates-factor must be >= 1, not {args.candidates_factor}"),
+                         (not 0.0 <= args.tau <= 1.0, f"--tau is a target accuracy in [0, 1], not {args.tau}"),
+                         (args.prompts_per_step < 1, f"--prompts-per-step must be >= 1, not {args.prompts_per_step}"),
+                         (args.samples_per_prompt < 2, "--samples-per-prompt must be >= 2 (a group of one has no "
+                                                       f"advantage), not {args.samples_per_prompt}")):
+        if bad:
+            raise SystemExit(message)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -580,7 +583,7 @@ def main(args: Args):
         reference.requires_grad_(False)
     try:  # V starts from the policy's base checkpoint (not from a resumed policy): its own weights are restored
         value_lm = evaluation.load_model(evaluation.resolve_model_path(args.value_model or args.model))[0]
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise SystemExit(f"--value-model {args.value_model!r}: {e}") from None
     value_model = ValueModel(value_lm).to(device).train()
     if args.gradient_checkpointing:
