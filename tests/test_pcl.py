@@ -117,13 +117,13 @@ def test_value_update_moves_v_towards_the_realised_accuracy_and_accumulates_exac
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
 
     value_model = fresh_value_model(model)
-    optimizer = torch.optim.AdamW(value_model.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(value_model.parameters(), lr=3e-4)
     args = pcl.Args(micro_batch=8)
     before = pcl.value_loss(pcl.predict_values(value_model, prompts, args, tokenizer.pad_token_id, "cpu", off), target)
     for _ in range(20):
         pcl.update_value_model(value_model, optimizer, prompts, target, args, tokenizer.pad_token_id, "cpu", off)
     after = pcl.value_loss(pcl.predict_values(value_model, prompts, args, tokenizer.pad_token_id, "cpu", off), target)
-    assert after < 0.5 * before, f"V did not fit its targets: loss {before:.4f} -> {after:.4f}"
+    assert after < 0.7 * before, f"V did not fit its targets: loss {before:.4f} -> {after:.4f}"
 
 
 # ---- whole runs --------------------------------------------------------------------------------------------------
