@@ -64,7 +64,7 @@ class Args:
     candidates_factor: int = 4  # k: k*m candidates are drawn per step for pcl / dynamic-sampling (paper: 4)
     tau: float = 0.5  # target accuracy: pcl keeps the m prompts whose V(x) is closest to it (paper: 0.5)
     value_model: str = ""  # initialisation of V's backbone; "": the policy's base checkpoint (our choice)
-    value_lr: float = 1e-3  # AdamW learning rate of V (ours; the paper does not give it)
+    value_lr: float = 3e-4  # AdamW learning rate of V (ours; the paper does not give it; 1e-3 did not fit on toy)
     value_weight_decay: float = 0.0  # V's AdamW weight decay (ours)
     # rollout
     rollout: str = "auto"  # "vllm", "hf" (transformers generate) or "auto" (vllm when installed)
