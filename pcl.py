@@ -70,8 +70,8 @@ class Args:
     rollout: str = "auto"  # "vllm", "hf" (transformers generate) or "auto" (vllm when installed)
     prompts_per_step: int = 16  # m, prompts trained on per step (paper: 512)
     samples_per_prompt: int = 8  # n, responses per prompt (paper: 16)
-    temperature: float = 1.0  # sampling temperature, also divides the trainer's logits (paper: 1.0)
-    top_p: float = 1.0  # nucleus sampling (paper: 1.0)
+    temperature: float = 1.0  # sampling temperature, also divides the trainer's logits (paper: not in our notes)
+    top_p: float = 1.0  # nucleus sampling (paper: not in our notes)
     max_new_tokens: int = 40  # response budget; longer responses are truncated and score 0 (paper: 4096)
     gpu_memory_utilization: float = 0.35  # vLLM's share of the GPU; the trainer uses the rest
     vllm_sleep: bool = True  # free vLLM's GPU memory while training (GPU only)
@@ -88,11 +88,11 @@ class Args:
     mini_batch: int = 128  # responses per optimizer step (paper: the whole batch m*n, one step per batch)
     micro_batch: int = 32  # responses (or prompts, for V) per forward/backward; gradients accumulate
     # optimisation
-    lr: float = 2e-4  # policy AdamW learning rate (paper: 1e-6; the tiny model needs far more)
+    lr: float = 2e-4  # policy AdamW learning rate (paper: not in our notes; the tiny model needs far more than 1e-6)
     weight_decay: float = 0.01  # policy AdamW weight decay
     lr_schedule: str = "constant"  # "constant" (paper) or "cosine" (after warmup)
     warmup_steps: int = 0  # linear warmup, in optimizer steps
-    max_grad_norm: float = 1.0  # global gradient-norm clip, policy and V (paper: 1.0)
+    max_grad_norm: float = 1.0  # global gradient-norm clip, policy and V (paper: not in our notes)
     gradient_checkpointing: bool = False  # recompute activations in backward (real runs: on)
     logprob_chunk: int = 1024  # tokens per chunk in the fused log-prob
     max_bad_steps: int = 3  # stop after this many updates in a row with a non-finite loss or gradient
