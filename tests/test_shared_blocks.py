@@ -17,6 +17,8 @@ REQUIRED = ["ChunkedLogprobEntropy", "logprobs_and_entropy", "make_rollout_engin
 ALWAYS_DIFFERENT = {"Args", "main"}
 # (fork, name): why that block differs from grpo.py's.
 MEANT_TO_DIFFER: dict[tuple[str, str], str] = {
+    ("hapo.py", "run_evaluation"): "HAPO measures length: adds the mean and p90 length of the correct responses "
+                                   "(from eval.py's graded samples) to eval.py's metrics",
     ("one_shot.py", "parse_args"): "flags that take several values (--rank 1 13, --example-index, --label): the "
                                    "paper trains on several examples at once",
     ("one_shot.py", "load_prompts"): "each problem keeps its id (the data's `index` column, else its row number), "
