@@ -246,7 +246,7 @@ def test_vllm_greedy_equals_hf_greedy_after_a_training_step_and_push(tmp_path, t
     path = evaluation.resolve_model_path("tiny") if tied else untied_copy(tmp_path)
     model, tokenizer = evaluation.load_model(path)
     assert model.config.tie_word_embeddings == tied
-    args = grpo.Args(rollout="vllm", lr=3e-3, mini_batch=16, micro_batch=16)
+    args = grpo.Args(rollout="vllm", lr=3e-2, mini_batch=16, micro_batch=16)
     engine = grpo.make_rollout_engine(args, path, model, torch.device("cpu"))
     rollouts = fake_rollouts(tokenizer, n=16, seed=3)
     optimizer, scheduler = grpo.make_optimizer(model, args, 10)
