@@ -20,6 +20,16 @@ MEANT_TO_DIFFER: dict[tuple[str, str], str] = {
     ("ppo.py", "update_policy"): "PPO's advantages are per token (GAE), and the old and reference log-probs are "
                                  "computed before the update because the per-token rewards (KL penalty) and GAE need "
                                  "them; the engine-vs-trainer log-prob gap is measured from those old log-probs.",
+    ("hapo.py", "run_evaluation"): "HAPO measures length: adds the mean and p90 length of the correct responses "
+                                   "(from eval.py's graded samples) to eval.py's metrics",
+    ("one_shot.py", "parse_args"): "flags that take several values (--rank 1 13, --example-index, --label): the "
+                                   "paper trains on several examples at once",
+    ("one_shot.py", "load_prompts"): "each problem keeps its id (the data's `index` column, else its row number), "
+                                     "by which a history file and --example-index name it; a row without an "
+                                     "answer is dropped, not fatal (DSR-sub has one, index 265)",
+    ("one_shot.py", "load_eval_problems"): "several evaluation sets (the paper's six benchmarks), not one",
+    ("one_shot.py", "run_evaluation"): "evaluates every set with eval.py's protocol for it and logs their average, "
+                                       "by which the paper picks its reported checkpoint",
 }
 
 

@@ -1,0 +1,722 @@
+"""HAPO for LLM math reasoning in one file.
+
+History-Aware Policy Optimization (Huang, Zhang and Cardie, 2025, "HAPO: Training Language Models to Reason Concisely
+via History-Aware Policy Optimization"): GRPO whose reward adds a length term measured against a per-problem history.
+For every training problem i the trainer remembers h_i, the shortest correct response to it seen so far. A response of
+length L on a problem with a history earns, with x = L / h_i and c(x) = cos(x pi/2) for x < 2, else -1,
+    correct:  1 + w * max(-0.7, c(x))      shorter than the best so far pays more; never below 0.3
+    wrong:    0 + w * min(0, c(x))         long wrong answers pay less; short wrong ones are never rewarded
+and 0 or 1 alone while the problem has no correct response yet. All responses of a batch are scored against the
+history from before the batch; then h_i = min(h_i, shortest correct length in the batch). The defaults train the
+built-in tiny model on the toy task on a CPU in a few minutes; the README gives the paper's real-run command.
+
+    python hapo.py                                 # tiny model, toy task, CPU
+    python hapo.py --help                          # every hyperparameter, with the paper's value
+
+Differs from grpo.py in: the reward (correctness + history-relative length reward, `length_reward`,
+`history_length_rewards`), the history state (kept per training problem, saved in checkpoints and restored on
+resume), `--train-problems` (train on the first N problems, so that problems are revisited and have a history),
+and the length metrics it logs (mean and p90 of all and of correct responses, history coverage and mean h_i).
+Choices, all flags: `--history-mode mean` (h_i = running mean of correct lengths), `--length-reward linear`
+(piecewise linear with a 10% tolerance, from the paper's code), `--length-weight` w in [0, 1]. Lengths for the
+reward and h_i count response tokens without the stop token, as the paper does; a truncated response counts as
+wrong, and its length (the whole budget) is scored as a wrong response's.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import inspect
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import eval as evaluation
+import verify
+
+
+@dataclass
+class Args:
+    # experiment
+    seed: int = 1  # seeds python, numpy, torch and the rollout sampler
+    output_dir: str = ""  # default runs/hapo-<time>
+    total_steps: int = 100  # rollout batches (paper: 5 epochs over its 2,000 problems)
+    eval_every: int = 25  # evaluate every this many steps (and at the end); 0: only at the end
+    save_every: int = 0  # checkpoint every this many steps (and at the end); 0: only at the end
+    resume: str = ""  # a checkpoint folder to continue from (the history comes back with it)
+    track: str = ""  # also log to "tensorboard" or "wandb" when installed
+    # model & data
+    model: str = "tiny"  # hub id or folder (paper: deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B and two more)
+    train_data: str = "toy"  # jsonl/json/parquet with problem and answer columns (paper: 2,000 DeepScaleR); "toy"
+    train_problems: int = 320  # train on the first this many problems, so each is revisited; 0: all (paper: all)
+    problem_key: str = "problem"  # column holding the problem text
+    answer_key: str = "answer"  # column holding the gold answer
+    eval_data: str = "auto"  # toy (held-out split), a benchmark (math500, ...) or a file; auto: toy or math500
+    eval_max_problems: int = 0  # evaluate on the first this many problems; 0: all
+    template: str = "qwen-math-train"  # prompt template: qwen-math-train, qwen25-math-cot, chat (paper), plain
+    max_prompt_tokens: int = 1024  # longer prompts are dropped, with a count printed
+    # rollout
+    rollout: str = "auto"  # "vllm", "hf" (transformers generate) or "auto" (vllm when installed)
+    prompts_per_step: int = 16  # prompts per rollout batch
+    samples_per_prompt: int = 8  # group size n (paper: 2)
+    temperature: float = 1.0  # sampling temperature, also divides the trainer's logits (paper: 0.7)
+    top_p: float = 1.0  # nucleus sampling
+    max_new_tokens: int = 40  # response budget; a truncated response counts as wrong (paper: 32768)
+    gpu_memory_utilization: float = 0.35  # vLLM's share of the GPU; the trainer uses the rest
+    vllm_sleep: bool = True  # free vLLM's GPU memory while training (GPU only)
+    # algorithm: HAPO's reward
+    length_weight: float = 1.0  # w of the length reward; in [0, 1], so any right answer beats any wrong (paper: 1.0)
+    length_reward: str = "cosine"  # "cosine" (paper) or "linear" (piecewise, tolerance 0.1 h_i; the paper's code)
+    history_mode: str = "min"  # h_i: "min" = shortest correct length so far (paper), "mean" = mean correct length
+    # algorithm: GRPO underneath
+    answer_mode: str = "boxed"  # verify.py mode for the reward: "boxed" or "flex"
+    std_normalize: bool = True  # advantage (r - mean) / (std + eps) (paper); --no-std-normalize: r - mean
+    mask_truncated: bool = False  # drop truncated responses from the loss
+    clip_low: float = 0.2  # PPO ratio clip below 1 (paper: 0.2)
+    clip_high: float = 0.2  # PPO ratio clip above 1 (paper: 0.2)
+    kl_coef: float = 0.0  # low-variance (k3) KL to the reference in the loss; 0 loads no reference (paper: 0.04)
+    entropy_coef: float = 0.0  # entropy bonus: loss -= coef * entropy
+    loss_agg: str = "token-mean"  # token-mean, seq-mean-token-mean (paper), seq-mean-token-sum-norm (Dr. GRPO)
+    num_updates: int = 1  # passes over each rollout batch
+    mini_batch: int = 128  # responses per optimizer step
+    micro_batch: int = 32  # responses per forward/backward; gradients accumulate over a mini-batch
+    # optimisation
+    lr: float = 2e-4  # AdamW learning rate (paper: 1e-6; the tiny model needs far more)
+    weight_decay: float = 0.01  # AdamW weight decay
+    lr_schedule: str = "constant"  # "constant" or "cosine" (after warmup)
+    warmup_steps: int = 0  # linear warmup, in optimizer steps
+    max_grad_norm: float = 1.0  # global gradient-norm clip
+    gradient_checkpointing: bool = False  # recompute activations in backward (real runs: on)
+    logprob_chunk: int = 1024  # tokens per chunk in the fused log-prob
+    max_bad_steps: int = 3  # stop after this many updates in a row with a non-finite loss or gradient
+
+
+# ---- log-probs: the memory-critical piece --------------------------------------------------------------------
+class ChunkedLogprobEntropy(torch.autograd.Function):
+    """log p(target) and entropy of softmax(hidden @ weight.T * inv_temperature), chunk by chunk over tokens.
+
+    Forward keeps only per-token statistics (log-sum-exp, entropy); backward recomputes each chunk's logits. With
+    z the scaled logits, p = softmax(z) and H = lse - sum p z:
+      d logp / dz = onehot(target) - p          d H / dz = -p * (log p + H)
+    so no [tokens x vocab] tensor outlives a chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, inv_temperature: float, chunk_size: int):
+        ctx.set_materialize_grads(False)
+        w = weight.to(hidden.dtype)
+        n = hidden.shape[0]
+        stats_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 for bf16/fp32; fp64 stays fp64
+        logp = torch.empty(n, dtype=stats_dtype, device=hidden.device)
+        entropy = torch.empty_like(logp)
+        lse = torch.empty_like(logp)
+        for s in range(0, n, chunk_size):
+            z = (hidden[s:s + chunk_size] @ w.T).to(stats_dtype).mul_(inv_temperature)
+            lse_c = torch.logsumexp(z, dim=-1)
+            logp[s:s + chunk_size] = z.gather(1, targets[s:s + chunk_size, None]).squeeze(1) - lse_c
+            p = torch.softmax(z, dim=-1)
+            entropy[s:s + chunk_size] = lse_c - (p * z).sum(-1)
+            lse[s:s + chunk_size] = lse_c
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.inv_temperature, ctx.chunk_size = inv_temperature, chunk_size
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None
+        w = weight.to(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        stats_dtype = lse.dtype
+        grad_weight = torch.zeros(weight.shape, dtype=stats_dtype, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for s in range(0, hidden.shape[0], ctx.chunk_size):
+            h = hidden[s:s + ctx.chunk_size]
+            z = (h @ w.T).to(stats_dtype).mul_(ctx.inv_temperature)
+            log_p = z.sub_(lse[s:s + ctx.chunk_size, None])  # z is not needed again: reuse its memory
+            p = log_p.exp()
+            grad_z = torch.zeros_like(p)
+            if grad_entropy is not None:  # skipped entirely when the entropy is only logged
+                g = grad_entropy[s:s + ctx.chunk_size, None]
+                grad_z -= g * p * (log_p + entropy[s:s + ctx.chunk_size, None])
+            if grad_logp is not None:
+                g = grad_logp[s:s + ctx.chunk_size, None]
+                grad_z -= g * p
+                grad_z.scatter_add_(1, targets[s:s + ctx.chunk_size, None], g)
+            grad_z = grad_z.mul_(ctx.inv_temperature)
+            if grad_hidden is not None:
+                grad_hidden[s:s + ctx.chunk_size] = grad_z.to(hidden.dtype) @ w
+            if grad_weight is not None:  # accumulate in place: no temporary of the weight's size per chunk
+                grad_weight.addmm_(grad_z.T, h.to(stats_dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def logprobs_and_entropy(hidden, weight, targets, temperature: float = 1.0, chunk_size: int = 1024):
+    """Per-token log-prob of `targets` and entropy under softmax(hidden @ weight.T / temperature): float32 for
+    bf16/fp32 inputs (float64 for float64 ones, which the tests use as the exact reference)."""
+    return ChunkedLogprobEntropy.apply(hidden, weight, targets, 1.0 / temperature, chunk_size)
+
+
+def response_logprobs(model, batch: dict, temperature: float, chunk_size: int):
+    """Log-probs and entropies of the response tokens of a collated batch, flattened in row order.
+
+    Only the hidden states that predict response tokens reach the LM head: the prompt's never do."""
+    decoder = getattr(model, model.base_model_prefix)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    predicts_response = batch["response_mask"][:, 1:]
+    hidden = hidden[:, :-1][predicts_response]
+    targets = batch["input_ids"][:, 1:][predicts_response]
+    return logprobs_and_entropy(hidden, model.get_output_embeddings().weight, targets, temperature, chunk_size)
+
+
+def collate(rollouts: list[dict], pad_id: int, device) -> dict:
+    """Right-padded prompt+response rows; response_mask marks the response tokens (stop token included)."""
+    width = max(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rollouts)
+    input_ids = torch.full((len(rollouts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rollouts), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rollouts), width), dtype=torch.bool)
+    for i, r in enumerate(rollouts):
+        p, n = len(r["prompt_ids"]), len(r["response_ids"])
+        input_ids[i, :p + n] = torch.tensor(r["prompt_ids"] + r["response_ids"])
+        attention_mask[i, :p + n] = 1
+        response_mask[i, p:p + n] = True
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            "response_mask": response_mask.to(device)}
+
+
+# ---- rollouts --------------------------------------------------------------------------------------------------
+def make_rollout_engine(args, model_path: str, model, device):
+    """An in-process vLLM engine on the trainer's device, or None for HF `generate` on the policy itself."""
+    vllm_installed = importlib.util.find_spec("vllm") is not None
+    if args.rollout == "hf" or (args.rollout == "auto" and not vllm_installed):
+        return None
+    if args.rollout not in ("vllm", "auto"):
+        raise SystemExit(f"--rollout must be vllm, hf or auto, not {args.rollout!r}")
+    if not vllm_installed:
+        raise SystemExit("--rollout vllm: vLLM is not installed (pip install vllm), or use --rollout hf")
+    # In-process engine: its model is reachable for weight pushes. On CPU the KV cache needs an explicit size.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+    on_gpu = device.type == "cuda"
+    return LLM(model=model_path, dtype="bfloat16" if on_gpu else "float32", seed=args.seed,
+               gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=on_gpu and args.vllm_sleep,
+               max_model_len=min(args.max_prompt_tokens + args.max_new_tokens, model.config.max_position_embeddings),
+               enable_prefix_caching=True,
+               logprobs_mode="processed_logprobs")  # log-probs after temperature: comparable to the trainer's
+
+
+def generate(engine, model, tokenizer, prompt_ids: list[list[int]], args, step: int, stops: list[int]):
+    """n sampled responses per prompt: [{prompt_ids, response_ids, truncated, engine_logprobs}], grouped by prompt."""
+    if engine is not None:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        params = SamplingParams(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
+                                max_tokens=args.max_new_tokens, stop_token_ids=stops, logprobs=0,
+                                # per-request seeds fail in the CPU build ("CPU Generator does not use offset")
+                                seed=args.seed * 100_003 + step if torch.cuda.is_available() else None)
+        outputs = engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+        return [{"prompt_ids": ids, "response_ids": list(c.token_ids), "truncated": c.finish_reason == "length",
+                 "engine_logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]}
+                for ids, o in zip(prompt_ids, outputs) for c in o.outputs]
+    return generate_hf(model, tokenizer, prompt_ids, args, stops)
+
+
+@torch.no_grad()
+def generate_hf(model, tokenizer, prompt_ids, args, stops):
+    """The fallback: transformers `generate` on the policy itself, left-padded, sampling from the torch RNG."""
+    model.eval()
+    model.config.use_cache = True
+    rows = [ids for ids in prompt_ids for _ in range(args.samples_per_prompt)]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0) \
+        if args.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
+                         eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, output_scores=True,
+                         return_dict_in_generate=True, **sampling)
+    generated = out.sequences[:, width:]
+    scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # processed: after temperature and top-p
+    token_logprobs = scores.gather(-1, generated[..., None]).squeeze(-1)
+    rollouts = []
+    for prompt, ids, lps in zip(rows, generated.tolist(), token_logprobs.tolist()):
+        response = evaluation.completion_record(tokenizer, ids, stops, args.max_new_tokens)  # cut after a stop
+        n = len(response["token_ids"])
+        rollouts.append({"prompt_ids": prompt, "response_ids": response["token_ids"],
+                         "truncated": response["truncated"], "engine_logprobs": lps[:n]})
+    model.train()
+    model.config.use_cache = not args.gradient_checkpointing
+    return rollouts
+
+
+def push_weights(engine, model) -> None:
+    """Load the policy's weights into the vLLM engine in place, then forget cached prefixes of the old weights.
+
+    state_dict() carries lm_head.weight even when it is tied to the embeddings; without it vLLM silently generates
+    from neither the old nor the new weights."""
+    if engine is None:
+        return
+    state = model.state_dict()
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = model.get_output_embeddings().weight
+    engine.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
+    engine.reset_prefix_cache()
+
+
+def sleep_engine(engine, args) -> None:
+    """Free vLLM's GPU memory (weights and KV cache) for the training step; the push refills the weights."""
+    if engine is not None and args.vllm_sleep and torch.cuda.is_available():
+        engine.sleep(level=2)
+
+
+def wake_engine(engine, model, args) -> None:
+    if engine is not None and args.vllm_sleep and torch.cuda.is_available():
+        engine.wake_up(tags=["weights"])
+        push_weights(engine, model)
+        engine.wake_up(tags=["kv_cache"])
+    else:
+        push_weights(engine, model)
+
+
+# ---- the algorithm ---------------------------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, group_size: int, std_normalize: bool = True, eps: float = 1e-6):
+    """GRPO's advantage: each reward minus its group's mean, divided by the group's std unless Dr. GRPO."""
+    groups = rewards.view(-1, group_size)
+    centered = groups - groups.mean(dim=1, keepdim=True)
+    if std_normalize:
+        centered = centered / (groups.std(dim=1, keepdim=True) + eps)
+    return centered.view(-1)
+
+
+def token_weights(lengths: list[int], mode: str, minibatch_tokens: int, minibatch_seqs: int, max_len: int):
+    """Per-token weights w such that the mini-batch loss is sum(w * per-token loss).
+
+    The normalisers are those of the whole mini-batch, so micro-batches accumulate to exactly its gradient."""
+    if mode == "token-mean":
+        per_seq = [1.0 / minibatch_tokens] * len(lengths)
+    elif mode == "seq-mean-token-mean":
+        per_seq = [1.0 / (n * minibatch_seqs) for n in lengths]
+    elif mode == "seq-mean-token-sum-norm":
+        per_seq = [1.0 / (max_len * minibatch_seqs)] * len(lengths)
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}")
+    return torch.cat([torch.full((n,), w) for n, w in zip(lengths, per_seq)])
+
+
+def policy_loss(logp, old_logp, advantages, weights, args, ref_logp=None, entropy=None):
+    """PPO clipped surrogate + k3 KL to the reference + entropy bonus, per token, aggregated with `weights`."""
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1 - args.clip_low, 1 + args.clip_high)
+    per_token = -torch.minimum(ratio * advantages, clipped * advantages)
+    stats = {"clip_frac": ((ratio * advantages) > (clipped * advantages)).float().mean().item()}
+    if ref_logp is not None:
+        kl = low_var_kl(logp, ref_logp)
+        per_token = per_token + args.kl_coef * kl
+        stats["kl"] = kl.mean().item()
+    if entropy is not None:
+        per_token = per_token - args.entropy_coef * entropy
+    return (per_token * weights).sum(), stats
+
+
+def low_var_kl(logp, ref_logp):
+    """k3 estimator of KL(policy || reference): exp(r) - r - 1 with r = ref - logp; unbiased, always >= 0."""
+    r = ref_logp - logp
+    return torch.clamp(torch.exp(r) - r - 1, min=-10, max=10)
+
+
+# ---- HAPO: the history-aware length reward ---------------------------------------------------------------------
+def length_reward(length: int, history_len: float | None, correct: bool, shape: str = "cosine",
+                  weight: float = 1.0) -> float:
+    """The length reward of one response against its problem's history h_i, with x = length / h_i.
+
+    cosine (the paper): c(x) = cos(x pi/2) for x < 2, else -1. A correct response earns max(-0.7, c): more the
+    shorter it is than the best so far, less when longer, but never below -0.7, so that with w <= 1 every correct
+    response (total >= 0.3) beats every wrong one (total <= 0). A wrong response earns min(0, c): a long one is
+    penalised, a short one is not rewarded (that would teach answering fast and wrong) and not penalised either,
+    so exploring shorter solutions stays free. linear (the paper's code): 1 - x below h_i, 0 up to 10% above it,
+    -(x - 1.1) beyond, floored at -0.7 (correct) or -1 (wrong). No history yet: 0."""
+    if history_len is None:
+        return 0.0
+    x = length / history_len
+    if shape == "cosine":
+        c = math.cos(x * math.pi / 2) if x < 2 else -1.0
+        r = max(-0.7, c) if correct else min(0.0, c)
+    elif shape == "linear":
+        tolerance = 0.1
+        if correct and x < 1:
+            r = 1.0 - x
+        elif x < 1 + tolerance:
+            r = 0.0
+        else:
+            r = max(-0.7 if correct else -1.0, -(x - 1 - tolerance))
+    else:
+        raise ValueError(f"unknown length reward {shape!r}")
+    return weight * r
+
+
+def history_length_rewards(history: dict, problem_ids: list[int], lengths: list[int], correct: list[bool],
+                           args) -> list[float]:
+    """Length rewards of a batch, then the history update: HAPO's step between generating and the advantages.
+
+    `history` maps a training problem's index to (h_i, correct responses seen). Every response is scored against
+    the history from before the batch, so responses of one batch never see each other; only then does each problem
+    take in its correct lengths of this batch: h_i = min(h_i, shortest) (min, the paper) or the running mean of all
+    correct lengths (mean)."""
+    rewards = [length_reward(n, history[i][0] if i in history else None, c, args.length_reward, args.length_weight)
+               for i, n, c in zip(problem_ids, lengths, correct)]
+    for i in sorted(set(problem_ids)):
+        new = [n for j, n, c in zip(problem_ids, lengths, correct) if j == i and c]
+        if not new:
+            continue
+        h, seen = history.get(i, (None, 0))
+        if args.history_mode == "min":
+            h = min(new) if h is None else min(h, min(new))
+        else:
+            h = ((h or 0) * seen + sum(new)) / (seen + len(new))
+        history[i] = (h, seen + len(new))
+    return rewards
+
+
+def response_length(response_ids: list[int], stops: list[int]) -> int:
+    """The length HAPO counts: response tokens without the stop token that ended it (a truncated one has none)."""
+    return len(response_ids) - int(bool(response_ids) and response_ids[-1] in stops)
+
+
+def check_hapo_args(args) -> None:
+    """Fail before any model loads: a weight outside [0, 1] would let a wrong answer outscore a right one."""
+    if not 0.0 <= args.length_weight <= 1.0:
+        raise SystemExit(f"--length-weight must be in [0, 1] (a larger weight lets a short wrong answer beat a long "
+                         f"right one), got {args.length_weight}")
+    if args.length_reward not in ("cosine", "linear"):
+        raise SystemExit(f"--length-reward must be cosine or linear, not {args.length_reward!r}")
+    if args.history_mode not in ("min", "mean"):
+        raise SystemExit(f"--history-mode must be min or mean, not {args.history_mode!r}")
+    if args.train_problems < 0:
+        raise SystemExit(f"--train-problems must be >= 0 (0: all), got {args.train_problems}")
+
+
+# ---- plumbing: arguments, data, checkpoints, logging -----------------------------------------------------------
+def parse_args(argv=None, args_class=Args) -> Args:
+    """--flag-name for every Args field; booleans also take --no-flag-name. Help is the field's comment."""
+    source = inspect.getsource(args_class)
+    helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", source, re.M))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(args_class):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=helps.get(f.name))
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(flag, type=kind, default=f.default, help=helps.get(f.name))
+    return args_class(**vars(parser.parse_args(argv)))
+
+
+def load_prompts(args, tokenizer) -> list[dict]:
+    """Training problems with their tokenized prompts; prompts over the length limit are dropped and counted."""
+    try:
+        problems = evaluation.load_problems(args.train_data, args.problem_key, args.answer_key)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--train-data: {e}") from None
+    kept = []
+    for p in problems:
+        ids = tokenizer.encode(evaluation.build_prompt(p["problem"], tokenizer, args.template))
+        if len(ids) <= args.max_prompt_tokens:
+            kept.append({**p, "prompt_ids": ids})
+    if len(kept) < len(problems):
+        print(f"dropped {len(problems) - len(kept)} of {len(problems)} prompts longer than {args.max_prompt_tokens} "
+              "tokens")
+    if not kept:
+        raise SystemExit(f"no training prompt fits in --max-prompt-tokens {args.max_prompt_tokens}")
+    return kept
+
+
+def load_eval_problems(args) -> list[dict]:
+    if args.eval_data == "auto":
+        args.eval_data = "toy" if args.model == evaluation.TINY_NAME else "math500"
+    try:
+        if args.eval_data == "toy":
+            problems = evaluation.toy_splits()[1]
+        elif Path(args.eval_data).suffix in (".jsonl", ".json", ".parquet"):
+            problems = evaluation.load_problems(args.eval_data, args.problem_key, args.answer_key)
+        else:
+            problems = evaluation.load_benchmark(args.eval_data)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--eval-data: {e}") from None
+    return problems[:args.eval_max_problems] if args.eval_max_problems else problems
+
+
+def batch_indices(step: int, n_problems: int, batch: int, seed: int) -> list[int]:
+    """The problems of rollout batch `step`: epochs of seeded shuffles, so the data order is a function of the
+    step alone and a resumed run sees exactly the batches an uninterrupted one would."""
+    out = []
+    for position in range(step * batch, (step + 1) * batch):
+        epoch, i = divmod(position, n_problems)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n_problems)[i]))
+    return out
+
+
+def make_optimizer(model, args, total_updates: int):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+    def lr_factor(update: int) -> float:
+        if update < args.warmup_steps:
+            return (update + 1) / args.warmup_steps
+        if args.lr_schedule == "cosine":
+            progress = (update - args.warmup_steps) / max(1, total_updates - args.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict | None = None):
+    """An HF folder (loadable by transformers, vLLM and eval.py) plus what resuming needs: optimizer, RNG, step."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                **(extra or {})}, folder / "trainer_state.pt")
+
+
+def load_trainer_state(folder: Path, optimizer, scheduler) -> dict:
+    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
+
+
+class Logger:
+    """One line per step to stdout, the same as JSON lines in metrics.jsonl, and optionally TensorBoard/wandb."""
+
+    def __init__(self, output_dir: Path, args):
+        self.file = open(output_dir / "metrics.jsonl", "a")
+        self.tracker = None
+        if args.track == "tensorboard" and importlib.util.find_spec("tensorboard"):
+            from torch.utils.tensorboard import SummaryWriter
+            self.tracker = SummaryWriter(str(output_dir))
+        elif args.track == "wandb" and importlib.util.find_spec("wandb"):
+            import wandb
+            self.tracker = wandb.init(config=dataclasses.asdict(args), dir=str(output_dir))
+        elif args.track:
+            print(f"--track {args.track}: not installed, logging to metrics.jsonl only")
+
+    def log(self, metrics: dict, line_keys=("reward_mean", "accuracy", "response_len_mean", "entropy", "kl",
+                                              "clip_frac", "grad_norm", "time_generate", "time_score",
+                                              "time_train", "tokens_per_s", "logprob_gap")):
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        shown = [f"{k.replace('eval/', 'eval_')} {v:.4g}" for k, v in metrics.items()
+                 if (k in line_keys or k.startswith("eval/")) and isinstance(v, (int, float))]
+        print(f"step {metrics['step']:>5} | " + " | ".join(shown), flush=True)
+        if self.tracker is not None and hasattr(self.tracker, "add_scalar"):
+            for k, v in metrics.items():
+                self.tracker.add_scalar(k, v, metrics["step"])
+        elif self.tracker is not None:
+            self.tracker.log(metrics, step=metrics["step"])
+
+
+# ---- main loop -------------------------------------------------------------------------------------------------
+def main(args: Args):
+    # setup: seed, model, reference, optimizer, data, history, engine, output dir, resume
+    check_hapo_args(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model_path = args.resume or evaluation.resolve_model_path(args.model)
+    model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
+    model.to(device).train()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    reference = None
+    if args.kl_coef > 0:  # with no KL term there is nothing to compare against: no reference is loaded
+        reference = evaluation.load_model(evaluation.resolve_model_path(args.model))[0].to(device).eval()
+        reference.requires_grad_(False)
+    problems = load_prompts(args, tokenizer)[:args.train_problems or None]
+    history: dict[int, tuple[float, int]] = {}  # problem index -> (h_i, correct responses seen); HAPO's state
+    eval_problems = load_eval_problems(args)
+    batch_size = args.prompts_per_step * args.samples_per_prompt
+    if batch_size % args.mini_batch or args.mini_batch % args.micro_batch:
+        raise SystemExit(f"need mini_batch | prompts_per_step*samples_per_prompt ({batch_size}) and "
+                         f"micro_batch | mini_batch; got mini_batch={args.mini_batch}, micro_batch={args.micro_batch}")
+    updates_per_step = args.num_updates * batch_size // args.mini_batch
+    optimizer, scheduler = make_optimizer(model, args, args.total_steps * updates_per_step)
+    output_dir = Path(args.output_dir or f"runs/{Path(__file__).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    start_step = 0
+    if args.resume:
+        state = load_trainer_state(Path(args.resume), optimizer, scheduler)
+        start_step, history = state["step"], state.get("history", {})
+        if "history" not in state:
+            print(f"{args.resume} holds no HAPO history (not a hapo.py checkpoint): starting with none")
+        if history and max(history) >= len(problems):
+            raise SystemExit(f"the checkpoint's history covers problem {max(history)}, but there are {len(problems)} "
+                             "training problems: resume with the same --train-data and --train-problems")
+        print(f"resumed from {args.resume} at step {start_step}, history of {len(history)} problems")
+    engine = make_rollout_engine(args, model_path, model, device)
+    push_weights(engine, model)  # the engine loaded fp32 files from disk; from here on it tracks the policy
+    stops = evaluation.stop_token_ids(tokenizer, model)
+    logger = Logger(output_dir, args)
+    bad_steps = 0
+
+    for step in range(start_step, args.total_steps):
+        metrics = {"step": step + 1}
+        # 1. sample prompts
+        batch_ids = batch_indices(step, len(problems), args.prompts_per_step, args.seed)
+        batch = [problems[i] for i in batch_ids]
+        # 2. generate
+        t0 = time.time()
+        rollouts = generate(engine, model, tokenizer, [p["prompt_ids"] for p in batch], args, step, stops)
+        t1 = time.time()
+        # 3. score: correctness by verify.py (a truncated response counts as wrong) + HAPO's length reward against
+        #    the history from before this batch; then the history takes in this batch's correct lengths
+        texts = tokenizer.batch_decode([r["response_ids"] for r in rollouts], skip_special_tokens=True)
+        golds = [p["answer"] for p in batch for _ in range(args.samples_per_prompt)]
+        correct = verify.score_batch(texts, golds, mode=args.answer_mode)
+        right = [bool(c) and not r["truncated"] for r, c in zip(rollouts, correct)]
+        problem_ids = [i for i in batch_ids for _ in range(args.samples_per_prompt)]
+        with_history = sum(i in history for i in problem_ids) / len(problem_ids)
+        length_rewards = history_length_rewards(history, problem_ids,
+                                                [response_length(r["response_ids"], stops) for r in rollouts],
+                                                right, args)
+        rewards = torch.tensor([float(c) + b for c, b in zip(right, length_rewards)])
+        t2 = time.time()
+        # 4. advantages
+        advantages = group_advantages(rewards, args.samples_per_prompt, args.std_normalize)
+        if args.mask_truncated:
+            rollouts = [dict(r, masked=r["truncated"]) for r in rollouts]
+        # 5. update: num_updates passes, each over mini-batches with micro-batch gradient accumulation
+        sleep_engine(engine, args)
+        train_stats = update_policy(model, reference, rollouts, advantages, optimizer, scheduler, args, autocast,
+                                    tokenizer.pad_token_id, device)
+        # 6. push weights into the rollout engine
+        wake_engine(engine, model, args)
+        t3 = time.time()
+        bad_steps = bad_steps + 1 if train_stats.pop("skipped") else 0
+        if bad_steps >= args.max_bad_steps:
+            raise SystemExit(f"stopping: {bad_steps} updates in a row had a non-finite loss or gradient "
+                             "(lower --lr, check the data, or use fp32)")
+        # 7. log / evaluate / checkpoint
+        lengths = [len(r["response_ids"]) for r in rollouts]
+        metrics.update(reward_mean=rewards.mean().item(), accuracy=sum(correct) / len(correct),
+                       response_len_mean=sum(lengths) / len(lengths),
+                       **length_metrics(lengths, correct), length_reward_mean=sum(length_rewards) / len(rollouts),
+                       scored_with_history=with_history, history_share=len(history) / len(problems),
+                       history_len_mean=sum(h for h, _ in history.values()) / max(1, len(history)),
+                       truncated_share=sum(r["truncated"] for r in rollouts) / len(rollouts),
+                       time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
+                       tokens_per_s=sum(lengths) / max(t1 - t0, 1e-9), lr=scheduler.get_last_lr()[0], **train_stats)
+        last = step + 1 == args.total_steps
+        if last or (args.eval_every and (step + 1) % args.eval_every == 0):
+            metrics.update(run_evaluation(engine or model, tokenizer, eval_problems, args))
+        if last or (args.save_every and (step + 1) % args.save_every == 0):
+            save_checkpoint(output_dir / f"checkpoint-{step + 1}", step + 1, model, tokenizer, optimizer, scheduler,
+                            extra={"history": history})
+        logger.log(metrics, line_keys=("reward_mean", "accuracy", "response_len_mean", "correct_len_mean",
+                                       "length_reward_mean", "history_share", "history_len_mean", "kl", "grad_norm",
+                                       "time_generate", "time_train"))
+    return output_dir
+
+
+def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, args, autocast, pad_id, device):
+    """num_updates passes over the batch in shuffled mini-batches; one optimizer step per mini-batch."""
+    with torch.no_grad(), autocast:  # old and reference log-probs: fixed for all passes over this batch
+        old_logp = token_logprobs(model, rollouts, args, pad_id, device)
+        ref_logp = token_logprobs(reference, rollouts, args, pad_id, device) if reference is not None else None
+    stats = {"loss": [], "clip_frac": [], "kl": [], "entropy": [], "grad_norm": [], "logprob_gap": []}
+    skipped = False
+    for update in range(args.num_updates):
+        order = torch.randperm(len(rollouts)).tolist()
+        for m in range(0, len(rollouts), args.mini_batch):
+            mini = [i for i in order[m:m + args.mini_batch] if not rollouts[i].get("masked")]
+            if not mini:
+                continue
+            mini_tokens = sum(len(rollouts[i]["response_ids"]) for i in mini)
+            for u in range(0, len(mini), args.micro_batch):
+                micro = mini[u:u + args.micro_batch]
+                rows = [rollouts[i] for i in micro]
+                lengths = [len(r["response_ids"]) for r in rows]
+                with autocast:
+                    logp, entropy = response_logprobs(model, collate(rows, pad_id, device), args.temperature,
+                                                      args.logprob_chunk)
+                per_token = lambda values: torch.cat([values[i] for i in micro]).to(device)
+                adv = torch.cat([advantages[i].expand(n) for i, n in zip(micro, lengths)]).to(device)
+                weights = token_weights(lengths, args.loss_agg, mini_tokens, len(mini), args.max_new_tokens)
+                loss, s = policy_loss(logp, per_token(old_logp), adv, weights.to(device), args,
+                                      per_token(ref_logp) if ref_logp is not None else None,
+                                      entropy if args.entropy_coef else None)
+                loss.backward()
+                if update == 0:  # the sampling policy is the current one only before the first optimizer step
+                    engine_lp = torch.tensor([lp for r in rows for lp in r["engine_logprobs"]], device=device)
+                    stats["logprob_gap"].append((engine_lp - logp.detach()).abs().mean().item())
+                stats["loss"].append(loss.item())
+                stats["clip_frac"].append(s["clip_frac"])
+                stats["kl"].append(s.get("kl", 0.0))
+                stats["entropy"].append(entropy.detach().mean().item())
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                skipped = True
+                print(f"non-finite gradient norm ({grad_norm.item()}): update skipped")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            stats["grad_norm"].append(grad_norm.item())
+    out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+    out["skipped"] = skipped
+    return out
+
+
+def token_logprobs(model, rollouts, args, pad_id, device) -> list[torch.Tensor]:
+    """Per-rollout 1-D tensors of the response tokens' log-probs under `model` (no gradient)."""
+    out = []
+    for u in range(0, len(rollouts), args.micro_batch):
+        rows = rollouts[u:u + args.micro_batch]
+        logp, _ = response_logprobs(model, collate(rows, pad_id, device), args.temperature, args.logprob_chunk)
+        out += list(logp.split([len(r["response_ids"]) for r in rows]))
+    return out
+
+
+def run_evaluation(engine, tokenizer, problems, args) -> dict:
+    """Greedy accuracy and response lengths (all, and correct only) on the held-out problems, through eval.py."""
+    with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's random stream
+        metrics, samples = evaluation.evaluate(engine, tokenizer, problems, template=args.template,
+                                               max_tokens=args.max_new_tokens, seed=args.seed, mode=args.answer_mode)
+    metrics.update(length_metrics([s["length"] for s in samples], [s["correct"] for s in samples]))
+    return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+def length_metrics(lengths: list[int], correct: list[float]) -> dict:
+    """What HAPO moves: p90 of all response lengths, and mean and p90 of the correct ones (tokens as generated,
+    stop token included, like response_len_mean here, in grpo.py and in eval.py)."""
+    right = [n for n, c in zip(lengths, correct) if c]
+    out = {"response_len_p90": evaluation.percentile(lengths, 0.9)}
+    if right:
+        out.update(correct_len_mean=sum(right) / len(right), correct_len_p90=evaluation.percentile(right, 0.9))
+    return out
+
+
+if __name__ == "__main__":
+    main(parse_args())

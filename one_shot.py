@@ -1,0 +1,818 @@
+"""1-shot RLVR for LLM math reasoning in one file: GRPO on copies of a single training example.
+
+Wang et al., 2025, "Reinforcement Learning for Reasoning in Large Language Models with One Training Example": one
+math problem, replicated to fill the batch, lifts Qwen2.5-Math-1.5B on MATH500 from 36.0% to 72.8% (pi_1). The
+example is picked by its *historical variance*: train GRPO on a pool (DSR-sub, 1209 problems), record each example's
+training accuracy every time it is sampled, rank the examples by the standard deviation of that record (largest
+first); pi_1 is the top one. Held-out accuracy keeps rising after the training accuracy on the example saturates
+("post-saturation generalization"), so the held-out sets are evaluated all along and the best evaluation is kept.
+The defaults run the whole pipeline on the built-in tiny model and the toy task on a CPU in a few minutes (2 cores):
+a short pool run records the history, pi_1 is chosen by the same rule, and training restarts from the base model on
+copies of it. Training accuracy on it saturates; held-out toy accuracy falls (the tiny model learns to give pi_1's
+answer to every question: see the README, which also gives the paper's commands).
+
+    python one_shot.py                             # toy pool run -> pi_1 -> 1-shot RLVR from the base model, CPU
+    python one_shot.py --history acc_step_500.json --rank 1 --train-data dsr_sub.jsonl ...   # the paper's pi_1
+    python one_shot.py --help                      # every hyperparameter, with the paper's value
+
+Differs from grpo.py in: the choice of the example(s) (a pool run that writes accuracy_history.json, a history file
+ranked by std, or indices given); the batch (every step: equal shares of copies of the example(s), each copy its
+own group); per-example training accuracy; several evaluation sets, evaluated also before the first step, with the
+best average kept (best.json); the paper's ablations (entropy only: no outcome reward; a replaced label); flags
+that take several values (--rank 1 13); training rows keep their ids, and a row without an answer is dropped.
+The algorithm is grpo.py's (clipped surrogate, k3 KL, entropy bonus, token-mean) with the paper's KL and entropy
+coefficients on by default; the paper's settings are in the Args comments.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import inspect
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import eval as evaluation
+import verify
+
+
+@dataclass
+class Args:
+    # experiment
+    seed: int = 1  # seeds python, numpy, torch and the rollout sampler
+    output_dir: str = ""  # default runs/one_shot-<time>
+    total_steps: int = 30  # 1-shot RLVR steps; 0: only the pool run (paper: 2000; it reports the best checkpoint)
+    eval_every: int = 5  # evaluate every this many steps, before the first and at the end; 0: at the end (paper: 20)
+    save_every: int = 0  # checkpoint every this many steps (and at the end); 0: only at the end (paper: 20)
+    resume: str = ""  # a checkpoint folder to continue from (of the pool run or of 1-shot training)
+    track: str = ""  # also log to "tensorboard" or "wandb" when installed
+    # the example(s): given, ranked from a history file, or ranked from a pool run of our own
+    example_index: tuple[str, ...] = ()  # train on these: values of the data's `index` column, else row numbers
+    history: str = ""  # {"index": [accuracy, ...]} to rank by historical variance (paper: acc_step_500.json)
+    rank: tuple[int, ...] = (1,)  # train on pi_i for each i: the i-th largest std of accuracy history (paper: 1; 1 13)
+    pool_steps: int = 20  # steps of the pool run that records the history, when none is given (paper: 500)
+    pool_size: int = -1  # the pool: the first this many training problems; 0: all (paper: 1209); -1: 32 on toy, else 0
+    label: tuple[str, ...] = ()  # ablation (label noise): reward against these answers, one per example
+    entropy_only: bool = False  # ablation: no outcome reward, the loss is -entropy_coef * entropy (+ the KL term)
+    # model & data
+    model: str = "tiny"  # hub id or folder (paper: Qwen/Qwen2.5-Math-1.5B); "tiny" builds the built-in model
+    train_data: str = "toy"  # pool and examples: jsonl/json/parquet, problem and answer columns (paper: dsr_sub.jsonl)
+    problem_key: str = "problem"  # column holding the problem text
+    answer_key: str = "answer"  # column holding the gold answer
+    eval_data: str = "auto"  # comma-separated: toy, benchmarks (math500, ...), paper (its six), files; auto: toy/paper
+    eval_max_problems: int = 0  # evaluate on the first this many problems of each set; 0: all
+    template: str = "qwen-math-train"  # prompt template: qwen-math-train (paper), qwen25-math-cot, chat, plain
+    max_prompt_tokens: int = 1024  # longer prompts are dropped, with a count printed (paper: 1024)
+    # rollout
+    rollout: str = "auto"  # "vllm", "hf" (transformers generate) or "auto" (vllm when installed)
+    prompts_per_step: int = 16  # copies of the example(s) per rollout batch, each its own group (paper: 128)
+    samples_per_prompt: int = 8  # group size n (paper: 8)
+    temperature: float = 1.0  # sampling temperature, also divides the trainer's logits (paper: 0.6; ablation 1.0)
+    top_p: float = 1.0  # nucleus sampling (paper: 1.0)
+    max_new_tokens: int = 40  # response budget; longer responses are truncated and score 0 (paper: 3072)
+    gpu_memory_utilization: float = 0.35  # vLLM's share of the GPU; the trainer uses the rest
+    vllm_sleep: bool = True  # free vLLM's GPU memory while training (GPU only)
+    # algorithm
+    answer_mode: str = "boxed"  # verify.py mode for the reward: "boxed" (paper: its own last-box grader) or "flex"
+    std_normalize: bool = True  # advantage (r - mean) / (std + eps); --no-std-normalize: Dr. GRPO's r - mean
+    mask_truncated: bool = False  # drop truncated responses from the loss
+    clip_low: float = 0.2  # PPO ratio clip below 1 (paper: 0.2)
+    clip_high: float = 0.2  # PPO ratio clip above 1; larger is DAPO's clip-higher (paper: 0.2)
+    kl_coef: float = 0.001  # low-variance (k3) KL to the reference in the loss; 0 loads no reference (paper: 0.001)
+    entropy_coef: float = 0.001  # entropy bonus: loss -= coef * entropy (paper: 0.001)
+    loss_agg: str = "token-mean"  # token-mean (paper), seq-mean-token-mean, seq-mean-token-sum-norm (Dr. GRPO)
+    num_updates: int = 1  # passes over each rollout batch (paper: 1)
+    mini_batch: int = 128  # responses per optimizer step (paper: 1024, one per batch, as its code; its text: 128)
+    micro_batch: int = 32  # responses per forward/backward; gradients accumulate over a mini-batch
+    # optimisation
+    lr: float = 2e-4  # AdamW learning rate (paper: 1e-6; the tiny model needs far more)
+    weight_decay: float = 0.01  # (paper: 0.01)
+    lr_schedule: str = "constant"  # "constant" (paper) or "cosine" (after warmup)
+    warmup_steps: int = 0  # linear warmup, in optimizer steps
+    max_grad_norm: float = 1.0  # global gradient-norm clip (paper: 1.0)
+    gradient_checkpointing: bool = False  # recompute activations in backward (real runs: on)
+    logprob_chunk: int = 1024  # tokens per chunk in the fused log-prob
+    max_bad_steps: int = 3  # stop after this many updates in a row with a non-finite loss or gradient
+
+
+# ---- log-probs: the memory-critical piece --------------------------------------------------------------------
+class ChunkedLogprobEntropy(torch.autograd.Function):
+    """log p(target) and entropy of softmax(hidden @ weight.T * inv_temperature), chunk by chunk over tokens.
+
+    Forward keeps only per-token statistics (log-sum-exp, entropy); backward recomputes each chunk's logits. With
+    z the scaled logits, p = softmax(z) and H = lse - sum p z:
+      d logp / dz = onehot(target) - p          d H / dz = -p * (log p + H)
+    so no [tokens x vocab] tensor outlives a chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, inv_temperature: float, chunk_size: int):
+        ctx.set_materialize_grads(False)
+        w = weight.to(hidden.dtype)
+        n = hidden.shape[0]
+        stats_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 for bf16/fp32; fp64 stays fp64
+        logp = torch.empty(n, dtype=stats_dtype, device=hidden.device)
+        entropy = torch.empty_like(logp)
+        lse = torch.empty_like(logp)
+        for s in range(0, n, chunk_size):
+            z = (hidden[s:s + chunk_size] @ w.T).to(stats_dtype).mul_(inv_temperature)
+            lse_c = torch.logsumexp(z, dim=-1)
+            logp[s:s + chunk_size] = z.gather(1, targets[s:s + chunk_size, None]).squeeze(1) - lse_c
+            p = torch.softmax(z, dim=-1)
+            entropy[s:s + chunk_size] = lse_c - (p * z).sum(-1)
+            lse[s:s + chunk_size] = lse_c
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.inv_temperature, ctx.chunk_size = inv_temperature, chunk_size
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None
+        w = weight.to(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        stats_dtype = lse.dtype
+        grad_weight = torch.zeros(weight.shape, dtype=stats_dtype, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for s in range(0, hidden.shape[0], ctx.chunk_size):
+            h = hidden[s:s + ctx.chunk_size]
+            z = (h @ w.T).to(stats_dtype).mul_(ctx.inv_temperature)
+            log_p = z.sub_(lse[s:s + ctx.chunk_size, None])  # z is not needed again: reuse its memory
+            p = log_p.exp()
+            grad_z = torch.zeros_like(p)
+            if grad_entropy is not None:  # skipped entirely when the entropy is only logged
+                g = grad_entropy[s:s + ctx.chunk_size, None]
+                grad_z -= g * p * (log_p + entropy[s:s + ctx.chunk_size, None])
+            if grad_logp is not None:
+                g = grad_logp[s:s + ctx.chunk_size, None]
+                grad_z -= g * p
+                grad_z.scatter_add_(1, targets[s:s + ctx.chunk_size, None], g)
+            grad_z = grad_z.mul_(ctx.inv_temperature)
+            if grad_hidden is not None:
+                grad_hidden[s:s + ctx.chunk_size] = grad_z.to(hidden.dtype) @ w
+            if grad_weight is not None:  # accumulate in place: no temporary of the weight's size per chunk
+                grad_weight.addmm_(grad_z.T, h.to(stats_dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def logprobs_and_entropy(hidden, weight, targets, temperature: float = 1.0, chunk_size: int = 1024):
+    """Per-token log-prob of `targets` and entropy under softmax(hidden @ weight.T / temperature): float32 for
+    bf16/fp32 inputs (float64 for float64 ones, which the tests use as the exact reference)."""
+    return ChunkedLogprobEntropy.apply(hidden, weight, targets, 1.0 / temperature, chunk_size)
+
+
+def response_logprobs(model, batch: dict, temperature: float, chunk_size: int):
+    """Log-probs and entropies of the response tokens of a collated batch, flattened in row order.
+
+    Only the hidden states that predict response tokens reach the LM head: the prompt's never do."""
+    decoder = getattr(model, model.base_model_prefix)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    predicts_response = batch["response_mask"][:, 1:]
+    hidden = hidden[:, :-1][predicts_response]
+    targets = batch["input_ids"][:, 1:][predicts_response]
+    return logprobs_and_entropy(hidden, model.get_output_embeddings().weight, targets, temperature, chunk_size)
+
+
+def collate(rollouts: list[dict], pad_id: int, device) -> dict:
+    """Right-padded prompt+response rows; response_mask marks the response tokens (stop token included)."""
+    width = max(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rollouts)
+    input_ids = torch.full((len(rollouts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rollouts), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rollouts), width), dtype=torch.bool)
+    for i, r in enumerate(rollouts):
+        p, n = len(r["prompt_ids"]), len(r["response_ids"])
+        input_ids[i, :p + n] = torch.tensor(r["prompt_ids"] + r["response_ids"])
+        attention_mask[i, :p + n] = 1
+        response_mask[i, p:p + n] = True
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            "response_mask": response_mask.to(device)}
+
+
+# ---- rollouts --------------------------------------------------------------------------------------------------
+def make_rollout_engine(args, model_path: str, model, device):
+    """An in-process vLLM engine on the trainer's device, or None for HF `generate` on the policy itself."""
+    vllm_installed = importlib.util.find_spec("vllm") is not None
+    if args.rollout == "hf" or (args.rollout == "auto" and not vllm_installed):
+        return None
+    if args.rollout not in ("vllm", "auto"):
+        raise SystemExit(f"--rollout must be vllm, hf or auto, not {args.rollout!r}")
+    if not vllm_installed:
+        raise SystemExit("--rollout vllm: vLLM is not installed (pip install vllm), or use --rollout hf")
+    # In-process engine: its model is reachable for weight pushes. On CPU the KV cache needs an explicit size.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+    on_gpu = device.type == "cuda"
+    return LLM(model=model_path, dtype="bfloat16" if on_gpu else "float32", seed=args.seed,
+               gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=on_gpu and args.vllm_sleep,
+               max_model_len=min(args.max_prompt_tokens + args.max_new_tokens, model.config.max_position_embeddings),
+               enable_prefix_caching=True,
+               logprobs_mode="processed_logprobs")  # log-probs after temperature: comparable to the trainer's
+
+
+def generate(engine, model, tokenizer, prompt_ids: list[list[int]], args, step: int, stops: list[int]):
+    """n sampled responses per prompt: [{prompt_ids, response_ids, truncated, engine_logprobs}], grouped by prompt."""
+    if engine is not None:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        params = SamplingParams(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
+                                max_tokens=args.max_new_tokens, stop_token_ids=stops, logprobs=0,
+                                # per-request seeds fail in the CPU build ("CPU Generator does not use offset")
+                                seed=args.seed * 100_003 + step if torch.cuda.is_available() else None)
+        outputs = engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+        return [{"prompt_ids": ids, "response_ids": list(c.token_ids), "truncated": c.finish_reason == "length",
+                 "engine_logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]}
+                for ids, o in zip(prompt_ids, outputs) for c in o.outputs]
+    return generate_hf(model, tokenizer, prompt_ids, args, stops)
+
+
+@torch.no_grad()
+def generate_hf(model, tokenizer, prompt_ids, args, stops):
+    """The fallback: transformers `generate` on the policy itself, left-padded, sampling from the torch RNG."""
+    model.eval()
+    model.config.use_cache = True
+    rows = [ids for ids in prompt_ids for _ in range(args.samples_per_prompt)]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0) \
+        if args.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
+                         eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, output_scores=True,
+                         return_dict_in_generate=True, **sampling)
+    generated = out.sequences[:, width:]
+    scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # processed: after temperature and top-p
+    token_logprobs = scores.gather(-1, generated[..., None]).squeeze(-1)
+    rollouts = []
+    for prompt, ids, lps in zip(rows, generated.tolist(), token_logprobs.tolist()):
+        response = evaluation.completion_record(tokenizer, ids, stops, args.max_new_tokens)  # cut after a stop
+        n = len(response["token_ids"])
+        rollouts.append({"prompt_ids": prompt, "response_ids": response["token_ids"],
+                         "truncated": response["truncated"], "engine_logprobs": lps[:n]})
+    model.train()
+    model.config.use_cache = not args.gradient_checkpointing
+    return rollouts
+
+
+def push_weights(engine, model) -> None:
+    """Load the policy's weights into the vLLM engine in place, then forget cached prefixes of the old weights.
+
+    state_dict() carries lm_head.weight even when it is tied to the embeddings; without it vLLM silently generates
+    from neither the old nor the new weights."""
+    if engine is None:
+        return
+    state = model.state_dict()
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = model.get_output_embeddings().weight
+    engine.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
+    engine.reset_prefix_cache()
+
+
+def sleep_engine(engine, args) -> None:
+    """Free vLLM's GPU memory (weights and KV cache) for the training step; the push refills the weights."""
+    if engine is not None and args.vllm_sleep and torch.cuda.is_available():
+        engine.sleep(level=2)
+
+
+def wake_engine(engine, model, args) -> None:
+    if engine is not None and args.vllm_sleep and torch.cuda.is_available():
+        engine.wake_up(tags=["weights"])
+        push_weights(engine, model)
+        engine.wake_up(tags=["kv_cache"])
+    else:
+        push_weights(engine, model)
+
+
+# ---- the algorithm ---------------------------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, group_size: int, std_normalize: bool = True, eps: float = 1e-6):
+    """GRPO's advantage: each reward minus its group's mean, divided by the group's std unless Dr. GRPO."""
+    groups = rewards.view(-1, group_size)
+    centered = groups - groups.mean(dim=1, keepdim=True)
+    if std_normalize:
+        centered = centered / (groups.std(dim=1, keepdim=True) + eps)
+    return centered.view(-1)
+
+
+def token_weights(lengths: list[int], mode: str, minibatch_tokens: int, minibatch_seqs: int, max_len: int):
+    """Per-token weights w such that the mini-batch loss is sum(w * per-token loss).
+
+    The normalisers are those of the whole mini-batch, so micro-batches accumulate to exactly its gradient."""
+    if mode == "token-mean":
+        per_seq = [1.0 / minibatch_tokens] * len(lengths)
+    elif mode == "seq-mean-token-mean":
+        per_seq = [1.0 / (n * minibatch_seqs) for n in lengths]
+    elif mode == "seq-mean-token-sum-norm":
+        per_seq = [1.0 / (max_len * minibatch_seqs)] * len(lengths)
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}")
+    return torch.cat([torch.full((n,), w) for n, w in zip(lengths, per_seq)])
+
+
+def policy_loss(logp, old_logp, advantages, weights, args, ref_logp=None, entropy=None):
+    """PPO clipped surrogate + k3 KL to the reference + entropy bonus, per token, aggregated with `weights`."""
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1 - args.clip_low, 1 + args.clip_high)
+    per_token = -torch.minimum(ratio * advantages, clipped * advantages)
+    stats = {"clip_frac": ((ratio * advantages) > (clipped * advantages)).float().mean().item()}
+    if ref_logp is not None:
+        kl = low_var_kl(logp, ref_logp)
+        per_token = per_token + args.kl_coef * kl
+        stats["kl"] = kl.mean().item()
+    if entropy is not None:
+        per_token = per_token - args.entropy_coef * entropy
+    return (per_token * weights).sum(), stats
+
+
+def low_var_kl(logp, ref_logp):
+    """k3 estimator of KL(policy || reference): exp(r) - r - 1 with r = ref - logp; unbiased, always >= 0."""
+    r = ref_logp - logp
+    return torch.clamp(torch.exp(r) - r - 1, min=-10, max=10)
+
+
+# ---- the example(s): historical variance, replication ----------------------------------------------------------
+def load_history(path: str) -> dict[str, list[float]]:
+    """An accuracy history {"index": [accuracy, ...]}, as the paper's acc_step_500.json and our pool run write it."""
+    try:
+        history = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"--history: {path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"--history: {path} is not valid JSON ({e})") from None
+    if not isinstance(history, dict) or not history:
+        raise SystemExit(f"--history: {path} must hold a non-empty JSON object {{\"index\": [accuracy, ...]}}")
+    for key, accs in history.items():
+        if not isinstance(accs, list) or not all(isinstance(a, (int, float)) and not isinstance(a, bool)
+                                                 and 0 <= a <= 1 for a in accs):
+            raise SystemExit(f"--history: {path}: the value of {key!r} must be a list of accuracies in [0, 1]")
+    return history
+
+
+def rank_by_variance(history: dict[str, list[float]]) -> list[str]:
+    """The examples from pi_1 on: largest std of the accuracy history first (the variance's order). Ties keep the
+    file's order, as the paper's stable sort of the JSON's keys does; its file and ours list the examples in the
+    order they were first sampled. An empty record counts as std 0."""
+    score = {key: float(np.std(accs)) if accs else 0.0 for key, accs in history.items()}
+    return sorted(history, key=lambda key: -score[key])
+
+
+def select_by_rank(history: dict[str, list[float]], ranks) -> list[str]:
+    ranked = rank_by_variance(history)
+    bad = [r for r in ranks if not 1 <= r <= len(ranked)]
+    if bad:
+        raise SystemExit(f"--rank {' '.join(map(str, bad))}: ranks run from 1 to {len(ranked)} (the history's "
+                         "examples)")
+    return [ranked[r - 1] for r in ranks]
+
+
+def find_examples(problems: list[dict], ids, labels=()) -> list[dict]:
+    """The training rows named by `ids` (the data's `index` column, else row numbers), with their label replaced
+    where `labels` says so (the paper's label-noise ablation)."""
+    if labels and len(labels) != len(ids):
+        raise SystemExit(f"--label: give one label per example ({len(ids)}), got {len(labels)}")
+    examples = []
+    for n, example_id in enumerate(ids):
+        rows = [p for p in problems if p["id"] == str(example_id)]
+        if not rows:
+            kind = "`index` column" if "index" in problems[0] else "row number (the data has no `index` column)"
+            raise SystemExit(f"example {example_id!r}: no training problem has this {kind} in the training data "
+                             "(or it was dropped: see the lines above)")
+        if len({(p["problem"], p["answer"]) for p in rows}) > 1:
+            raise SystemExit(f"example {example_id!r}: the training data has {len(rows)} different problems with "
+                             "this index")
+        examples.append({**rows[0], "true_answer": rows[0]["answer"]} | ({"answer": labels[n]} if labels else {}))
+    return examples
+
+
+def replicate(examples: list[dict], copies: int) -> list[dict]:
+    """The 1-shot batch: `copies` prompts, equal shares of each example in blocks (the order of the paper's merged
+    files). Each copy is sampled samples_per_prompt times and is its own GRPO group, not one group of all."""
+    if copies % len(examples):
+        raise SystemExit(f"--prompts-per-step {copies} must split into equal shares for {len(examples)} examples")
+    return [example for example in examples for _ in range(copies // len(examples))]
+
+# ---- plumbing: arguments, data, checkpoints, logging -----------------------------------------------------------
+def parse_args(argv=None, args_class=Args) -> Args:
+    """--flag-name for every Args field; booleans also take --no-flag-name. Help is the field's comment."""
+    source = inspect.getsource(args_class)
+    helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", source, re.M))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    kinds = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(args_class):
+        flag = "--" + f.name.replace("_", "-")
+        type_name = f.type if isinstance(f.type, str) else f.type.__name__
+        several = re.fullmatch(r"tuple\[(\w+), \.\.\.\]", type_name)  # --rank 1 13: one or more values
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=helps.get(f.name))
+        elif several:
+            parser.add_argument(flag, type=kinds[several[1]], nargs="+", default=f.default, help=helps.get(f.name))
+        else:
+            parser.add_argument(flag, type=kinds[type_name], default=f.default, help=helps.get(f.name))
+    parsed = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(parser.parse_args(argv)).items()}
+    return args_class(**parsed)
+
+
+def load_prompts(args, tokenizer) -> list[dict]:
+    """Training problems with their tokenized prompts and ids (the `index` column, else the row number). Problems
+    without an answer (DSR-sub has one, index 265) and prompts over the length limit are dropped and counted."""
+    try:
+        rows = evaluation.toy_splits()[0] if args.train_data == "toy" else evaluation.read_rows(args.train_data)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--train-data: {e}") from None
+    kept, unanswered = [], []
+    for row, p in enumerate(rows):  # an example's id names its row even after some rows are dropped
+        for key in (args.problem_key, args.answer_key):
+            if key not in p:
+                raise SystemExit(f"--train-data: {args.train_data}: row {row} has no {key!r} (its keys: "
+                                 f"{', '.join(p)}); choose the column with --problem-key / --answer-key")
+        example_id = str(p.get("index", row))
+        if p[args.answer_key] is None or str(p[args.answer_key]).strip() == "":
+            unanswered.append(example_id)
+            continue
+        problem, answer = str(p[args.problem_key]), str(p[args.answer_key])
+        ids = tokenizer.encode(evaluation.build_prompt(problem, tokenizer, args.template))
+        if len(ids) <= args.max_prompt_tokens:
+            kept.append({**p, "problem": problem, "answer": answer, "id": example_id, "prompt_ids": ids})
+    if unanswered:
+        print(f"dropped {len(unanswered)} problems with an empty answer: {', '.join(unanswered[:10])}")
+    if len(kept) + len(unanswered) < len(rows):
+        print(f"dropped {len(rows) - len(unanswered) - len(kept)} of {len(rows)} prompts longer than "
+              f"{args.max_prompt_tokens} tokens")
+    if not kept:
+        raise SystemExit(f"no usable training problem in --train-data (max prompt tokens {args.max_prompt_tokens})")
+    return kept
+
+
+def load_eval_problems(args) -> dict[str, list[dict]]:
+    """The evaluation sets of --eval-data by name: toy, benchmarks (paper: the paper's six) or files (by stem)."""
+    if args.eval_data == "auto":
+        args.eval_data = "toy" if args.model == evaluation.TINY_NAME else "paper"
+    names = [name.strip() for name in args.eval_data.split(",") if name.strip()]
+    names = [m for name in names for m in (evaluation.PAPER_BENCHMARKS if name == "paper" else (name,))]
+    if not names:
+        raise SystemExit("--eval-data: no evaluation set given")
+    sets = {}
+    for name in dict.fromkeys(names):
+        try:
+            if Path(name).suffix in (".jsonl", ".json", ".parquet"):
+                problems = evaluation.load_problems(name, args.problem_key, args.answer_key)
+                name = Path(name).stem
+            else:
+                problems = evaluation.load_benchmark(name)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--eval-data: {e}") from None
+        sets[name] = problems[:args.eval_max_problems] if args.eval_max_problems else problems
+    return sets
+
+
+def batch_indices(step: int, n_problems: int, batch: int, seed: int) -> list[int]:
+    """The problems of rollout batch `step`: epochs of seeded shuffles, so the data order is a function of the
+    step alone and a resumed run sees exactly the batches an uninterrupted one would."""
+    out = []
+    for position in range(step * batch, (step + 1) * batch):
+        epoch, i = divmod(position, n_problems)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n_problems)[i]))
+    return out
+
+
+def make_optimizer(model, args, total_updates: int):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+    def lr_factor(update: int) -> float:
+        if update < args.warmup_steps:
+            return (update + 1) / args.warmup_steps
+        if args.lr_schedule == "cosine":
+            progress = (update - args.warmup_steps) / max(1, total_updates - args.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict | None = None):
+    """An HF folder (loadable by transformers, vLLM and eval.py) plus what resuming needs: optimizer, RNG, step."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                **(extra or {})}, folder / "trainer_state.pt")
+
+
+def load_trainer_state(folder: Path, optimizer, scheduler) -> dict:
+    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
+
+
+class Logger:
+    """One line per step to stdout, the same as JSON lines in metrics.jsonl, and optionally TensorBoard/wandb."""
+
+    def __init__(self, output_dir: Path, args):
+        self.file = open(output_dir / "metrics.jsonl", "a")
+        self.tracker = None
+        if args.track == "tensorboard" and importlib.util.find_spec("tensorboard"):
+            from torch.utils.tensorboard import SummaryWriter
+            self.tracker = SummaryWriter(str(output_dir))
+        elif args.track == "wandb" and importlib.util.find_spec("wandb"):
+            import wandb
+            self.tracker = wandb.init(config=dataclasses.asdict(args), dir=str(output_dir))
+        elif args.track:
+            print(f"--track {args.track}: not installed, logging to metrics.jsonl only")
+
+    def log(self, metrics: dict, line_keys=("reward_mean", "accuracy", "response_len_mean", "entropy", "kl",
+                                              "clip_frac", "grad_norm", "time_generate", "time_score",
+                                              "time_train", "tokens_per_s", "logprob_gap")):
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        shown = [f"{k.replace('eval/', 'eval_')} {v:.4g}" for k, v in metrics.items()
+                 if (k in line_keys or k.startswith("eval/")) and isinstance(v, (int, float))]
+        print(f"step {metrics['step']:>5} | " + " | ".join(shown), flush=True)
+        if self.tracker is not None and hasattr(self.tracker, "add_scalar"):
+            for k, v in metrics.items():
+                self.tracker.add_scalar(k, v, metrics["step"])
+        elif self.tracker is not None:
+            self.tracker.log(metrics, step=metrics["step"])
+
+
+# ---- main loop -------------------------------------------------------------------------------------------------
+def main(args: Args):
+    # setup: checks, data, the examples' source, reference, engine, output dir, resume
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if args.example_index and args.history:
+        raise SystemExit("give --example-index or --history (ranked by --rank), not both")
+    if args.entropy_only and args.entropy_coef <= 0:
+        raise SystemExit("--entropy-only trains on the entropy term alone: it needs --entropy-coef > 0")
+    batch_size = args.prompts_per_step * args.samples_per_prompt
+    if batch_size % args.mini_batch or args.mini_batch % args.micro_batch:
+        raise SystemExit(f"need mini_batch | prompts_per_step*samples_per_prompt ({batch_size}) and "
+                         f"micro_batch | mini_batch; got mini_batch={args.mini_batch}, micro_batch={args.micro_batch}")
+    if args.resume and not (Path(args.resume) / "trainer_state.pt").is_file():
+        raise SystemExit(f"--resume {args.resume}: no trainer_state.pt there (give a checkpoint-<step> folder)")
+    base_path = evaluation.resolve_model_path(args.model)
+    model, tokenizer = evaluation.load_model(args.resume or base_path)  # fp32 master weights; bf16 compute on GPU
+    problems = load_prompts(args, tokenizer)
+    eval_sets = load_eval_problems(args)
+    state = torch.load(Path(args.resume) / "trainer_state.pt", weights_only=False, mmap=True) if args.resume else {}
+    if state and state.get("phase") not in ("pool", "one-shot"):
+        raise SystemExit(f"--resume {args.resume}: not a checkpoint of one_shot.py (no phase in trainer_state.pt)")
+    if state.get("phase") == "pool" and (args.example_index or args.history):
+        raise SystemExit(f"--resume {args.resume} continues a pool run: drop --example-index / --history")
+    chosen = None  # the examples' ids, once known; all checked here, before any training
+    if state.get("phase") == "one-shot":
+        chosen = [e["id"] for e in state["examples"]]
+        examples = find_examples(problems, chosen, [e["answer"] for e in state["examples"]])
+    elif args.example_index or args.history:
+        chosen = list(args.example_index) or select_by_rank(load_history(args.history), args.rank)
+        if args.history:
+            print(f"{args.history} ranked by historical variance: "
+                  + ", ".join(f"pi_{r} = {i}" for r, i in zip(args.rank, chosen)))
+        examples = find_examples(problems, chosen, args.label)
+    else:
+        if args.pool_steps <= 0:
+            raise SystemExit("no example: give --example-index, --history, or --pool-steps > 0 for a pool run")
+        if min(args.rank) < 1:
+            raise SystemExit(f"--rank {min(args.rank)}: ranks start at 1 (pi_1, the largest historical variance)")
+        if args.label and len(args.label) != len(args.rank):
+            raise SystemExit(f"--label: give one label per example ({len(args.rank)}), got {len(args.label)}")
+    if chosen is not None and not args.total_steps:
+        raise SystemExit("--total-steps 0 means a pool run only, but the example is already given")
+    replicate(list(chosen or args.rank), args.prompts_per_step)  # unequal shares fail now, not after the pool run
+    reference = None
+    if args.kl_coef > 0:  # with no KL term there is nothing to compare against: no reference is loaded
+        reference = evaluation.load_model(base_path)[0].to(device).eval()
+        reference.requires_grad_(False)
+    output_dir = Path(args.output_dir or f"runs/{Path(__file__).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    engine = make_rollout_engine(args, base_path, model, device)
+    stops = evaluation.stop_token_ids(tokenizer, model)
+    run = dict(reference=reference, engine=engine, tokenizer=tokenizer, eval_sets=eval_sets, device=device,
+               autocast=autocast, stops=stops)
+
+    # 0. choose the example(s) (the paper's data selection): plain GRPO over the pool from the base model records
+    #    each example's accuracy every time it is sampled; the ranks pick from that history by its variance
+    if chosen is None:
+        pool_size = args.pool_size if args.pool_size >= 0 else (32 if args.train_data == "toy" else 0)
+        pool = problems[:pool_size] if pool_size else problems
+        print(f"pool run: {args.pool_steps} GRPO steps over {len(pool)} problems, recording their accuracy")
+        history = train(args, "pool", pool, model, output_dir / "pool", state, **run)
+        chosen = select_by_rank(history, args.rank)
+        print("pool history ranked by historical variance: "
+              + ", ".join(f"pi_{r} = {i}" for r, i in zip(args.rank, chosen)))
+        examples = find_examples(problems, chosen, args.label)
+        model, state = evaluation.load_model(base_path)[0], {}  # 1-shot RLVR starts again from the base model
+    if not args.total_steps:
+        return output_dir
+    for e in examples:
+        relabelled = f" (the data says {e['true_answer']!r})" if e["answer"] != e["true_answer"] else ""
+        print(f"example {e['id']}, answer {e['answer']!r}{relabelled}: {e['problem'][:300]!r}")
+
+    # 1-shot RLVR: GRPO from the base model on equal shares of copies of the example(s), the same batch every step
+    train(args, "one-shot", replicate(examples, args.prompts_per_step), model, output_dir, state, **run)
+    return output_dir
+
+
+def train(args, phase, problems, model, output_dir, state, reference, engine, tokenizer, eval_sets, device, autocast,
+          stops):
+    """GRPO steps over the pool, recording each example's accuracy history (phase "pool"), or over the replicated
+    example(s) (phase "one-shot"). Both start from the seed, so a 1-shot run does not depend on how its example was
+    chosen: the default run's second phase equals a run given the first phase's history."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model.to(device).train()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    steps = args.pool_steps if phase == "pool" else args.total_steps
+    batch_size = args.prompts_per_step * args.samples_per_prompt
+    updates_per_step = args.num_updates * batch_size // args.mini_batch
+    optimizer, scheduler = make_optimizer(model, args, steps * updates_per_step)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    start_step, history, best = 0, {}, None
+    if state:
+        state = load_trainer_state(Path(args.resume), optimizer, scheduler)
+        start_step, history, best = state["step"], state["history"], state["best"]
+        print(f"resumed the {phase} run from {args.resume} at step {start_step}")
+    push_weights(engine, model)  # the engine loaded the base model's files; from here on it tracks the policy
+    logger = Logger(output_dir, args)
+    ids = list(dict.fromkeys(p["id"] for p in problems))
+    relabelled = phase == "one-shot" and any(p["answer"] != p["true_answer"] for p in problems)
+    if phase == "one-shot" and start_step == 0 and args.eval_every:  # step 0: the base model, as the paper's plots
+        logger.log({"step": 0, **run_evaluation(engine or model, tokenizer, eval_sets, args)})
+    bad_steps = 0
+
+    for step in range(start_step, steps):
+        metrics = {"step": step + 1}
+        # 1. sample prompts: the pool run samples the pool as GRPO does; 1-shot RLVR takes every copy every step
+        batch = [problems[i] for i in batch_indices(step, len(problems), args.prompts_per_step, args.seed)] \
+            if phase == "pool" else problems
+        # 2. generate
+        t0 = time.time()
+        rollouts = generate(engine, model, tokenizer, [p["prompt_ids"] for p in batch], args, step, stops)
+        t1 = time.time()
+        # 3. score: the final answer checked by verify.py; a truncated response earns nothing
+        texts = tokenizer.batch_decode([r["response_ids"] for r in rollouts], skip_special_tokens=True)
+        golds = [p["answer"] for p in batch for _ in range(args.samples_per_prompt)]
+        correct = verify.score_batch(texts, golds, mode=args.answer_mode)
+        rewards = torch.tensor([0.0 if r["truncated"] else c for r, c in zip(rollouts, correct)])
+        t2 = time.time()
+        # 4. advantages; without the outcome reward (the entropy-only ablation) the surrogate vanishes and only the
+        #    entropy (and KL) terms move the policy
+        advantages = group_advantages(rewards, args.samples_per_prompt, args.std_normalize)
+        if args.entropy_only and phase == "one-shot":
+            advantages = torch.zeros_like(advantages)
+        if args.mask_truncated:
+            rollouts = [dict(r, masked=r["truncated"]) for r in rollouts]
+        # 5. update: num_updates passes, each over mini-batches with micro-batch gradient accumulation
+        sleep_engine(engine, args)
+        train_stats = update_policy(model, reference, rollouts, advantages, optimizer, scheduler, args, autocast,
+                                    tokenizer.pad_token_id, device)
+        # 6. push weights into the rollout engine
+        wake_engine(engine, model, args)
+        t3 = time.time()
+        bad_steps = bad_steps + 1 if train_stats.pop("skipped") else 0
+        if bad_steps >= args.max_bad_steps:
+            raise SystemExit(f"stopping: {bad_steps} updates in a row had a non-finite loss or gradient "
+                             "(lower --lr, check the data, or use fp32)")
+        # 7. log (each example's accuracy: the pool run's history) / evaluate (the best average) / checkpoint
+        group_accuracy = rewards.view(-1, args.samples_per_prompt).mean(1).tolist()
+        if phase == "pool":
+            for p, accuracy in zip(batch, group_accuracy):
+                history.setdefault(p["id"], []).append(accuracy)
+            (output_dir / "accuracy_history.json").write_text(json.dumps(history))
+        elif len(ids) > 1:
+            for i in ids:
+                shares = [a for p, a in zip(batch, group_accuracy) if p["id"] == i]
+                metrics[f"accuracy/{i}"] = sum(shares) / len(shares)
+        if relabelled:  # the label-noise ablation: how often the policy says the data's own answer
+            true_golds = [p["true_answer"] for p in batch for _ in range(args.samples_per_prompt)]
+            true_correct = verify.score_batch(texts, true_golds, mode=args.answer_mode)
+            metrics["true_label_accuracy"] = sum(true_correct) / len(true_correct)
+        lengths = [len(r["response_ids"]) for r in rollouts]
+        metrics.update(reward_mean=rewards.mean().item(), accuracy=sum(correct) / len(correct),
+                       response_len_mean=sum(lengths) / len(lengths),
+                       truncated_share=sum(r["truncated"] for r in rollouts) / len(rollouts),
+                       time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
+                       tokens_per_s=sum(lengths) / max(t1 - t0, 1e-9), lr=scheduler.get_last_lr()[0], **train_stats)
+        last = step + 1 == steps
+        saving = last or (args.save_every and (step + 1) % args.save_every == 0)
+        if last or (args.eval_every and (step + 1) % args.eval_every == 0):
+            metrics.update(run_evaluation(engine or model, tokenizer, eval_sets, args))
+            if best is None or metrics["eval/average"] > best["average"]:  # the paper reports its best checkpoint
+                best = {"step": step + 1, "average": metrics["eval/average"],
+                        "checkpoint": str(output_dir / f"checkpoint-{step + 1}") if saving else None,
+                        **{k[5:]: v for k, v in metrics.items() if k.startswith("eval/")}}
+                (output_dir / "best.json").write_text(json.dumps(best, indent=2) + "\n")
+            metrics.update({"best/step": best["step"], "best/average": best["average"]})
+        if saving:
+            save_checkpoint(output_dir / f"checkpoint-{step + 1}", step + 1, model, tokenizer, optimizer, scheduler,
+                            extra={"phase": phase, "history": history, "best": best,
+                                   "examples": [{"id": i, "answer": next(p["answer"] for p in problems if p["id"] == i)}
+                                                for i in ids] if phase == "one-shot" else None})
+        logger.log(metrics)
+    return history
+
+
+def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, args, autocast, pad_id, device):
+    """num_updates passes over the batch in shuffled mini-batches; one optimizer step per mini-batch."""
+    with torch.no_grad(), autocast:  # old and reference log-probs: fixed for all passes over this batch
+        old_logp = token_logprobs(model, rollouts, args, pad_id, device)
+        ref_logp = token_logprobs(reference, rollouts, args, pad_id, device) if reference is not None else None
+    stats = {"loss": [], "clip_frac": [], "kl": [], "entropy": [], "grad_norm": [], "logprob_gap": []}
+    skipped = False
+    for update in range(args.num_updates):
+        order = torch.randperm(len(rollouts)).tolist()
+        for m in range(0, len(rollouts), args.mini_batch):
+            mini = [i for i in order[m:m + args.mini_batch] if not rollouts[i].get("masked")]
+            if not mini:
+                continue
+            mini_tokens = sum(len(rollouts[i]["response_ids"]) for i in mini)
+            for u in range(0, len(mini), args.micro_batch):
+                micro = mini[u:u + args.micro_batch]
+                rows = [rollouts[i] for i in micro]
+                lengths = [len(r["response_ids"]) for r in rows]
+                with autocast:
+                    logp, entropy = response_logprobs(model, collate(rows, pad_id, device), args.temperature,
+                                                      args.logprob_chunk)
+                per_token = lambda values: torch.cat([values[i] for i in micro]).to(device)
+                adv = torch.cat([advantages[i].expand(n) for i, n in zip(micro, lengths)]).to(device)
+                weights = token_weights(lengths, args.loss_agg, mini_tokens, len(mini), args.max_new_tokens)
+                loss, s = policy_loss(logp, per_token(old_logp), adv, weights.to(device), args,
+                                      per_token(ref_logp) if ref_logp is not None else None,
+                                      entropy if args.entropy_coef else None)
+                loss.backward()
+                if update == 0:  # the sampling policy is the current one only before the first optimizer step
+                    engine_lp = torch.tensor([lp for r in rows for lp in r["engine_logprobs"]], device=device)
+                    stats["logprob_gap"].append((engine_lp - logp.detach()).abs().mean().item())
+                stats["loss"].append(loss.item())
+                stats["clip_frac"].append(s["clip_frac"])
+                stats["kl"].append(s.get("kl", 0.0))
+                stats["entropy"].append(entropy.detach().mean().item())
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                skipped = True
+                print(f"non-finite gradient norm ({grad_norm.item()}): update skipped")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            stats["grad_norm"].append(grad_norm.item())
+    out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+    out["skipped"] = skipped
+    return out
+
+
+def token_logprobs(model, rollouts, args, pad_id, device) -> list[torch.Tensor]:
+    """Per-rollout 1-D tensors of the response tokens' log-probs under `model` (no gradient)."""
+    out = []
+    for u in range(0, len(rollouts), args.micro_batch):
+        rows = rollouts[u:u + args.micro_batch]
+        logp, _ = response_logprobs(model, collate(rows, pad_id, device), args.temperature, args.logprob_chunk)
+        out += list(logp.split([len(r["response_ids"]) for r in rows]))
+    return out
+
+
+def run_evaluation(engine, tokenizer, eval_sets, args) -> dict:
+    """Accuracy on each evaluation set, decoded as `eval.py --benchmarks` does (the paper's protocol on its six:
+    greedy, avg@8 at T=0.6 on aime24/aime25/amc23); files as the training prompts. eval/average is their unweighted
+    mean: with --eval-data paper, the paper's six-benchmark "Avg." by which it picks its checkpoint."""
+    out = {}
+    with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's random stream
+        for name, problems in eval_sets.items():
+            if name in evaluation.BENCHMARKS:
+                decoding = evaluation.decoding_for(name, argparse.Namespace(
+                    n=None, temperature=None, top_p=1.0, template=None, mode=None, max_tokens=None), ks=())
+            else:
+                decoding = dict(template=args.template, mode=args.answer_mode, n=1, temperature=0.0, top_p=1.0,
+                                max_tokens=args.max_new_tokens, ks=())
+            # the engine's context holds max_prompt_tokens + max_new_tokens
+            decoding["max_tokens"] = min(decoding["max_tokens"], args.max_new_tokens)
+            metrics, _ = evaluation.evaluate(engine, tokenizer, problems, seed=args.seed, **decoding)
+            out[f"eval/{name}"] = metrics.pop("accuracy")
+            out.update({f"eval_detail/{name}/{k}": v for k, v in metrics.items()})
+    out["eval/average"] = sum(out[f"eval/{name}"] for name in eval_sets) / len(eval_sets)
+    return out
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,207 @@
+"""hapo.py: the length-reward table, the history's update order, resume with the history, and the default run."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import hapo  # noqa: E402
+
+C = math.cos(math.pi / 4)  # c(0.5) = -c(1.5)
+
+
+# ---- the reward table ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("x,if_correct,if_wrong", [
+    # c(x) = cos(x pi/2) for x < 2, else -1; correct: max(-0.7, c); wrong: min(0, c)
+    (0.0, 1.0, 0.0),
+    (0.5, C, 0.0),
+    (1.0, 0.0, 0.0),
+    (1.5, -0.7, -C),
+    (2.0, -0.7, -1.0),
+    (3.0, -0.7, -1.0),
+])
+def test_cosine_length_reward_by_hand(x, if_correct, if_wrong):
+    h = 20
+    assert hapo.length_reward(int(x * h), h, True) == pytest.approx(if_correct, abs=1e-12)
+    assert hapo.length_reward(int(x * h), h, False) == pytest.approx(if_wrong, abs=1e-12)
+    assert hapo.length_reward(int(x * h), h, True, weight=0.5) == pytest.approx(0.5 * if_correct, abs=1e-12)
+    assert hapo.length_reward(int(x * h), h, False, weight=0.5) == pytest.approx(0.5 * if_wrong, abs=1e-12)
+
+
+@pytest.mark.parametrize("x,if_correct,if_wrong", [
+    # 1 - x below h (correct only), 0 up to 1.1 h, then -(x - 1.1) floored at -0.7 (correct) / -1 (wrong)
+    (0.0, 1.0, 0.0),
+    (0.5, 0.5, 0.0),
+    (1.0, 0.0, 0.0),
+    (1.05, 0.0, 0.0),
+    (1.5, -0.4, -0.4),
+    (2.0, -0.7, -0.9),
+    (3.0, -0.7, -1.0),
+])
+def test_linear_length_reward_by_hand(x, if_correct, if_wrong):
+    h = 20
+    assert hapo.length_reward(round(x * h), h, True, "linear") == pytest.approx(if_correct, abs=1e-12)
+    assert hapo.length_reward(round(x * h), h, False, "linear") == pytest.approx(if_wrong, abs=1e-12)
+
+
+@pytest.mark.parametrize("shape", ["cosine", "linear"])
+def test_no_history_no_length_reward(shape):
+    for length in (0, 1, 7, 1000):
+        assert hapo.length_reward(length, None, True, shape) == 0.0
+        assert hapo.length_reward(length, None, False, shape) == 0.0
+
+
+@pytest.mark.parametrize("shape", ["cosine", "linear"])
+def test_any_correct_response_outscores_any_wrong_one_for_weights_up_to_1(shape):
+    lengths, h = range(0, 200, 3), 17
+    for w in (0.0, 0.3, 1.0):
+        worst_right = min(1 + hapo.length_reward(n, h, True, shape, w) for n in lengths)
+        best_wrong = max(0 + hapo.length_reward(n, h, False, shape, w) for n in lengths)
+        assert worst_right >= 0.3 - 1e-12 and best_wrong <= 0.0, (w, worst_right, best_wrong)
+
+
+# ---- the history -----------------------------------------------------------------------------------------------
+def test_batch_is_scored_against_the_history_from_before_it():
+    args = hapo.Args()
+    history = {0: (10, 1)}
+    # problem 0 (h = 10) and problem 1 (no history yet), two responses each
+    rewards = hapo.history_length_rewards(history, problem_ids=[0, 0, 1, 1], lengths=[5, 8, 6, 9],
+                                          correct=[True, True, True, False], args=args)
+    # the 8 is scored against 10, not against the 5 of the same batch (which would give cos(0.8 pi) < 0)
+    expected = [math.cos(0.5 * math.pi / 2), math.cos(0.8 * math.pi / 2), 0.0, 0.0]
+    assert rewards == pytest.approx(expected, abs=1e-12)
+    assert history == {0: (5, 3), 1: (6, 1)}, "after the batch: h_i = min(h_i, shortest correct in the batch)"
+
+
+def test_history_takes_only_correct_lengths_and_never_grows_in_min_mode():
+    args = hapo.Args()
+    history = {0: (10, 2)}
+    hapo.history_length_rewards(history, [0, 0, 1], [4, 12, 3], [False, True, False], args)
+    assert history == {0: (10, 3)}, "a wrong 4 must not lower h_i, a correct 12 must not raise it; problem 1 has none"
+
+
+def test_history_mean_mode_is_the_running_mean_of_correct_lengths():
+    args = hapo.Args(history_mode="mean")
+    history = {}
+    hapo.history_length_rewards(history, [0, 0, 0], [10, 20, 99], [True, True, False], args)
+    assert history == {0: (15, 2)}
+    rewards = hapo.history_length_rewards(history, [0, 0], [15, 30], [True, True], args)
+    assert rewards == pytest.approx([0.0, -0.7])  # x = 1 and x = 2 against the mean 15
+    assert history[0] == pytest.approx((75 / 4, 4))
+
+
+def test_response_length_does_not_count_the_stop_token():
+    stops = [0, 2]
+    assert hapo.response_length([5, 6, 7, 2], stops) == 3
+    assert hapo.response_length([5, 6, 7, 8], stops) == 4, "a truncated response has no stop token to drop"
+    assert hapo.response_length([], stops) == 0
+
+
+# ---- whole runs ------------------------------------------------------------------------------------------------
+def run_script(*args, timeout=600):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    out = subprocess.run([sys.executable, str(ROOT / "hapo.py"), *args], capture_output=True, text=True,
+                         timeout=timeout, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
+
+
+def tenths(metrics, key):
+    values = [m[key] for m in metrics]
+    tenth = max(1, len(values) // 10)
+    return sum(values[:tenth]) / tenth, sum(values[-tenth:]) / tenth
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """One default run (no arguments) shared by the assertions below: it is the expensive part of this file."""
+    output_dir = tmp_path_factory.mktemp("default")
+    run_script("--output-dir", str(output_dir), timeout=420)
+    return read_metrics(output_dir)
+
+
+def test_default_run_accuracy_climbs(default_run):
+    first, last = tenths(default_run, "accuracy")
+    print(f"accuracy first tenth {first:.3f}, last tenth {last:.3f}")
+    assert first <= 0.5, f"the task is too easy at the start: {first:.3f}"  # step 0: ~0.25 (eval.build_tiny_model)
+    assert last >= 0.85 and last - first >= 0.3, f"the default run did not learn to answer: {first:.3f} -> {last:.3f}"
+
+
+def test_default_run_responses_get_shorter(default_run):
+    """The toy's shortest right answer is 9 tokens with the stop token, and the tiny model starts at ~12.5 by
+    padding it with filler sentences (GRPO keeps them: 12.3 over its last tenth, bench/hapo_vs_grpo.py)."""
+    for key in ("response_len_mean", "correct_len_mean"):
+        first, last = tenths(default_run, key)
+        print(f"{key} first tenth {first:.2f}, last tenth {last:.2f}")
+        assert last <= 0.8 * first, f"the length reward did not shorten responses: {key} {first:.2f} -> {last:.2f}"
+
+
+def test_default_run_builds_a_history_that_shrinks(default_run):
+    assert default_run[-1]["history_share"] >= 0.95, "nearly every training problem should have a correct answer"
+    assert default_run[-1]["scored_with_history"] >= 0.95
+    first, last = tenths([m for m in default_run if m["history_share"] > 0], "history_len_mean")
+    print(f"mean h_i first tenth {first:.2f}, last tenth {last:.2f}")
+    assert last <= first - 0.5, f"h_i should fall as shorter correct answers are found: {first:.2f} -> {last:.2f}"
+    assert {"eval/correct_len_mean", "eval/response_len_p90", "correct_len_p90"} <= set(default_run[-1])
+
+
+def test_resumed_run_equals_uninterrupted_run_weights_and_history(tmp_path):
+    # 4 problems, 4 per step: every step revisits every problem, so from step 2 on the history shapes the rewards
+    common = ["--rollout", "hf", "--prompts-per-step", "4", "--train-problems", "4", "--mini-batch", "16",
+              "--micro-batch", "8", "--eval-every", "0", "--eval-max-problems", "4"]
+    run_script(*common, "--total-steps", "4", "--output-dir", str(tmp_path / "straight"))
+    run_script(*common, "--total-steps", "2", "--output-dir", str(tmp_path / "first"))
+    run_script(*common, "--total-steps", "4", "--resume", str(tmp_path / "first" / "checkpoint-2"),
+               "--output-dir", str(tmp_path / "resumed"))
+    resumed_steps = read_metrics(tmp_path / "resumed")
+    assert [m["step"] for m in resumed_steps] == [3, 4]
+    assert resumed_steps[0]["scored_with_history"] > 0, "the resumed run's first step saw no history: not restored"
+    assert any(m["length_reward_mean"] != 0 for m in resumed_steps), "the history changed no reward: vacuous test"
+    state = lambda run: torch.load(tmp_path / run / "checkpoint-4" / "trainer_state.pt", weights_only=False)
+    assert state("straight")["history"], "no history was saved"
+    assert state("resumed")["history"] == state("straight")["history"]
+    from safetensors.torch import load_file
+    straight = load_file(tmp_path / "straight" / "checkpoint-4" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors")
+    first = load_file(tmp_path / "first" / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(first[k], straight[k]) for k in straight), "steps 3-4 changed nothing"
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), f"{k} differs after resume"
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("length_weight", 1.5, "--length-weight must be in [0, 1]"),
+    ("length_weight", -0.1, "--length-weight must be in [0, 1]"),
+    ("length_reward", "sigmoid", "--length-reward must be cosine or linear"),
+    ("history_mode", "max", "--history-mode must be min or mean"),
+    ("train_problems", -1, "--train-problems must be >= 0"),
+])
+def test_bad_hapo_arguments_fail_before_loading_anything(flag, value, message):
+    with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
+        hapo.main(hapo.Args(**{flag: value}))
+
+
+def test_help_lists_the_hapo_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        hapo.parse_args(["--help"])
+    assert exit_.value.code == 0
+    shown = capsys.readouterr().out
+    for flag in ("--length-weight", "--length-reward", "--history-mode", "--train-problems"):
+        assert flag in shown
+
+
+def test_bad_length_weight_fails_clearly_from_the_command_line():
+    out = subprocess.run([sys.executable, str(ROOT / "hapo.py"), "--length-weight", "2"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode != 0 and "--length-weight must be in [0, 1]" in out.stderr
+    assert "Traceback" not in out.stderr

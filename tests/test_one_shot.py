@@ -1,0 +1,269 @@
+"""one_shot.py: the example chosen by historical variance, its replication, the entropy bonus, the default run's
+saturation, resume, and clear errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import eval as evaluation  # noqa: E402
+import one_shot  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "train" / "one_shot_rlvr"
+needs_data = pytest.mark.skipif(not (DATA / "acc_step_500.json").exists(), reason="../shared/data is not here")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return evaluation.load_model("tiny")
+
+
+def dsr_sub(tokenizer):
+    args = one_shot.Args(train_data=str(DATA / "dsr_sub.jsonl"), max_prompt_tokens=10**6)
+    return one_shot.load_prompts(args, tokenizer)
+
+
+# ---- choosing the example --------------------------------------------------------------------------------------
+@needs_data
+def test_ranking_the_papers_history_gives_its_examples(tiny):
+    history = one_shot.load_history(str(DATA / "acc_step_500.json"))
+    assert one_shot.select_by_rank(history, [1, 2, 13, 1209]) == ["124", "267", "682", "789"]
+    pi1 = one_shot.find_examples(dsr_sub(tiny[1]), ["124"])[0]
+    paper_pi1 = json.loads((DATA / "pi1_r128.jsonl").read_text().splitlines()[0])
+    assert pi1["answer"] == "12.8" and pi1["problem"] == paper_pi1["problem"]
+
+
+def test_ranking_is_by_std_largest_first_ties_in_file_order():
+    history = {"b": [0.5, 0.5], "a": [0.0, 1.0], "d": [0.0, 0.0, 1.0], "c": [1.0, 0.0], "e": []}
+    # std: a = c = 0.5, d = 0.471, b = e = 0; a before c and b before e because the file lists them so
+    assert one_shot.rank_by_variance(history) == ["a", "c", "d", "b", "e"]
+
+
+def test_examples_are_found_by_index_column_else_row_number(tiny):
+    args = one_shot.Args(max_prompt_tokens=10**6)
+    toy = one_shot.load_prompts(args, tiny[1])
+    assert one_shot.find_examples(toy, ["7"])[0]["problem"] == evaluation.toy_splits()[0][7]["problem"]
+    relabelled = one_shot.find_examples(toy, ["7", "3"], labels=["42", "x"])
+    assert [e["answer"] for e in relabelled] == ["42", "x"]
+    assert relabelled[0]["true_answer"] == evaluation.toy_splits()[0][7]["answer"]
+
+
+@needs_data
+def test_replication_matches_the_papers_merged_file(tiny):
+    examples = one_shot.find_examples(dsr_sub(tiny[1]), ["124", "682"])
+    batch = one_shot.replicate(examples, 128)
+    paper = [json.loads(line) for line in (DATA / "merge_pi1_pi13_r128.jsonl").read_text().splitlines()]
+    assert [int(p["id"]) for p in batch] == [p["index"] for p in paper]
+    assert [p["problem"] for p in batch] == [p["problem"] for p in paper]
+
+
+def test_each_copy_is_its_own_group(tiny):
+    model, tokenizer = tiny
+    toy = one_shot.load_prompts(one_shot.Args(), tokenizer)
+    examples = one_shot.find_examples(toy, ["0", "1"])
+    batch = one_shot.replicate(examples, 4)
+    assert [p["id"] for p in batch] == ["0", "0", "1", "1"]
+    args = one_shot.Args(samples_per_prompt=3, max_new_tokens=12)
+    torch.manual_seed(0)
+    rollouts = one_shot.generate_hf(model, tokenizer, [p["prompt_ids"] for p in batch], args,
+                                    evaluation.stop_token_ids(tokenizer, model))
+    assert [r["prompt_ids"] for r in rollouts] == [p["prompt_ids"] for p in batch for _ in range(3)]
+    # copies 0 and 1 of the same example: groups of 3, so a copy whose samples all agree has zero advantages
+    rewards = torch.tensor([1.0, 0, 0, 1, 1, 1, 0, 0, 1, 0, 0, 0])
+    advantages = one_shot.group_advantages(rewards, args.samples_per_prompt)
+    assert torch.all(advantages[3:6] == 0) and torch.all(advantages[9:] == 0)
+    assert advantages[0] > 0 > advantages[1] and advantages[8] > 0 > advantages[6]
+
+
+# ---- the entropy bonus -----------------------------------------------------------------------------------------
+def mean_entropy(model, rollouts, pad_id):
+    with torch.no_grad():
+        _, entropy = one_shot.response_logprobs(model, one_shot.collate(rollouts, pad_id, "cpu"), 1.0, 64)
+    return entropy.mean().item()
+
+
+@pytest.mark.parametrize("coef", [0.001, -0.001])
+def test_a_step_on_the_entropy_term_alone_moves_entropy_by_its_sign(tiny, coef):
+    """The entropy-only ablation: zero advantages leave loss = -coef * entropy (the paper's 0.001; Adam makes the
+    step size independent of its scale). A positive bonus raises the entropy of the same responses, a negative one
+    (the control: the test can fail) lowers it."""
+    base, tokenizer = tiny
+    model = type(base)(base.config)
+    model.load_state_dict(base.state_dict())
+    model.train()
+    batch = one_shot.load_prompts(one_shot.Args(), tokenizer)[:8]
+    args = one_shot.Args(samples_per_prompt=2, max_new_tokens=16, entropy_coef=coef, kl_coef=0.0, lr=1e-3,
+                         mini_batch=16, micro_batch=8)
+    torch.manual_seed(0)
+    rollouts = one_shot.generate_hf(model, tokenizer, [p["prompt_ids"] for p in batch], args,
+                                    evaluation.stop_token_ids(tokenizer, model))
+    before = mean_entropy(model, rollouts, tokenizer.pad_token_id)
+    optimizer, scheduler = one_shot.make_optimizer(model, args, 1)
+    one_shot.update_policy(model, None, rollouts, torch.zeros(len(rollouts)), optimizer, scheduler, args,
+                           torch.autocast("cpu", enabled=False), tokenizer.pad_token_id, torch.device("cpu"))
+    after = mean_entropy(model, rollouts, tokenizer.pad_token_id)
+    print(f"coef {coef}: entropy {before:.4f} -> {after:.4f}")
+    assert (after - before) * coef > 0, f"entropy {before:.4f} -> {after:.4f} with coefficient {coef}"
+
+
+def test_ablations_reach_the_loss_and_the_metrics(tmp_path):
+    """Two examples, one relabelled (label noise), trained on the entropy term alone: the loss is -coef * entropy
+    even though the correctly labelled example's rewards vary (its advantages would not be zero)."""
+    args = one_shot.parse_args(["--example-index", "1", "3", "--label", "1", "99", "--entropy-only", "--kl-coef", "0",
+                                "--prompts-per-step", "2", "--samples-per-prompt", "8", "--mini-batch", "16",
+                                "--micro-batch", "16", "--total-steps", "1", "--eval-every", "0",
+                                "--eval-max-problems", "2", "--rollout", "hf", "--output-dir", str(tmp_path)])
+    one_shot.main(args)
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-1]
+    assert 0 < metrics["accuracy/1"] < 1, "example 1's rewards do not vary: the check below could not fail"
+    assert metrics["accuracy/3"] == 0, "label 99 cannot be matched by a toy answer"
+    assert 0 <= metrics["true_label_accuracy"] <= 1
+    assert metrics["loss"] == pytest.approx(-0.001 * metrics["entropy"], rel=1e-5)
+
+
+# ---- arguments and errors --------------------------------------------------------------------------------------
+def test_flags_take_several_values():
+    args = one_shot.parse_args(["--rank", "1", "13", "--example-index", "124", "--label", "12.7"])
+    assert args.rank == (1, 13) and args.example_index == ("124",) and args.label == ("12.7",)
+    assert one_shot.parse_args([]).rank == (1,)
+
+
+def fails_with(tmp_path, *argv):
+    with pytest.raises(SystemExit) as e:
+        one_shot.main(one_shot.parse_args([*argv, "--rollout", "hf", "--output-dir", str(tmp_path / "out")]))
+    return str(e.value)
+
+
+def test_bad_inputs_fail_clearly(tmp_path):
+    assert "not found" in fails_with(tmp_path, "--history", str(tmp_path / "missing.json"))
+    (tmp_path / "broken.json").write_text('{"1": [0.5,')
+    assert "not valid JSON" in fails_with(tmp_path, "--history", str(tmp_path / "broken.json"))
+    (tmp_path / "list.json").write_text("[0.5, 1.0]")
+    assert "JSON object" in fails_with(tmp_path, "--history", str(tmp_path / "list.json"))
+    (tmp_path / "range.json").write_text('{"1": [0.5, 2.0]}')
+    assert "in [0, 1]" in fails_with(tmp_path, "--history", str(tmp_path / "range.json"))
+    (tmp_path / "good.json").write_text('{"3": [0.0, 1.0], "5": [0.5, 0.5]}')
+    assert "ranks run from 1 to 2" in fails_with(tmp_path, "--history", str(tmp_path / "good.json"), "--rank", "3")
+    assert "ranks start at 1" in fails_with(tmp_path, "--rank", "0")
+    (tmp_path / "unknown.json").write_text('{"100000": [0.0, 1.0]}')
+    assert "'100000'" in fails_with(tmp_path, "--history", str(tmp_path / "unknown.json"))
+    assert "no training problem" in fails_with(tmp_path, "--example-index", "100000")
+    assert "one label per example" in fails_with(tmp_path, "--example-index", "1", "--label", "2", "3")
+    assert "equal shares" in fails_with(tmp_path, "--example-index", "1", "2", "3")
+    assert "not both" in fails_with(tmp_path, "--example-index", "1", "--history", str(tmp_path / "good.json"))
+    assert "--eval-data" in fails_with(tmp_path, "--eval-data", "toy,nonsense")
+    assert "--entropy-coef" in fails_with(tmp_path, "--entropy-only", "--entropy-coef", "0")
+    assert "trainer_state.pt" in fails_with(tmp_path, "--resume", str(tmp_path))
+    assert "pool run only" in fails_with(tmp_path, "--example-index", "1", "--total-steps", "0")
+
+
+def test_a_bad_history_fails_without_a_traceback(tmp_path):
+    (tmp_path / "h.json").write_text("not json")
+    out = subprocess.run([sys.executable, str(ROOT / "one_shot.py"), "--history", str(tmp_path / "h.json"),
+                          "--rollout", "hf", "--output-dir", str(tmp_path / "out")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode != 0 and "h.json" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------
+def test_evaluation_reports_each_set_and_their_mean(tiny, tmp_path):
+    model, tokenizer = tiny
+    rows = evaluation.toy_splits()[1][:6]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = one_shot.Args(eval_data=f"toy,{tmp_path / 'mine.jsonl'}", eval_max_problems=10)
+    sets = one_shot.load_eval_problems(args)
+    assert list(sets) == ["toy", "mine"] and len(sets["toy"]) == 10 and len(sets["mine"]) == 6
+    metrics = one_shot.run_evaluation(model, tokenizer, sets, args)
+    assert metrics["eval/average"] == pytest.approx((metrics["eval/toy"] + metrics["eval/mine"]) / 2)
+    assert metrics["eval/mine"] == evaluation.evaluate(model, tokenizer, rows, template=args.template,
+                                                       max_tokens=args.max_new_tokens, seed=args.seed)[0]["accuracy"]
+
+
+# ---- whole runs ------------------------------------------------------------------------------------------------
+def run_script(*args, timeout=600):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    out = subprocess.run([sys.executable, str(ROOT / "one_shot.py"), *args], capture_output=True, text=True,
+                         timeout=timeout, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """One run with no arguments, shared by the tests below: the toy pool run, pi_1, 1-shot RLVR from the base."""
+    output_dir = tmp_path_factory.mktemp("default")
+    out = run_script("--output-dir", str(output_dir), timeout=900)
+    return output_dir, out.stdout
+
+
+def test_default_run_saturates_on_the_chosen_example(default_run):
+    output_dir, _ = default_run
+    steps = [m for m in read_metrics(output_dir / "metrics.jsonl") if m["step"] > 0]
+    rewards = [m["reward_mean"] for m in steps]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    print("1-shot reward per step:", " ".join(f"{r:.2f}" for r in rewards))
+    assert first <= 0.6, f"the chosen example is solved from the start ({first:.2f}): nothing to learn"
+    assert last >= 0.9, f"training accuracy on the example did not saturate: {first:.2f} -> {last:.2f}"
+
+
+def test_default_run_chooses_pi1_of_its_own_pool_history(default_run):
+    output_dir, stdout = default_run
+    history = json.loads((output_dir / "pool" / "accuracy_history.json").read_text())
+    assert min(len(accs) for accs in history.values()) >= 5, "the pool is too large for a history per example"
+    pi1 = one_shot.rank_by_variance(history)[0]
+    assert f"pi_1 = {pi1}\n" in stdout
+    args = json.loads((output_dir / "args.json").read_text())
+    assert args["example_index"] == [] and args["history"] == ""
+    assert f"example {pi1}," in stdout
+
+
+def test_default_run_logs_held_out_accuracy_and_the_best(default_run):
+    output_dir, _ = default_run
+    metrics = read_metrics(output_dir / "metrics.jsonl")
+    evals = {m["step"]: m["eval/toy"] for m in metrics if "eval/toy" in m}
+    assert 0 in evals and max(evals) == metrics[-1]["step"] and len(evals) >= 5, evals
+    print("held-out toy accuracy by step:", evals)
+    best = json.loads((output_dir / "best.json").read_text())
+    trained = {s: a for s, a in evals.items() if s > 0}
+    assert best["average"] == max(trained.values()) and evals[best["step"]] == best["average"]
+    assert all(m["entropy"] > 0 and m["response_len_mean"] > 0 for m in metrics if m["step"] > 0)
+
+
+def train_in_process(*argv):
+    one_shot.main(one_shot.parse_args(list(argv)))
+
+
+def test_resume_and_a_history_file_reproduce_the_uninterrupted_run(tmp_path):
+    """HF rollouts. A pool run resumed midway records the same history; 1-shot training resumed midway, and 1-shot
+    training started afresh from the pool run's history file, end with the weights of the uninterrupted run. (In
+    this process, to save four interpreter starts: every run seeds itself.)"""
+    from safetensors.torch import load_file
+    common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
+              "--pool-size", "4", "--eval-every", "0", "--eval-max-problems", "4"]
+    train_in_process(*common, "--pool-steps", "2", "--total-steps", "2", "--save-every", "1",
+                     "--output-dir", str(tmp_path / "first"))
+    history = tmp_path / "first" / "pool" / "accuracy_history.json"
+    train_in_process(*common, "--total-steps", "3", "--resume", str(tmp_path / "first" / "checkpoint-2"),
+                     "--output-dir", str(tmp_path / "resumed"))
+    train_in_process(*common, "--history", str(history), "--total-steps", "3",
+                     "--output-dir", str(tmp_path / "straight"))
+    train_in_process(*common, "--pool-steps", "2", "--total-steps", "0", "--resume",
+                     str(tmp_path / "first" / "pool" / "checkpoint-1"), "--output-dir", str(tmp_path / "pool-resumed"))
+
+    def weights(folder):
+        return load_file(tmp_path / folder / "model.safetensors")
+    straight, resumed = weights("straight/checkpoint-3"), weights("resumed/checkpoint-3")
+    assert any(not torch.equal(weights("first/checkpoint-2")[k], straight[k]) for k in straight), "step 3 did nothing"
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight), "resumed 1-shot training differs"
+    pool_history = json.loads(history.read_text())
+    assert max(map(len, pool_history.values())) >= 2
+    assert json.loads((tmp_path / "pool-resumed" / "pool" / "accuracy_history.json").read_text()) == pool_history

@@ -1,0 +1,229 @@
+"""pcl.py: prompt selection by V(x), the value model's loss and update, the effective ratio, whole runs, resume."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import eval as evaluation  # noqa: E402
+import pcl  # noqa: E402
+
+
+# ---- selection ---------------------------------------------------------------------------------------------------
+def test_selection_picks_the_m_closest_to_tau():
+    values = torch.tensor([0.9, 0.45, 0.1, 0.6, 0.52, 0.0])
+    assert pcl.select_prompts(values, 3, 0.5) == [4, 1, 3]
+    assert pcl.select_prompts(values, 2, 0.0) == [5, 2]
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(200, generator=g, dtype=torch.float64)
+    chosen = pcl.select_prompts(values, 50, 0.3)
+    brute = sorted(range(200), key=lambda i: abs(values[i].item() - 0.3))[:50]
+    assert chosen == brute
+    assert max(abs(values[i] - 0.3) for i in chosen) <= min(abs(values[i] - 0.3) for i in set(range(200)) - set(chosen))
+
+
+def test_selection_ties_go_to_the_lowest_index():
+    # binary-exact values: the four distances 0.25 tie exactly
+    assert pcl.select_prompts(torch.tensor([0.25, 0.75, 0.25, 0.75, 0.5]), 3, 0.5) == [4, 0, 1]
+    # an untrained V (0.5 everywhere) keeps the first m candidates: uniform sampling
+    assert pcl.select_prompts(torch.full((16,), 0.5), 4, 0.5) == [0, 1, 2, 3]
+
+
+def test_dynamic_sampling_keeps_the_first_informative_groups():
+    rewards = torch.tensor([1.0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 1, 0, 0, 0])  # 5 groups of 4
+    assert pcl.select_informative(rewards, 4, 2) == [1, 3]
+    assert pcl.select_informative(rewards, 4, 10) == [1, 3, 4], "fewer than m informative: all of them, no more"
+    assert pcl.select_informative(torch.ones(8), 4, 2) == []
+
+
+# ---- effective ratio and the value model's fit -------------------------------------------------------------------
+def test_effective_ratio_by_hand():
+    rewards = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 1])
+    advantages = pcl.group_advantages(rewards, 4, std_normalize=False)
+    assert pcl.effective_ratio(advantages) == 0.5  # groups 1 and 4 carry gradient, 2 and 3 (all equal) do not
+    assert pcl.effective_ratio(pcl.group_advantages(rewards, 4, std_normalize=True)) == 0.5
+    assert pcl.effective_ratio(torch.zeros(0)) == 0.0
+
+
+def test_value_fit_by_hand():
+    realised = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    perfect = pcl.value_fit(realised.clone(), realised)
+    assert perfect["value_corr"] == pytest.approx(1.0) and perfect["value_explained_var"] == pytest.approx(1.0)
+    shifted = pcl.value_fit(realised + 0.1, realised)  # a constant bias: full correlation, nothing lost in variance
+    assert shifted["value_corr"] == pytest.approx(1.0) and shifted["value_explained_var"] == pytest.approx(1.0)
+    flat = pcl.value_fit(torch.full((4,), 0.4), realised)
+    assert flat["value_explained_var"] == pytest.approx(0.0) and flat["value_corr"] != flat["value_corr"]  # NaN
+    assert pcl.value_fit(torch.tensor([0.1, 0.9]), torch.tensor([1.0, 1.0]))["value_corr"] != 0  # NaN, not 0
+
+
+def test_value_loss_and_its_target():
+    rewards = torch.tensor([1.0, 0, 1, 1, 0, 0, 0, 0])  # two prompts, n = 4: realised accuracies 0.75 and 0
+    realised = rewards.view(-1, 4).mean(dim=1)
+    assert realised.tolist() == [0.75, 0.0]
+    assert pcl.value_loss(torch.tensor([0.5, 0.2]), realised).item() == pytest.approx((0.25 ** 2 + 0.2 ** 2) / 2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return evaluation.load_model("tiny")
+
+
+def toy_prompts(tokenizer, n, seed=0):
+    return [tokenizer.encode(evaluation.build_prompt(p["problem"], tokenizer, "qwen-math-train"))
+            for p in evaluation.toy_problems(n, seed=seed)]
+
+
+def fresh_value_model(model):
+    copy = type(model)(model.config)
+    copy.load_state_dict(model.state_dict())
+    return pcl.ValueModel(copy)
+
+
+def test_value_model_starts_at_one_half_and_ignores_padding(tiny):
+    model, tokenizer = tiny
+    value_model = fresh_value_model(model)
+    prompts = toy_prompts(tokenizer, 6)
+    args = pcl.Args(micro_batch=4)
+    off = torch.autocast("cpu", enabled=False)
+    assert torch.equal(pcl.predict_values(value_model, prompts, args, tokenizer.pad_token_id, "cpu", off),
+                       torch.full((6,), 0.5))
+    torch.nn.init.normal_(value_model.head.weight, std=0.02, generator=torch.Generator().manual_seed(0))
+    batched = pcl.predict_values(value_model, prompts, args, tokenizer.pad_token_id, "cpu", off)
+    alone = torch.cat([pcl.predict_values(value_model, [p], args, tokenizer.pad_token_id, "cpu", off) for p in prompts])
+    assert batched.std() > 1e-3, "V does not depend on the prompt: the padding check would pass vacuously"
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_value_update_moves_v_towards_the_realised_accuracy_and_accumulates_exactly(tiny):
+    model, tokenizer = tiny
+    prompts = toy_prompts(tokenizer, 8, seed=1)
+    target = torch.tensor([1.0, 0.0, 0.75, 0.25, 1.0, 0.0, 0.5, 0.125])
+    off = torch.autocast("cpu", enabled=False)
+    grads = []
+    for micro in (8, 3):
+        value_model = fresh_value_model(model).double()
+        torch.nn.init.normal_(value_model.head.weight, std=0.1, generator=torch.Generator().manual_seed(0))
+        optimizer = torch.optim.SGD(value_model.parameters(), lr=0.0)
+        optimizer.zero_grad = lambda set_to_none=True: None  # keep the gradient for inspection
+        pcl.update_value_model(value_model, optimizer, prompts, target.double(), pcl.Args(micro_batch=micro,
+                               max_grad_norm=1e9), tokenizer.pad_token_id, "cpu", off)
+        grads.append(torch.cat([p.grad.flatten() for p in value_model.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
+
+    value_model = fresh_value_model(model)
+    optimizer = torch.optim.AdamW(value_model.parameters(), lr=3e-4)
+    args = pcl.Args(micro_batch=8)
+    before = pcl.value_loss(pcl.predict_values(value_model, prompts, args, tokenizer.pad_token_id, "cpu", off), target)
+    for _ in range(20):
+        pcl.update_value_model(value_model, optimizer, prompts, target, args, tokenizer.pad_token_id, "cpu", off)
+    after = pcl.value_loss(pcl.predict_values(value_model, prompts, args, tokenizer.pad_token_id, "cpu", off), target)
+    assert after < 0.7 * before, f"V did not fit its targets: loss {before:.4f} -> {after:.4f}"
+
+
+# ---- whole runs --------------------------------------------------------------------------------------------------
+def script(*args):
+    return [sys.executable, str(ROOT / "pcl.py"), *args]
+
+
+def run_script(*args, timeout=600):
+    out = subprocess.run(script(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
+
+
+def mean(values):
+    values = [v for v in values if v == v]  # NaN: a step where the kept prompts' accuracies did not vary
+    return sum(values) / len(values)
+
+
+@pytest.fixture(scope="module")
+def default_runs(tmp_path_factory):
+    """The default run (--select pcl) and the same run with --select uniform, side by side (one core each)."""
+    folder = tmp_path_factory.mktemp("default")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    runs = {s: subprocess.Popen(script("--select", s, "--output-dir", str(folder / s)), cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for s in ("pcl", "uniform")}
+    for s, p in runs.items():
+        output = p.communicate(timeout=900)[0]
+        assert p.returncode == 0, output[-3000:]
+    return {s: read_metrics(folder / s) for s in runs}
+
+
+def test_default_run_value_model_predicts_realised_accuracy(default_runs):
+    metrics = default_runs["pcl"]
+    late = metrics[len(metrics) // 2:]  # after V has trained for half the run
+    corr = mean([m["value_corr"] for m in late])
+    print(f"V vs realised accuracy of the kept prompts, second half of the pcl run: corr {corr:.3f}")
+    assert corr >= 0.5, f"V did not learn the policy's accuracy: mean correlation {corr:.3f} over the second half"
+
+
+def test_default_run_pcl_has_a_higher_effective_ratio_than_uniform(default_runs):
+    ratio = {s: mean([m["effective_ratio"] for m in default_runs[s]]) for s in default_runs}
+    print(f"effective ratio: pcl {ratio['pcl']:.3f}, uniform {ratio['uniform']:.3f}")
+    assert ratio["pcl"] > ratio["uniform"], ratio
+
+
+def test_default_run_pcl_learns(default_runs):
+    metrics = default_runs["pcl"]
+    evals = [m["eval/accuracy"] for m in metrics if "eval/accuracy" in m]
+    print(f"pcl held-out accuracy at each evaluation: {evals}")
+    assert evals[-1] >= 0.6 and evals[-1] > evals[0], evals
+
+
+def test_resumed_run_equals_uninterrupted_run_policy_and_value_model(tmp_path):
+    common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "32", "--micro-batch", "8",
+              "--eval-every", "0", "--eval-max-problems", "4", "--value-lr", "1e-2"]
+    run_script(*common, "--total-steps", "3", "--output-dir", str(tmp_path / "straight"))
+    run_script(*common, "--total-steps", "2", "--output-dir", str(tmp_path / "first"))
+    run_script(*common, "--total-steps", "3", "--resume", str(tmp_path / "first" / "checkpoint-2"),
+               "--output-dir", str(tmp_path / "resumed"))
+    from safetensors.torch import load_file
+    straight = load_file(tmp_path / "straight" / "checkpoint-3" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "checkpoint-3" / "model.safetensors")
+    first = load_file(tmp_path / "first" / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(first[k], straight[k]) for k in straight), "step 3 changed nothing"
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), f"policy {k} differs after resume"
+    states = {name: torch.load(tmp_path / name / f"checkpoint-{s}" / "trainer_state.pt", weights_only=False)
+              for name, s in (("straight", 3), ("resumed", 3), ("first", 2))}
+    v_straight, v_resumed = states["straight"]["value_model"], states["resumed"]["value_model"]
+    assert any(not torch.equal(states["first"]["value_model"][k], v_straight[k]) for k in v_straight)
+    for k in v_straight:
+        assert torch.equal(v_straight[k], v_resumed[k]), f"value model {k} differs after resume"
+    same = ("reward_mean", "effective_ratio", "value_loss")
+    assert [[m[k] for k in same] for m in read_metrics(tmp_path / "straight")[2:]] == \
+        [[m[k] for k in same] for m in read_metrics(tmp_path / "resumed")]
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--select", "best"], "--select"),
+    (["--candidates-factor", "0"], "--candidates-factor"),
+    (["--tau", "1.5"], "--tau"),
+    (["--samples-per-prompt", "1"], "--samples-per-prompt"),
+    (["--rollout", "hf", "--value-model", "/nonexistent/value"], "--value-model"),
+])
+def test_bad_arguments_fail_clearly(flags, needle):
+    out = subprocess.run(script(*flags), capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode != 0 and needle in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_dynamic_sampling_trains_only_on_informative_prompts(tmp_path):
+    run_script("--select", "dynamic-sampling", "--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "32",
+               "--micro-batch", "8", "--total-steps", "1", "--eval-max-problems", "4",
+               "--output-dir", str(tmp_path))
+    for m in read_metrics(tmp_path):
+        assert m["effective_ratio"] == 1.0, "a kept group with all-equal rewards: the filter let it through"
+        assert 0 < m["kept_prompts"] <= 4 and m["time_generate"] < m["time_select"]
