@@ -550,20 +550,14 @@ def main(args: Args):
     model_path = args.resume or evaluation.resolve_model_path(args.model)
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
     with_own_memory(model).to(device).train()
-    reference = None
-    if args.kl_coef > 0:  # with no KL term there is nothing to compare against: no reference is loaded
-        reference = evaluation.load_model(evaluation.resolve_model_path(args.model))[0].eval()
-        reference.requires_grad_(False)
-        reference.to("cpu" if args.reference_on_cpu else device)
+    reference = load_reference(args, device)
     if args.resume and not (Path(args.resume) / "critic").is_dir():
         raise SystemExit(f"--resume {args.resume}: no critic/ folder in it, so not a ppo.py checkpoint")
     critic_path = str(Path(args.resume) / "critic") if args.resume else \
         evaluation.resolve_model_path(args.critic_model or args.model)
     critic = load_critic(critic_path, tokenizer, device)
     if args.gradient_checkpointing:
-        for m in (model, critic):
-            m.gradient_checkpointing_enable()
-            m.config.use_cache = False
+        use_gradient_checkpointing(model, critic)
     problems = load_prompts(args, tokenizer)
     eval_problems = load_eval_problems(args)
     batch_size = args.prompts_per_step * args.samples_per_prompt
@@ -677,6 +671,8 @@ def check_args(args: Args) -> None:
         raise SystemExit(f"--gamma and --lam must lie in [0, 1]; got gamma={args.gamma}, lam={args.lam}")
     if args.value_clip <= 0:
         raise SystemExit(f"--value-clip must be positive; got {args.value_clip}")
+    if args.kl_coef < 0:
+        raise SystemExit(f"--kl-coef must be >= 0 (0: no KL term and no reference model); got {args.kl_coef}")
     if not 0 <= args.critic_warmup_steps < args.total_steps:
         raise SystemExit(f"--critic-warmup-steps must lie in [0, total_steps={args.total_steps}); "
                          f"got {args.critic_warmup_steps}")
@@ -698,6 +694,24 @@ def load_critic(path: str, tokenizer, device):
         raise SystemExit(f"critic {path}: its vocabulary ({critic.get_input_embeddings().num_embeddings}) is smaller "
                          f"than the policy tokenizer's ({len(tokenizer)}); the critic must read the policy's tokens")
     return with_own_memory(critic).to(device).train()
+
+
+def load_reference(args: Args, device):
+    """The frozen reference for the KL term, or None when kl_coef is 0: then nothing is loaded, which saves a third
+    model's weights (6 GB for a 1.5B model in fp32). With --reference-on-cpu it waits in CPU memory."""
+    if args.kl_coef == 0:
+        return None
+    reference = evaluation.load_model(evaluation.resolve_model_path(args.model))[0].eval()
+    reference.requires_grad_(False)
+    return reference.to("cpu" if args.reference_on_cpu else device)
+
+
+def use_gradient_checkpointing(*models) -> None:
+    """Keep only each layer's input in the forward and recompute the layer in backward: activation memory of one
+    layer instead of all of them, for about one more forward of compute. Training never uses the KV cache."""
+    for m in models:
+        m.gradient_checkpointing_enable()
+        m.config.use_cache = False
 
 
 def with_own_memory(model):

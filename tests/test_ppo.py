@@ -228,6 +228,56 @@ def test_policy_gradient_accumulation_equals_one_big_batch(tiny, mode):
     torch.testing.assert_close(grads[2], grads[0], rtol=1e-9, atol=1e-12)
 
 
+# ---- memory: the reference only when needed, gradient checkpointing ------------------------------------------
+def test_no_reference_model_exists_when_kl_coef_is_0(monkeypatch):
+    loaded = []
+    real_load = evaluation.load_model
+    monkeypatch.setattr(evaluation, "load_model", lambda path: loaded.append(path) or real_load(path))
+    assert ppo.load_reference(ppo.Args(kl_coef=0.0), torch.device("cpu")) is None
+    assert ppo.load_reference(ppo.Args(kl_coef=0.0, kl_in_loss=True), torch.device("cpu")) is None
+    assert not loaded, "a reference model was loaded although no KL term uses it"
+    reference = ppo.load_reference(ppo.Args(kl_coef=0.05, reference_on_cpu=True), torch.device("cpu"))
+    assert len(loaded) == 1 and not reference.training
+    assert not any(p.requires_grad for p in reference.parameters()), "the reference must be frozen"
+    assert all(p.device.type == "cpu" for p in reference.parameters())
+
+
+def saved_activation_bytes_and_grads(model, forward):
+    """Bytes that autograd keeps for backward during `forward(model)`, and the gradient of its sum."""
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward(model)
+    model.zero_grad(set_to_none=True)
+    out.sum().backward()
+    return saved[0], torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_gradient_checkpointing_keeps_fewer_activations_and_the_same_gradients(tiny):
+    """--gradient-checkpointing, for the policy and the critic: far fewer saved activations, equal gradients."""
+    model, tokenizer, critic = tiny
+    batch = ppo.collate(fake_rollouts(tokenizer, n=4, seed=5), tokenizer.pad_token_id, "cpu")
+    forwards = {"policy": lambda m: ppo.response_logprobs(m, batch, 1.0, 1024)[0],
+                "critic": lambda m: ppo.response_values(m, batch)}
+    for name, base in (("policy", model), ("critic", critic)):
+        plain, checkpointed = type(base)(base.config), type(base)(base.config)
+        for m in (plain, checkpointed):
+            m.load_state_dict(base.state_dict())
+            m.double().train()
+        ppo.use_gradient_checkpointing(checkpointed)
+        assert checkpointed.is_gradient_checkpointing and not checkpointed.config.use_cache
+        plain_bytes, plain_grad = saved_activation_bytes_and_grads(plain, forwards[name])
+        ckpt_bytes, ckpt_grad = saved_activation_bytes_and_grads(checkpointed, forwards[name])
+        print(f"{name}: saved activations {plain_bytes} -> {ckpt_bytes} bytes with checkpointing")
+        assert ckpt_bytes < plain_bytes / 3, f"{name}: checkpointing saved little ({plain_bytes} -> {ckpt_bytes})"
+        assert plain_grad.numel() == ckpt_grad.numel() == sum(p.numel() for p in base.parameters()), \
+            f"{name}: some parameter got no gradient"
+        torch.testing.assert_close(ckpt_grad, plain_grad, rtol=1e-10, atol=1e-12)
+
+
 # ---- whole runs ------------------------------------------------------------------------------------------------
 def run_script(*args, timeout=600, check=True):
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
@@ -312,7 +362,7 @@ def test_critic_warmup_leaves_the_policy_alone(tmp_path):
 
 @pytest.mark.parametrize("field,value,needle", [
     ("gamma", 1.5, "--gamma"), ("lam", -0.1, "--lam"), ("critic_warmup_steps", 100, "--critic-warmup-steps"),
-    ("value_clip", 0.0, "--value-clip"),
+    ("value_clip", 0.0, "--value-clip"), ("kl_coef", -0.1, "--kl-coef"),
 ])
 def test_bad_arguments_fail_clearly(field, value, needle):
     with pytest.raises(SystemExit, match=needle):
