@@ -106,79 +106,132 @@ class Args:
     max_grad_norm: float = 1.0  # the policy's global gradient-norm clip (paper: 1.0)
     gradient_checkpointing: bool = False  # recompute activations in backward, policy and critic (real runs: on)
     reference_on_cpu: bool = False  # keep the reference in CPU memory, on the GPU only for its forward pass
-    logprob_chunk: int = 1024  # tokens per chunk in the fused log-prob
+    logprob_memory_mib: float = 1024  # working memory of one chunk of the fused log-prob (MiB)
     max_bad_steps: int = 3  # stop after this many updates in a row with a non-finite loss or gradient
 
 
 # ---- log-probs: the memory-critical piece --------------------------------------------------------------------
 class ChunkedLogprobEntropy(torch.autograd.Function):
-    """log p(target) and entropy of softmax(hidden @ weight.T * inv_temperature), chunk by chunk over tokens.
+    """log p(target) and entropy H of p = softmax(hidden @ weight.T / T), never holding a [tokens x vocab] tensor.
 
-    Forward keeps only per-token statistics (log-sum-exp, entropy); backward recomputes each chunk's logits. With
-    z the scaled logits, p = softmax(z) and H = lse - sum p z:
-      d logp / dz = onehot(target) - p          d H / dz = -p * (log p + H)
-    so no [tokens x vocab] tensor outlives a chunk."""
+    Forward walks over chunks of tokens and keeps three numbers per token (log p(target), H, log-sum-exp).
+    Backward walks over blocks of the vocabulary, recomputing the logits of every token for one block at a time.
+    With z the logits divided by T, g1 and g2 the incoming gradients of log p(target) and H:
+        d log p(t) / dz_j = [j = t] - p_j          d H / dz_j = -p_j (log p_j + H)
+        so dL/dz_j = p_j (a + b log p_j) + [j = t] g1 / T,   a = -(g1 + g2 H) / T,   b = -g2 / T  (per token),
+    the 1/T coming from z = logits / T. Blocking the vocabulary makes each block's weight gradient one complete
+    GEMM, written once in the weight's dtype: no fp32 accumulator of the weight's size. Only the small hidden-state
+    gradient [tokens x hidden] is accumulated, in fp32.
+    Cost per element of a block, counted in passes over fp32 memory: forward 6 reads + 2 writes after its GEMM,
+    backward 5 reads + 3.5 writes (3 reads + 2.5 writes when the entropy's gradient is not needed).
+    Chunk sizes come from a memory budget (memory_mib) for these temporaries, not a fixed count.
+    Under CUDA autocast the GEMMs run in the autocast dtype with fp32 outputs (logits are never rounded to bf16);
+    the statistics are fp32 (fp64 inputs stay fp64: the tests' exact reference)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_temperature: float, chunk_size: int):
+    def forward(ctx, hidden, weight, targets, inv_temperature: float, memory_mib: float):
         ctx.set_materialize_grads(False)
-        w = weight.to(hidden.dtype)
-        n = hidden.shape[0]
-        stats_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 for bf16/fp32; fp64 stays fp64
-        logp = torch.empty(n, dtype=stats_dtype, device=hidden.device)
-        entropy = torch.empty_like(logp)
-        lse = torch.empty_like(logp)
-        for s in range(0, n, chunk_size):
-            z = (hidden[s:s + chunk_size] @ w.T).to(stats_dtype).mul_(inv_temperature)
-            lse_c = torch.logsumexp(z, dim=-1)
-            logp[s:s + chunk_size] = z.gather(1, targets[s:s + chunk_size, None]).squeeze(1) - lse_c
-            p = torch.softmax(z, dim=-1)
-            entropy[s:s + chunk_size] = lse_c - (p * z).sum(-1)
-            lse[s:s + chunk_size] = lse_c
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-        ctx.inv_temperature, ctx.chunk_size = inv_temperature, chunk_size
+        dtype = gemm_dtype(hidden)
+        stats = torch.promote_types(dtype, torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):  # every dtype below is chosen on purpose
+            h, w = hidden.to(dtype), weight.to(dtype)
+            n, vocab = h.shape[0], w.shape[0]
+            logp, entropy, lse = (torch.empty(n, dtype=stats, device=h.device) for _ in range(3))
+            rows = chunk_length(memory_mib, bytes_per_item=2 * vocab * stats.itemsize)  # logits + their exp
+            for s in range(0, n, rows):
+                z = matmul(h[s:s + rows], w.T, stats)
+                shift = z.amax(1, keepdim=True).mul_(-inv_temperature)
+                y = torch.add(shift, z, alpha=inv_temperature, out=z)  # y = (z - max z) / T, in z's memory
+                e = torch.exp(y)
+                log_total = e.sum(1).log()
+                dot_ey = torch.bmm(e[:, None, :], y[:, :, None]).view(-1)  # sum_j e_j y_j, one read of each
+                logp[s:s + rows] = y.gather(1, targets[s:s + rows, None]).squeeze(1) - log_total
+                entropy[s:s + rows] = log_total - dot_ey / log_total.exp()  # H = log sum e - sum e y / sum e
+                lse[s:s + rows] = log_total - shift.squeeze(1)
+        ctx.save_for_backward(hidden, weight, targets, logp, entropy, lse)
+        ctx.inv_temperature, ctx.memory_mib, ctx.dtype = inv_temperature, memory_mib, dtype
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, targets, logp, entropy, lse = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None
-        w = weight.to(hidden.dtype)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        stats_dtype = lse.dtype
-        grad_weight = torch.zeros(weight.shape, dtype=stats_dtype, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
-        for s in range(0, hidden.shape[0], ctx.chunk_size):
-            h = hidden[s:s + ctx.chunk_size]
-            z = (h @ w.T).to(stats_dtype).mul_(ctx.inv_temperature)
-            log_p = z.sub_(lse[s:s + ctx.chunk_size, None])  # z is not needed again: reuse its memory
-            p = log_p.exp()
-            grad_z = torch.zeros_like(p)
-            if grad_entropy is not None:  # skipped entirely when the entropy is only logged
-                g = grad_entropy[s:s + ctx.chunk_size, None]
-                grad_z -= g * p * (log_p + entropy[s:s + ctx.chunk_size, None])
-            if grad_logp is not None:
-                g = grad_logp[s:s + ctx.chunk_size, None]
-                grad_z -= g * p
-                grad_z.scatter_add_(1, targets[s:s + ctx.chunk_size, None], g)
-            grad_z = grad_z.mul_(ctx.inv_temperature)
-            if grad_hidden is not None:
-                grad_hidden[s:s + ctx.chunk_size] = grad_z.to(hidden.dtype) @ w
-            if grad_weight is not None:  # accumulate in place: no temporary of the weight's size per chunk
-                grad_weight.addmm_(grad_z.T, h.to(stats_dtype))
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+        inv_t, stats = ctx.inv_temperature, lse.dtype
+        g1 = grad_logp if grad_logp is not None else torch.zeros_like(lse)
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
+            n, vocab = h.shape[0], w.shape[0]
+            if grad_entropy is None:  # the entropy is only logged: its terms are skipped entirely
+                a, b = -inv_t * g1, None
+                at_target = (1 - logp.exp()) * inv_t * g1
+            else:
+                a, b = -inv_t * (g1 + grad_entropy * entropy), -inv_t * grad_entropy
+                at_target = logp.exp() * (a + b * logp) + inv_t * g1
+            at_target = at_target.to(ctx.dtype)  # the target's entry, from fp32 statistics, rounded once
+            grad_hidden = torch.empty(hidden.shape, dtype=stats, device=h.device) if ctx.needs_input_grad[0] else None
+            grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+            bytes_per_column = n * (2 * stats.itemsize + ctx.dtype.itemsize)  # log p, p, and the dtype's dL/dz
+            cols = chunk_length(ctx.memory_mib, bytes_per_column)
+            token = torch.arange(n, device=h.device)
+            for v in range(0, vocab, cols):
+                w_block = w[v:v + cols]
+                z = matmul(h, w_block.T, stats)
+                log_p = torch.add(-lse[:, None], z, alpha=inv_t, out=z)  # log p = z / T - lse, in z's memory
+                grad_z = torch.empty(log_p.shape, dtype=ctx.dtype, device=h.device)
+                if b is None:
+                    torch.mul(log_p.exp_(), a[:, None], out=grad_z)  # a p
+                else:
+                    p = torch.exp(log_p)
+                    torch.mul(p, torch.addcmul(a[:, None], log_p, b[:, None], out=log_p), out=grad_z)
+                col = targets - v  # overwrite the targets that fall in this block (no host sync: masked write)
+                hit = (col >= 0) & (col < grad_z.shape[1])
+                col = col.clamp_(0, grad_z.shape[1] - 1)
+                grad_z[token, col] = torch.where(hit, at_target, grad_z[token, col])
+                if grad_weight is not None:  # the block's complete weight gradient: one GEMM, written once
+                    matmul(grad_z.T, h, weight.dtype, out=grad_weight[v:v + cols])
+                if grad_hidden is not None:
+                    if v == 0:
+                        matmul(grad_z, w_block, stats, out=grad_hidden)
+                    else:
+                        grad_hidden += matmul(grad_z, w_block, stats)
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight, None, None, None
 
 
-def logprobs_and_entropy(hidden, weight, targets, temperature: float = 1.0, chunk_size: int = 1024):
+def gemm_dtype(hidden):
+    """The dtype of the log-prob's GEMMs: CUDA autocast's (fp32 master weights, bf16 compute), else the input's."""
+    if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return hidden.dtype
+
+
+def matmul(a, b, out_dtype, out=None):
+    """a @ b, accumulated in fp32 or wider and written in out_dtype. Half-precision inputs on a GPU use cuBLAS's
+    fp32-output GEMM (no rounding to bf16, no extra pass); elsewhere the inputs are upcast first."""
+    if a.dtype == out_dtype:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda and out_dtype == torch.float32:
+        return torch.mm(a, b, out_dtype=out_dtype, out=out)
+    wide = torch.promote_types(a.dtype, out_dtype)
+    product = torch.mm(a.to(wide), b.to(wide)).to(out_dtype)
+    return product if out is None else out.copy_(product)
+
+
+def chunk_length(memory_mib: float, bytes_per_item: int) -> int:
+    """How many rows (or columns) of temporaries fit in the memory budget; at least one."""
+    return max(1, int(memory_mib * 2**20 // bytes_per_item))
+
+
+def logprobs_and_entropy(hidden, weight, targets, temperature: float = 1.0, memory_mib: float = 1024):
     """Per-token log-prob of `targets` and entropy under softmax(hidden @ weight.T / temperature): float32 for
-    bf16/fp32 inputs (float64 for float64 ones, which the tests use as the exact reference)."""
-    return ChunkedLogprobEntropy.apply(hidden, weight, targets, 1.0 / temperature, chunk_size)
+    bf16/fp32 inputs (float64 for float64 ones, which the tests use as the exact reference). memory_mib bounds the
+    temporaries of one chunk (the weight gradient and the hidden-state gradient come on top)."""
+    return ChunkedLogprobEntropy.apply(hidden, weight, targets, 1.0 / temperature, memory_mib)
 
 
-def response_logprobs(model, batch: dict, temperature: float, chunk_size: int):
+def response_logprobs(model, batch: dict, temperature: float, memory_mib: float):
     """Log-probs and entropies of the response tokens of a collated batch, flattened in row order.
 
     Only the hidden states that predict response tokens reach the LM head: the prompt's never do."""
@@ -187,7 +240,7 @@ def response_logprobs(model, batch: dict, temperature: float, chunk_size: int):
     predicts_response = batch["response_mask"][:, 1:]
     hidden = hidden[:, :-1][predicts_response]
     targets = batch["input_ids"][:, 1:][predicts_response]
-    return logprobs_and_entropy(hidden, model.get_output_embeddings().weight, targets, temperature, chunk_size)
+    return logprobs_and_entropy(hidden, model.get_output_embeddings().weight, targets, temperature, memory_mib)
 
 
 def response_values(critic, batch: dict):
@@ -784,7 +837,7 @@ def update_policy(model, rollouts, advantages, old_logp, ref_logp, optimizer, sc
                 lengths = [len(r["response_ids"]) for r in rows]
                 with autocast:
                     logp, entropy = response_logprobs(model, collate(rows, pad_id, device), args.temperature,
-                                                      args.logprob_chunk)
+                                                      args.logprob_memory_mib)
                 per_token = lambda values: torch.cat([values[i] for i in micro]).to(device)
                 weights = token_weights(lengths, args.loss_agg, mini_tokens, len(mini), args.max_new_tokens)
                 loss, s = policy_loss(logp, per_token(old_logp), per_token(advantages), weights.to(device), args,
@@ -816,7 +869,7 @@ def token_logprobs(model, rollouts, args, pad_id, device) -> list[torch.Tensor]:
     out = []
     for u in range(0, len(rollouts), args.micro_batch):
         rows = rollouts[u:u + args.micro_batch]
-        logp, _ = response_logprobs(model, collate(rows, pad_id, device), args.temperature, args.logprob_chunk)
+        logp, _ = response_logprobs(model, collate(rows, pad_id, device), args.temperature, args.logprob_memory_mib)
         out += list(logp.split([len(r["response_ids"]) for r in rows]))
     return out
 

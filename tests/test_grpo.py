@@ -32,16 +32,18 @@ def random_problem(n=37, h=24, v=101, seed=0):
         torch.randn(n, dtype=torch.float64, generator=g)
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 16, 37, 1000])
+# Budgets that give 1 token x 1 vocab column per chunk, a few of each with remainders, and everything at once
+# (37 tokens x 101 vocab in float64: 1616 bytes per forward row, 888 per backward column).
+@pytest.mark.parametrize("memory_mib", [1e-9, 0.01, 0.05, 1000])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_fused_logprob_matches_float64_reference_values_and_gradients(chunk, temperature):
+def test_fused_logprob_matches_float64_reference_values_and_gradients(memory_mib, temperature):
     hidden, weight, targets, g_logp, g_entropy = random_problem()
     ref_logp, ref_entropy = reference_logprobs_and_entropy(hidden, weight, targets, temperature)
     (ref_logp @ g_logp + ref_entropy @ g_entropy).backward()
     ref_grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
 
-    logp, entropy = grpo.logprobs_and_entropy(hidden, weight, targets, temperature, chunk_size=chunk)
+    logp, entropy = grpo.logprobs_and_entropy(hidden, weight, targets, temperature, memory_mib=memory_mib)
     (logp @ g_logp + entropy @ g_entropy).backward()
     torch.testing.assert_close(logp, ref_logp, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(entropy, ref_entropy, rtol=1e-6, atol=1e-9)
@@ -55,7 +57,7 @@ def test_fused_logprob_gradient_without_entropy_term():
     (ref_logp @ g_logp).backward()
     ref_grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
-    logp, entropy = grpo.logprobs_and_entropy(hidden, weight, targets, 0.7, chunk_size=8)
+    logp, entropy = grpo.logprobs_and_entropy(hidden, weight, targets, 0.7, memory_mib=0.01)
     (logp @ g_logp).backward()  # entropy only logged: its gradient is None and its work is skipped
     torch.testing.assert_close(hidden.grad, ref_grads[0], rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(weight.grad, ref_grads[1], rtol=1e-6, atol=1e-9)
@@ -66,7 +68,7 @@ def test_fused_logprob_saves_no_tokens_by_vocab_tensor():
     hidden, weight, targets, g_logp, g_entropy = random_problem(n, h, v)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        logp, entropy = grpo.logprobs_and_entropy(hidden, weight, targets, 1.0, chunk_size=8)
+        logp, entropy = grpo.logprobs_and_entropy(hidden, weight, targets, 1.0, memory_mib=0.01)
     (logp @ g_logp + entropy @ g_entropy).backward()
     assert saved, "the hook saw nothing: the test would pass vacuously"
     assert all(torch.Size(s).numel() != n * v for s in saved), f"a [tokens x vocab] tensor was saved: {saved}"
@@ -74,7 +76,7 @@ def test_fused_logprob_saves_no_tokens_by_vocab_tensor():
 
 def test_fused_logprob_in_float32_is_close_to_float64():
     hidden, weight, targets, _, _ = random_problem()
-    logp, entropy = grpo.logprobs_and_entropy(hidden.float(), weight.float(), targets, 0.6, chunk_size=7)
+    logp, entropy = grpo.logprobs_and_entropy(hidden.float(), weight.float(), targets, 0.6, memory_mib=0.003)
     ref_logp, ref_entropy = reference_logprobs_and_entropy(hidden, weight, targets, 0.6)
     assert logp.dtype == torch.float32
     torch.testing.assert_close(logp.double(), ref_logp.detach(), rtol=1e-4, atol=1e-4)

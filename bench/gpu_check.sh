@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The one prepared GPU session for issue #9 (and ppo's memory notes): each table goes to $OUT (or ./gpu_out).
+# Liger-Kernel travels as a wheel in .whl/ (pure Python; the GPU box has torch, triton and no internet).
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+  | tee -a "$OUT/gpu.txt"
+timeout 200 python3 bench/logprob.py 2>&1 | tee "$OUT/logprob.md"
+timeout 60 python3 bench/logprob.py --tokens 32768 --memory-mib 512 --methods "ours,ours (logp only)" 2>&1 \
+  | tee "$OUT/logprob_512mib.md"
+timeout 120 python3 bench/train_step.py 2>&1 | tee "$OUT/train_step.md"
+timeout 90 python3 bench/ppo_memory.py 2>&1 | tee "$OUT/ppo_memory.md"
