@@ -1,0 +1,67 @@
+"""Where ours' time goes at 32k tokens on a GPU: torch.profiler's kernel table, and a few alternatives timed alone.
+Not a test."""
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from grpo import logprobs_and_entropy  # noqa: E402
+
+N, D, V, T = 32768, 1536, 151936, 0.6
+
+
+def timed(label, fn, reps=5):
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    print(f"{label}: {(time.perf_counter() - start) / reps * 1e3:.2f} ms", flush=True)
+
+
+def main():
+    torch.manual_seed(0)
+    h = torch.randn(N, D, dtype=torch.bfloat16, device="cuda").requires_grad_()
+    w = torch.randn(V, D, dtype=torch.bfloat16, device="cuda").mul_(0.05).requires_grad_()
+    t = torch.randint(V, (N,), device="cuda")
+    g1, g2 = torch.randn(N, device="cuda"), torch.randn(N, device="cuda")
+
+    def step():
+        logp, entropy = logprobs_and_entropy(h, w, t, T)
+        (logp * g1 + entropy * g2).sum().backward()
+        h.grad = w.grad = None
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
+
+    rows, cols = 883, 3276
+    z = torch.randn(rows, V, device="cuda")
+    e = torch.randn(rows, V, device="cuda")
+    timed("one fp32 pass (copy) [883 x V]", lambda: z.clone())
+    timed("dot via bmm", lambda: torch.bmm(e[:, None, :], z[:, :, None]))
+    timed("dot via (e*y).sum", lambda: (e * z).sum(1))
+    timed("dot via linalg.vecdot", lambda: torch.linalg.vecdot(e, z))
+    timed("amax", lambda: z.amax(1))
+    timed("exp", lambda: torch.exp(z))
+    timed("sum", lambda: z.sum(1))
+    timed("logsumexp", lambda: torch.logsumexp(z, 1))
+    hb, wb = h.detach()[:rows], w.detach()
+    timed("mm bf16 out [883 x V]", lambda: hb @ wb.T)
+    timed("mm fp32 out [883 x V]", lambda: torch.mm(hb, wb.T, out_dtype=torch.float32))
+    hc, wc = h.detach(), w.detach()[:cols]
+    timed("mm bf16 out [N x 3276]", lambda: hc @ wc.T)
+    timed("mm fp32 out [N x 3276]", lambda: torch.mm(hc, wc.T, out_dtype=torch.float32))
+    gz = torch.randn(N, cols, device="cuda").bfloat16()
+    timed("grad_W block gz.T @ h [3276 x D]", lambda: gz.T @ hc)
+    timed("grad_h block gz @ w_b fp32 out", lambda: torch.mm(gz, wc, out_dtype=torch.float32))
+    timed("grad_h block gz @ w_b bf16 out", lambda: gz @ wc)
+
+
+if __name__ == "__main__":
+    main()
