@@ -102,7 +102,7 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
     GEMM, written once in the weight's dtype: no fp32 accumulator of the weight's size. Only the small hidden-state
     gradient [tokens x hidden] is accumulated, in fp32.
     Cost per element of a block, counted in passes over fp32 memory: forward 6 reads + 2 writes after its GEMM,
-    backward 4.5 reads + 3 writes with a bf16 dL/dz (3 + 2.5 when the entropy's gradient is not needed).
+    backward 5 reads + 3.5 writes (3 reads + 2.5 writes when the entropy's gradient is not needed).
     Chunk sizes come from a memory budget (memory_mib) for these temporaries, not a fixed count.
     Under CUDA autocast the GEMMs run in the autocast dtype with fp32 outputs (logits are never rounded to bf16);
     the statistics are fp32 (fp64 inputs stay fp64: the tests' exact reference)."""
@@ -150,7 +150,7 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
             at_target = at_target.to(ctx.dtype)  # the target's entry, from fp32 statistics, rounded once
             grad_hidden = torch.empty(hidden.shape, dtype=stats, device=h.device) if ctx.needs_input_grad[0] else None
             grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
-            bytes_per_column = n * (stats.itemsize + ctx.dtype.itemsize)  # log p, then p; dL/dz in the GEMM dtype
+            bytes_per_column = n * (2 * stats.itemsize + ctx.dtype.itemsize)  # log p, p, and the dtype's dL/dz
             cols = chunk_length(ctx.memory_mib, bytes_per_column)
             if cols > 128:  # keep blocks a multiple of 128 wide: a misaligned width sends cuBLAS to kernels 3x slower
                 cols -= cols % 128
@@ -159,12 +159,12 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
                 w_block = w[v:v + cols]
                 z = matmul(h, w_block.T, stats)
                 log_p = torch.add(-lse[:, None], z, alpha=inv_t, out=z)  # log p = z / T - lse, in z's memory
+                grad_z = torch.empty(log_p.shape, dtype=ctx.dtype, device=h.device)
                 if b is None:
-                    grad_z = torch.mul(log_p.exp_(), a[:, None], out=torch.empty_like(log_p, dtype=ctx.dtype))
-                else:  # (a + b log p) first, in the GEMM dtype; then log p becomes p in place, and p (a + b log p)
-                    grad_z = torch.empty_like(log_p, dtype=ctx.dtype)
-                    torch.addcmul(a[:, None], log_p, b[:, None], out=grad_z)
-                    grad_z = torch.mul(log_p.exp_(), grad_z, out=grad_z)
+                    torch.mul(log_p.exp_(), a[:, None], out=grad_z)  # a p
+                else:
+                    p = torch.exp(log_p)
+                    torch.mul(p, torch.addcmul(a[:, None], log_p, b[:, None], out=log_p), out=grad_z)
                 col = targets - v  # overwrite the targets that fall in this block (no host sync: masked write)
                 hit = (col >= 0) & (col < grad_z.shape[1])
                 col = col.clamp_(0, grad_z.shape[1] - 1)

@@ -15,4 +15,4 @@ timeout 200 python3 bench/logprob.py 2>&1 | tee "$OUT/logprob.md"
 timeout 60 python3 bench/logprob.py --tokens 32768 --memory-mib 512 --methods "ours,ours (logp only)" 2>&1 \
   | tee "$OUT/logprob_512mib.md"
 timeout 120 python3 bench/train_step.py 2>&1 | tee "$OUT/train_step.md"
-# ppo_memory.py ran in the previous session of this script (no change since)
+timeout 170 python3 bench/ppo_memory.py 2>&1 | tee "$OUT/ppo_memory.md"
