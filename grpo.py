@@ -424,16 +424,15 @@ def gather_from_ranks(values: list) -> list:
 
 
 def train_stats_over_ranks(stats: dict) -> dict:
-    """The whole batch's training statistics: a rank's loss is its share of the global sum; the rest are means."""
+    """Training statistics for logging, averaged over ranks (each a mean over its micro-batches; the gradient norm
+    is already global)."""
     if not is_distributed():
         return stats
     keys = sorted(k for k, v in stats.items() if isinstance(v, float))
-    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+    means = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
     parts = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, values)
-    total = torch.stack(parts).sum(0)
-    world = len(parts)
-    return {**stats, **{k: total[i].item() / (1 if k == "loss" else world) for i, k in enumerate(keys)}}
+    torch.distributed.all_gather_object(parts, means)
+    return {**stats, **dict(zip(keys, torch.stack(parts).mean(0).tolist()))}
 
 
 def rng_state() -> dict:
@@ -450,6 +449,8 @@ def save_sharded_checkpoint(folder: Path, step: int, model, tokenizer, optimizer
     folder.mkdir(parents=True, exist_ok=True)
     model.reshard()  # the optimizer's state is keyed by the sharded parameters, not the root's gathered ones
     weights = full_weights(model)
+    if model.config.tie_word_embeddings:  # written once, as a single-process save_pretrained does
+        weights.pop("lm_head.weight")
     if rank == 0:
         model.save_pretrained(folder, state_dict=weights)
         tokenizer.save_pretrained(folder)
