@@ -8,11 +8,14 @@ the built-in tiny model on the toy task on a CPU in about two minutes (2 cores);
 
     python grpo.py                                 # tiny model, toy task, CPU
     python grpo.py --help                          # every hyperparameter, with the paper's value
+    torchrun --nproc_per_node 8 grpo.py --model ...  # several GPUs: FSDP2, one vLLM engine per rank
 
 Choices and simplifications, all flags:
 - Rollouts come from vLLM in the same process (weights pushed after every optimizer step) or HF `generate`.
 - Loss aggregation `token-mean` (DAPO/verl default), `seq-mean-token-mean` (the GRPO paper) or
   `seq-mean-token-sum-norm` (Dr. GRPO); `--no-std-normalize` gives Dr. GRPO's advantages.
+- Under torchrun (WORLD_SIZE > 1) each rank takes whole prompt groups and trains an FSDP2 shard; losses are
+  normalised by the whole batch's counts, so the step is the single-process step on the whole batch.
 - Log-probs of the response tokens only, from logits divided by the sampling temperature, through a chunked
   autograd Function that never keeps a [tokens x vocab] tensor.
 """
