@@ -336,7 +336,9 @@ def low_var_kl(logp, ref_logp):
 
 # ---- scale-out: torchrun + FSDP2 (idle in a single process) ---------------------------------------------------
 def is_distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    """Started by torchrun with several ranks. (An in-process vLLM engine starts a process group of one.)"""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
 
 
 def summed_over_ranks(counts: list[int], device) -> list[int]:

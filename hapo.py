@@ -415,7 +415,9 @@ def check_hapo_args(args) -> None:
 
 # ---- scale-out: the pieces the shared blocks call (torchrun itself: grpo.py only, so far) ---------------------
 def is_distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    """Started by torchrun with several ranks. (An in-process vLLM engine starts a process group of one.)"""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
 
 
 def summed_over_ranks(counts: list[int], device) -> list[int]:
