@@ -713,7 +713,7 @@ def main(args: Args):
                 save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler)
         if rank == 0:
             logger.log(metrics)
-    if world > 1:
+    if world > 1 and engine is None:  # a vLLM engine tears the process group down itself when it shuts down
         torch.distributed.destroy_process_group()
     return output_dir
 

@@ -5,6 +5,7 @@ The file is also the worker that torchrun starts (`python -m torch.distributed.r
 one-step OUT`): sampling on 2 ranks cannot equal sampling in one process, so the step test feeds fixed rollouts
 to the real update path (shard_model, rank_share, update_policy, full_weights)."""
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -144,6 +145,17 @@ def test_single_process_resume_of_a_two_rank_checkpoint_fails_clearly(two_rank_r
                           str(two_rank_run / "straight" / "checkpoint-2")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode != 0 and "torchrun --nproc_per_node 2" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_each_rank_vllm_engine_samples_from_the_trained_weights(tmp_path):
+    """One vLLM engine per rank (external_launcher), fed the weights gathered from the FSDP shards after every step.
+    At lr 1e-2 an engine left with the old weights was measured 4.2 and 8.8 nats per token away from the trainer
+    at steps 2 and 3 (push_weights replaced by a no-op); with the push, it stays at float32 rounding."""
+    torchrun(ROOT / "grpo.py", "--rollout", "vllm", "--prompts-per-step", "4", "--mini-batch", "32", "--lr", "1e-2",
+             "--total-steps", "3", "--eval-every", "0", "--eval-max-problems", "2", "--output-dir", tmp_path)
+    gaps = [json.loads(line)["logprob_gap"] for line in open(tmp_path / "metrics.jsonl")]
+    assert len(gaps) == 3 and max(gaps) < 1e-4, f"engine and trainer log-probs differ: {gaps}"
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["one-step"]:
