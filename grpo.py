@@ -360,6 +360,8 @@ def clip_gradients(model, max_norm: float) -> torch.Tensor:
 def full_weights(model) -> dict:
     """name -> full tensor, lm_head.weight included even when tied. Under FSDP the shards are gathered, which is a
     collective: every rank must call this."""
+    if is_distributed():  # the FSDP root keeps its gathered (on GPUs bf16) weights after forward: read the shards
+        model.reshard()
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
     state = {name: full(t) for name, t in model.state_dict().items()}
     if "lm_head.weight" not in state:
@@ -452,8 +454,7 @@ def save_sharded_checkpoint(folder: Path, step: int, model, tokenizer, optimizer
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     folder.mkdir(parents=True, exist_ok=True)
-    model.reshard()  # the optimizer's state is keyed by the sharded parameters, not the root's gathered ones
-    weights = full_weights(model)
+    weights = full_weights(model)  # also leaves the root sharded: the optimizer's state is keyed by the shards
     if model.config.tie_word_embeddings:  # written once, as a single-process save_pretrained does
         weights.pop("lm_head.weight")
     if rank == 0:

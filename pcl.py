@@ -458,6 +458,8 @@ def clip_gradients(model, max_norm: float) -> torch.Tensor:
 def full_weights(model) -> dict:
     """name -> full tensor, lm_head.weight included even when tied. Under FSDP the shards are gathered, which is a
     collective: every rank must call this."""
+    if is_distributed():  # the FSDP root keeps its gathered (on GPUs bf16) weights after forward: read the shards
+        model.reshard()
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
     state = {name: full(t) for name, t in model.state_dict().items()}
     if "lm_head.weight" not in state:
