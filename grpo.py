@@ -8,11 +8,14 @@ the built-in tiny model on the toy task on a CPU in about two minutes (2 cores);
 
     python grpo.py                                 # tiny model, toy task, CPU
     python grpo.py --help                          # every hyperparameter, with the paper's value
+    torchrun --nproc_per_node 8 grpo.py --model ...  # several GPUs: FSDP2, one vLLM engine per rank
 
 Choices and simplifications, all flags:
 - Rollouts come from vLLM in the same process (weights pushed after every optimizer step) or HF `generate`.
 - Loss aggregation `token-mean` (DAPO/verl default), `seq-mean-token-mean` (the GRPO paper) or
   `seq-mean-token-sum-norm` (Dr. GRPO); `--no-std-normalize` gives Dr. GRPO's advantages.
+- Under torchrun (WORLD_SIZE > 1) each rank takes whole prompt groups and trains an FSDP2 shard; losses are
+  normalised by the whole batch's counts, so the step is the single-process step on the whole batch.
 - Log-probs of the response tokens only, from logits divided by the sampling temperature, through a chunked
   autograd Function that never keeps a [tokens x vocab] tensor.
 """
@@ -216,6 +219,8 @@ def response_logprobs(model, batch: dict, temperature: float, memory_mib: float)
     """Log-probs and entropies of the response tokens of a collated batch, flattened in row order.
 
     Only the hidden states that predict response tokens reach the LM head: the prompt's never do."""
+    if is_distributed():  # FSDP gathers weights in forward(), which this skips: gather the root's (embeddings, head)
+        model.unshard()
     decoder = getattr(model, model.base_model_prefix)
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     predicts_response = batch["response_mask"][:, 1:]
@@ -254,7 +259,11 @@ def make_rollout_engine(args, model_path: str, model, device):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
     on_gpu = device.type == "cuda"
-    return LLM(model=model_path, dtype="bfloat16" if on_gpu else "float32", seed=args.seed,
+    # Under torchrun each rank runs its own engine on its own prompts; external_launcher makes vLLM join the
+    # process group that torchrun started instead of spawning workers (vLLM wants one seed on all ranks).
+    per_rank = dict(distributed_executor_backend="external_launcher", tensor_parallel_size=1,
+                    data_parallel_size=torch.distributed.get_world_size()) if is_distributed() else {}
+    return LLM(model=model_path, dtype="bfloat16" if on_gpu else "float32", seed=args.seed, **per_rank,
                gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=on_gpu and args.vllm_sleep,
                max_model_len=min(args.max_prompt_tokens + args.max_new_tokens, model.config.max_position_embeddings),
                enable_prefix_caching=True,
@@ -290,7 +299,9 @@ def generate_hf(model, tokenizer, prompt_ids, args, stops):
         if args.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
                          eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, output_scores=True,
-                         return_dict_in_generate=True, **sampling)
+                         return_dict_in_generate=True,
+                         synced_gpus=is_distributed(),  # FSDP: ranks done early keep joining the all-gathers
+                         **sampling)
     generated = out.sequences[:, width:]
     scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # processed: after temperature and top-p
     token_logprobs = scores.gather(-1, generated[..., None]).squeeze(-1)
@@ -312,9 +323,7 @@ def push_weights(engine, model) -> None:
     from neither the old nor the new weights."""
     if engine is None:
         return
-    state = model.state_dict()
-    if "lm_head.weight" not in state:
-        state["lm_head.weight"] = model.get_output_embeddings().weight
+    state = full_weights(model)
     engine.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
     engine.reset_prefix_cache()
 
@@ -378,6 +387,161 @@ def low_var_kl(logp, ref_logp):
     """k3 estimator of KL(policy || reference): exp(r) - r - 1 with r = ref - logp; unbiased, always >= 0."""
     r = ref_logp - logp
     return torch.clamp(torch.exp(r) - r - 1, min=-10, max=10)
+
+
+# ---- scale-out: torchrun + FSDP2 (idle in a single process) ---------------------------------------------------
+def is_distributed() -> bool:
+    """Started by torchrun with several ranks. (An in-process vLLM engine starts a process group of one.)"""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def summed_over_ranks(counts: list[int], device) -> list[int]:
+    """Counts of the whole mini-batch from each rank's share: a rank's loss divided by them is its share of the
+    single-process loss, so the gradients summed over ranks are the single-process gradient."""
+    if not is_distributed():
+        return counts
+    total = torch.tensor(counts, dtype=torch.long, device=device)
+    torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
+def clip_gradients(model, max_norm: float) -> torch.Tensor:
+    """Clip to a global gradient norm; returns the norm before clipping (under FSDP over every rank's shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor, the same on every rank
+
+
+def full_weights(model) -> dict:
+    """name -> full tensor, lm_head.weight included even when tied. Under FSDP the shards are gathered, which is a
+    collective: every rank must call this."""
+    if is_distributed():  # the FSDP root keeps its gathered (on GPUs bf16) weights after forward: read the shards
+        model.reshard()
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+    state = {name: full(t) for name, t in model.state_dict().items()}
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = full(model.get_output_embeddings().weight)
+    return state
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """rank, world size and this rank's device. Under torchrun (WORLD_SIZE > 1) join its process group: NCCL on
+    GPUs, gloo on CPUs; a single process starts no process group at all."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.distributed.is_available():
+        raise SystemExit(f"WORLD_SIZE={world} but this torch build has no torch.distributed")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
+
+
+def resolve_on_rank0_first(name: str) -> str:
+    """Rank 0 downloads (or builds the tiny model) first; the other ranks then find it cached instead of racing."""
+    rank = torch.distributed.get_rank() if is_distributed() else 0
+    if rank != 0:
+        torch.distributed.barrier()
+    path = evaluation.resolve_model_path(name)
+    if rank == 0 and is_distributed():
+        torch.distributed.barrier()
+    return path
+
+
+def shard_model(model, device):
+    """FSDP2 (fully_shard): each decoder layer is one gather/reduce unit, the root holds embeddings, norm and LM
+    head. On GPUs bf16 copies of the fp32 master weights compute and gradients are reduced in fp32; CPUs stay fp32."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in getattr(model, model.base_model_prefix).layers:
+        fully_shard(layer, mp_policy=mixed)
+    fully_shard(model, mp_policy=mixed)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # each rank's loss is already divided by the whole batch's counts: sum the gradients, do not average
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    with torch.no_grad():  # FSDP takes the first module to run forward as the root; response_logprobs skips forward
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    model.reshard()  # the root keeps its gathered weights after forward; the optimizer must get the shards
+    return model
+
+
+def rank_share(batch: list, rank: int, world: int) -> list:
+    """This rank's prompts of the rollout batch: whole groups, so group advantages need no communication."""
+    share = len(batch) // world
+    return batch[rank * share:(rank + 1) * share]
+
+
+def gather_from_ranks(values: list) -> list:
+    """Every rank's values in rank order (for logging); in a single process, the values themselves."""
+    if not is_distributed():
+        return values
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, values)
+    return [v for part in parts for v in part]
+
+
+def train_stats_over_ranks(stats: dict) -> dict:
+    """Training statistics for logging, averaged over ranks (each a mean over its micro-batches; the gradient norm
+    is already global)."""
+    if not is_distributed():
+        return stats
+    keys = sorted(k for k, v in stats.items() if isinstance(v, float))
+    means = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, means)
+    return {**stats, **dict(zip(keys, torch.stack(parts).mean(0).tolist()))}
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def save_sharded_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, scheduler):
+    """Rank 0 writes the full HF folder (loadable by vLLM and eval.py) and trainer_state.pt; every rank writes its
+    optimizer shard (torch.distributed.checkpoint) and its RNG state, so a resume at the same world size is exact."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = full_weights(model)  # also leaves the root sharded: the optimizer's state is keyed by the shards
+    if model.config.tie_word_embeddings:  # written once, as a single-process save_pretrained does
+        weights.pop("lm_head.weight")
+    if rank == 0:
+        model.save_pretrained(folder, state_dict=weights)
+        tokenizer.save_pretrained(folder)
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "world_size": world},
+                   folder / "trainer_state.pt")
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder / "optimizer")
+    torch.save(rng_state(), folder / f"rng-rank{rank}.pt")  # each rank samples from its own stream
+    torch.distributed.barrier()
+
+
+def load_sharded_trainer_state(folder: Path, model, optimizer, scheduler) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
+    if state.get("world_size") != world:
+        raise SystemExit(f"--resume {folder}: written by {state.get('world_size', 'a single process (1)')} "
+                         f"rank(s); resume it with that many (this run has {world})")
+    model.reshard()
+    sharded = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(sharded, checkpoint_id=Path(folder) / "optimizer")
+    set_optimizer_state_dict(model, optimizer, sharded["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = torch.load(Path(folder) / f"rng-rank{rank}.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
 
 
 # ---- plumbing: arguments, data, checkpoints, logging -----------------------------------------------------------
@@ -509,13 +673,14 @@ class Logger:
 
 # ---- main loop -------------------------------------------------------------------------------------------------
 def main(args: Args):
-    # setup: seed, model, reference, optimizer, data, engine, output dir, resume
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # setup: processes, seed, model, reference, optimizer, data, engine, output dir, resume
+    rank, world, device = init_distributed()  # one process unless started by torchrun
+    check_world_size(args, world)
+    random.seed(args.seed + rank)  # each rank samples its own responses; the data order is seeded apart
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    model_path = args.resume or evaluation.resolve_model_path(args.model)
+    model_path = args.resume or resolve_on_rank0_first(args.model)
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
     model.to(device).train()
     if args.gradient_checkpointing:
@@ -523,8 +688,11 @@ def main(args: Args):
         model.config.use_cache = False
     reference = None
     if args.kl_coef > 0:  # with no KL term there is nothing to compare against: no reference is loaded
-        reference = evaluation.load_model(evaluation.resolve_model_path(args.model))[0].to(device).eval()
+        reference = evaluation.load_model(resolve_on_rank0_first(args.model))[0].to(device).eval()
         reference.requires_grad_(False)
+    if world > 1:
+        model = shard_model(model, device)
+        reference = shard_model(reference, device) if reference is not None else None
     problems = load_prompts(args, tokenizer)
     eval_problems = load_eval_problems(args)
     batch_size = args.prompts_per_step * args.samples_per_prompt
@@ -533,23 +701,27 @@ def main(args: Args):
                          f"micro_batch | mini_batch; got mini_batch={args.mini_batch}, micro_batch={args.micro_batch}")
     updates_per_step = args.num_updates * batch_size // args.mini_batch
     optimizer, scheduler = make_optimizer(model, args, args.total_steps * updates_per_step)
-    output_dir = Path(args.output_dir or f"runs/{Path(__file__).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    output_dir = Path(gather_from_ranks([args.output_dir or f"runs/{Path(__file__).stem}-"
+                                         f"{time.strftime('%Y%m%d-%H%M%S')}"])[0])  # rank 0's clock names it
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    if rank == 0:
+        (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     start_step = 0
     if args.resume:
-        start_step = load_trainer_state(Path(args.resume), optimizer, scheduler)["step"]
+        start_step = load_trainer_state_for_world(Path(args.resume), model, optimizer, scheduler, world)["step"]
         print(f"resumed from {args.resume} at step {start_step}")
     engine = make_rollout_engine(args, model_path, model, device)
     push_weights(engine, model)  # the engine loaded fp32 files from disk; from here on it tracks the policy
     stops = evaluation.stop_token_ids(tokenizer, model)
-    logger = Logger(output_dir, args)
+    logger = Logger(output_dir, args) if rank == 0 else None
+    rank_args = dataclasses.replace(args, mini_batch=args.mini_batch // world)  # each rank's share of a mini-batch
     bad_steps = 0
 
     for step in range(start_step, args.total_steps):
         metrics = {"step": step + 1}
         # 1. sample prompts
         batch = [problems[i] for i in batch_indices(step, len(problems), args.prompts_per_step, args.seed)]
+        batch = rank_share(batch, rank, world)
         # 2. generate
         t0 = time.time()
         rollouts = generate(engine, model, tokenizer, [p["prompt_ids"] for p in batch], args, step, stops)
@@ -566,8 +738,9 @@ def main(args: Args):
             rollouts = [dict(r, masked=r["truncated"]) for r in rollouts]
         # 5. update: num_updates passes, each over mini-batches with micro-batch gradient accumulation
         sleep_engine(engine, args)
-        train_stats = update_policy(model, reference, rollouts, advantages, optimizer, scheduler, args, autocast,
-                                    tokenizer.pad_token_id, device)
+        train_stats = update_policy(model, reference, rollouts, advantages, optimizer, scheduler, rank_args,
+                                    autocast, tokenizer.pad_token_id, device)
+        train_stats = train_stats_over_ranks(train_stats)
         # 6. push weights into the rollout engine
         wake_engine(engine, model, args)
         t3 = time.time()
@@ -575,20 +748,53 @@ def main(args: Args):
         if bad_steps >= args.max_bad_steps:
             raise SystemExit(f"stopping: {bad_steps} updates in a row had a non-finite loss or gradient "
                              "(lower --lr, check the data, or use fp32)")
-        # 7. log / evaluate / checkpoint
-        lengths = [len(r["response_ids"]) for r in rollouts]
+        # 7. log / evaluate / checkpoint (under torchrun: the whole batch, gathered from every rank)
+        lengths = gather_from_ranks([len(r["response_ids"]) for r in rollouts])
+        rewards, correct = torch.tensor(gather_from_ranks(rewards.tolist())), gather_from_ranks(list(correct))
+        truncated = gather_from_ranks([r["truncated"] for r in rollouts])
         metrics.update(reward_mean=rewards.mean().item(), accuracy=sum(correct) / len(correct),
                        response_len_mean=sum(lengths) / len(lengths),
-                       truncated_share=sum(r["truncated"] for r in rollouts) / len(rollouts),
+                       truncated_share=sum(truncated) / len(truncated),
                        time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
                        tokens_per_s=sum(lengths) / max(t1 - t0, 1e-9), lr=scheduler.get_last_lr()[0], **train_stats)
         last = step + 1 == args.total_steps
         if last or (args.eval_every and (step + 1) % args.eval_every == 0):
+            # every rank evaluates the whole set: FSDP's HF generate needs all ranks; rank 0's numbers are logged
             metrics.update(run_evaluation(engine or model, tokenizer, eval_problems, args))
         if last or (args.save_every and (step + 1) % args.save_every == 0):
-            save_checkpoint(output_dir / f"checkpoint-{step + 1}", step + 1, model, tokenizer, optimizer, scheduler)
-        logger.log(metrics)
+            folder = output_dir / f"checkpoint-{step + 1}"
+            if world > 1:
+                save_sharded_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler)
+            else:
+                save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler)
+        if rank == 0:
+            logger.log(metrics)
+    if world > 1 and engine is None:  # a vLLM engine tears the process group down itself when it shuts down
+        torch.distributed.destroy_process_group()
     return output_dir
+
+
+def check_world_size(args, world: int) -> None:
+    """Under torchrun every rank takes whole groups and an equal share of every mini-batch."""
+    if world == 1:
+        return
+    if args.prompts_per_step % world or args.mini_batch % world:
+        raise SystemExit(f"torchrun with {world} ranks: --prompts-per-step ({args.prompts_per_step}) and "
+                         f"--mini-batch ({args.mini_batch}) must be multiples of {world}")
+    if args.mask_truncated:  # a rank could be left with fewer micro-batches than the others and stall FSDP
+        raise SystemExit("--mask-truncated is not supported under torchrun yet")
+
+
+def load_trainer_state_for_world(folder: Path, model, optimizer, scheduler, world: int) -> dict:
+    """A single-process checkpoint holds the whole optimizer state; a torchrun one holds it sharded."""
+    sharded = (folder / "optimizer").is_dir()
+    if world > 1:
+        return load_sharded_trainer_state(folder, model, optimizer, scheduler)
+    if sharded:
+        world_then = torch.load(folder / "trainer_state.pt", weights_only=False)["world_size"]
+        raise SystemExit(f"--resume {folder}: written by torchrun with {world_then} ranks; resume it with "
+                         f"torchrun --nproc_per_node {world_then} (its optimizer state is sharded)")
+    return load_trainer_state(folder, optimizer, scheduler)
 
 
 def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, args, autocast, pad_id, device):
@@ -604,7 +810,9 @@ def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, 
             mini = [i for i in order[m:m + args.mini_batch] if not rollouts[i].get("masked")]
             if not mini:
                 continue
-            mini_tokens = sum(len(rollouts[i]["response_ids"]) for i in mini)
+            # under torchrun: the counts of every rank's share, so the summed gradients are the whole batch's
+            mini_tokens, mini_seqs = summed_over_ranks([sum(len(rollouts[i]["response_ids"]) for i in mini),
+                                                        len(mini)], device)
             for u in range(0, len(mini), args.micro_batch):
                 micro = mini[u:u + args.micro_batch]
                 rows = [rollouts[i] for i in micro]
@@ -614,7 +822,7 @@ def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, 
                                                       args.logprob_memory_mib)
                 per_token = lambda values: torch.cat([values[i] for i in micro]).to(device)
                 adv = torch.cat([advantages[i].expand(n) for i, n in zip(micro, lengths)]).to(device)
-                weights = token_weights(lengths, args.loss_agg, mini_tokens, len(mini), args.max_new_tokens)
+                weights = token_weights(lengths, args.loss_agg, mini_tokens, mini_seqs, args.max_new_tokens)
                 loss, s = policy_loss(logp, per_token(old_logp), adv, weights.to(device), args,
                                       per_token(ref_logp) if ref_logp is not None else None,
                                       entropy if args.entropy_coef else None)
@@ -626,7 +834,7 @@ def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, 
                 stats["clip_frac"].append(s["clip_frac"])
                 stats["kl"].append(s.get("kl", 0.0))
                 stats["entropy"].append(entropy.detach().mean().item())
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            grad_norm = clip_gradients(model, args.max_grad_norm)
             if torch.isfinite(grad_norm):
                 optimizer.step()
             else:

@@ -227,6 +227,8 @@ def response_logprobs(model, batch: dict, temperature: float, memory_mib: float)
     """Log-probs and entropies of the response tokens of a collated batch, flattened in row order.
 
     Only the hidden states that predict response tokens reach the LM head: the prompt's never do."""
+    if is_distributed():  # FSDP gathers weights in forward(), which this skips: gather the root's (embeddings, head)
+        model.unshard()
     decoder = getattr(model, model.base_model_prefix)
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     predicts_response = batch["response_mask"][:, 1:]
@@ -265,7 +267,11 @@ def make_rollout_engine(args, model_path: str, model, device):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
     on_gpu = device.type == "cuda"
-    return LLM(model=model_path, dtype="bfloat16" if on_gpu else "float32", seed=args.seed,
+    # Under torchrun each rank runs its own engine on its own prompts; external_launcher makes vLLM join the
+    # process group that torchrun started instead of spawning workers (vLLM wants one seed on all ranks).
+    per_rank = dict(distributed_executor_backend="external_launcher", tensor_parallel_size=1,
+                    data_parallel_size=torch.distributed.get_world_size()) if is_distributed() else {}
+    return LLM(model=model_path, dtype="bfloat16" if on_gpu else "float32", seed=args.seed, **per_rank,
                gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=on_gpu and args.vllm_sleep,
                max_model_len=min(args.max_prompt_tokens + args.max_new_tokens, model.config.max_position_embeddings),
                enable_prefix_caching=True,
@@ -301,7 +307,9 @@ def generate_hf(model, tokenizer, prompt_ids, args, stops):
         if args.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
                          eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, output_scores=True,
-                         return_dict_in_generate=True, **sampling)
+                         return_dict_in_generate=True,
+                         synced_gpus=is_distributed(),  # FSDP: ranks done early keep joining the all-gathers
+                         **sampling)
     generated = out.sequences[:, width:]
     scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # processed: after temperature and top-p
     token_logprobs = scores.gather(-1, generated[..., None]).squeeze(-1)
@@ -323,9 +331,7 @@ def push_weights(engine, model) -> None:
     from neither the old nor the new weights."""
     if engine is None:
         return
-    state = model.state_dict()
-    if "lm_head.weight" not in state:
-        state["lm_head.weight"] = model.get_output_embeddings().weight
+    state = full_weights(model)
     engine.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
     engine.reset_prefix_cache()
 
@@ -460,6 +466,41 @@ def check_hapo_args(args) -> None:
         raise SystemExit(f"--history-mode must be min or mean, not {args.history_mode!r}")
     if args.train_problems < 0:
         raise SystemExit(f"--train-problems must be >= 0 (0: all), got {args.train_problems}")
+
+
+# ---- scale-out: the pieces the shared blocks call (torchrun itself: grpo.py only, so far) ---------------------
+def is_distributed() -> bool:
+    """Started by torchrun with several ranks. (An in-process vLLM engine starts a process group of one.)"""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def summed_over_ranks(counts: list[int], device) -> list[int]:
+    """Counts of the whole mini-batch from each rank's share: a rank's loss divided by them is its share of the
+    single-process loss, so the gradients summed over ranks are the single-process gradient."""
+    if not is_distributed():
+        return counts
+    total = torch.tensor(counts, dtype=torch.long, device=device)
+    torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
+def clip_gradients(model, max_norm: float) -> torch.Tensor:
+    """Clip to a global gradient norm; returns the norm before clipping (under FSDP over every rank's shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def full_weights(model) -> dict:
+    """name -> full tensor, lm_head.weight included even when tied. Under FSDP the shards are gathered, which is a
+    collective: every rank must call this."""
+    if is_distributed():  # the FSDP root keeps its gathered (on GPUs bf16) weights after forward: read the shards
+        model.reshard()
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+    state = {name: full(t) for name, t in model.state_dict().items()}
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = full(model.get_output_embeddings().weight)
+    return state
 
 
 # ---- plumbing: arguments, data, checkpoints, logging -----------------------------------------------------------
@@ -708,7 +749,9 @@ def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, 
             mini = [i for i in order[m:m + args.mini_batch] if not rollouts[i].get("masked")]
             if not mini:
                 continue
-            mini_tokens = sum(len(rollouts[i]["response_ids"]) for i in mini)
+            # under torchrun: the counts of every rank's share, so the summed gradients are the whole batch's
+            mini_tokens, mini_seqs = summed_over_ranks([sum(len(rollouts[i]["response_ids"]) for i in mini),
+                                                        len(mini)], device)
             for u in range(0, len(mini), args.micro_batch):
                 micro = mini[u:u + args.micro_batch]
                 rows = [rollouts[i] for i in micro]
@@ -718,7 +761,7 @@ def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, 
                                                       args.logprob_memory_mib)
                 per_token = lambda values: torch.cat([values[i] for i in micro]).to(device)
                 adv = torch.cat([advantages[i].expand(n) for i, n in zip(micro, lengths)]).to(device)
-                weights = token_weights(lengths, args.loss_agg, mini_tokens, len(mini), args.max_new_tokens)
+                weights = token_weights(lengths, args.loss_agg, mini_tokens, mini_seqs, args.max_new_tokens)
                 loss, s = policy_loss(logp, per_token(old_logp), adv, weights.to(device), args,
                                       per_token(ref_logp) if ref_logp is not None else None,
                                       entropy if args.entropy_coef else None)
@@ -730,7 +773,7 @@ def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, 
                 stats["clip_frac"].append(s["clip_frac"])
                 stats["kl"].append(s.get("kl", 0.0))
                 stats["entropy"].append(entropy.detach().mean().item())
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            grad_norm = clip_gradients(model, args.max_grad_norm)
             if torch.isfinite(grad_norm):
                 optimizer.step()
             else:
