@@ -237,6 +237,8 @@ def response_logprobs(model, batch: dict, temperature: float, memory_mib: float)
     """Log-probs and entropies of the response tokens of a collated batch, flattened in row order.
 
     Only the hidden states that predict response tokens reach the LM head: the prompt's never do."""
+    if is_distributed():  # FSDP gathers weights in forward(), which this skips: gather the root's (embeddings, head)
+        model.unshard()
     decoder = getattr(model, model.base_model_prefix)
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     predicts_response = batch["response_mask"][:, 1:]
@@ -287,7 +289,11 @@ def make_rollout_engine(args, model_path: str, model, device):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
     on_gpu = device.type == "cuda"
-    return LLM(model=model_path, dtype="bfloat16" if on_gpu else "float32", seed=args.seed,
+    # Under torchrun each rank runs its own engine on its own prompts; external_launcher makes vLLM join the
+    # process group that torchrun started instead of spawning workers (vLLM wants one seed on all ranks).
+    per_rank = dict(distributed_executor_backend="external_launcher", tensor_parallel_size=1,
+                    data_parallel_size=torch.distributed.get_world_size()) if is_distributed() else {}
+    return LLM(model=model_path, dtype="bfloat16" if on_gpu else "float32", seed=args.seed, **per_rank,
                gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=on_gpu and args.vllm_sleep,
                max_model_len=min(args.max_prompt_tokens + args.max_new_tokens, model.config.max_position_embeddings),
                enable_prefix_caching=True,
@@ -323,7 +329,9 @@ def generate_hf(model, tokenizer, prompt_ids, args, stops):
         if args.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
                          eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, output_scores=True,
-                         return_dict_in_generate=True, **sampling)
+                         return_dict_in_generate=True,
+                         synced_gpus=is_distributed(),  # FSDP: ranks done early keep joining the all-gathers
+                         **sampling)
     generated = out.sequences[:, width:]
     scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # processed: after temperature and top-p
     token_logprobs = scores.gather(-1, generated[..., None]).squeeze(-1)
@@ -345,9 +353,7 @@ def push_weights(engine, model) -> None:
     from neither the old nor the new weights."""
     if engine is None:
         return
-    state = model.state_dict()
-    if "lm_head.weight" not in state:
-        state["lm_head.weight"] = model.get_output_embeddings().weight
+    state = full_weights(model)
     engine.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
     engine.reset_prefix_cache()
 
@@ -441,6 +447,40 @@ def low_var_kl(logp, ref_logp):
     """k3 estimator of KL(policy || reference): exp(r) - r - 1 with r = ref - logp; unbiased, always >= 0."""
     r = ref_logp - logp
     return torch.clamp(torch.exp(r) - r - 1, min=-10, max=10)
+
+
+def is_distributed() -> bool:
+    """Started by torchrun with several ranks. (An in-process vLLM engine starts a process group of one.)"""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def summed_over_ranks(counts: list[int], device) -> list[int]:
+    """Counts of the whole mini-batch from each rank's share: a rank's loss divided by them is its share of the
+    single-process loss, so the gradients summed over ranks are the single-process gradient."""
+    if not is_distributed():
+        return counts
+    total = torch.tensor(counts, dtype=torch.long, device=device)
+    torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
+def clip_gradients(model, max_norm: float) -> torch.Tensor:
+    """Clip to a global gradient norm; returns the norm before clipping (under FSDP over every rank's shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor, the same on every rank
+
+
+def full_weights(model) -> dict:
+    """name -> full tensor, lm_head.weight included even when tied. Under FSDP the shards are gathered, which is a
+    collective: every rank must call this."""
+    if is_distributed():  # the FSDP root keeps its gathered (on GPUs bf16) weights after forward: read the shards
+        model.reshard()
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+    state = {name: full(t) for name, t in model.state_dict().items()}
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = full(model.get_output_embeddings().weight)
+    return state
 
 
 def value_loss(values, old_values, returns, weights, clip: float):
