@@ -286,13 +286,21 @@ def load_problems(path: str, problem_key: str = "problem", answer_key: str = "an
     """Training or evaluation problems {problem, answer, ...} from a file; `toy` gives the toy task's train split."""
     if path == "toy":
         return toy_splits()[0]
-    problems = []
+    problems, empty_rows = [], []
     for i, row in enumerate(read_rows(path)):
         for key in (problem_key, answer_key):
-            if key not in row or row[key] is None or str(row[key]).strip() == "":
-                raise ValueError(f"{path}: row {i} has no usable {key!r} (its keys: {', '.join(row)}); "
+            if key not in row:
+                raise ValueError(f"{path}: row {i} has no {key!r} (its keys: {', '.join(row)}); "
                                  f"choose the column with --problem-key / --answer-key")
+        if any(row[key] is None or str(row[key]).strip() == "" for key in (problem_key, answer_key)):
+            empty_rows.append(i)  # nothing to ask or nothing to check against (DSR-sub's row 265 has no answer)
+            continue
         problems.append({**row, "problem": str(row[problem_key]), "answer": str(row[answer_key])})
+    if empty_rows:
+        print(f"{path}: dropped {len(empty_rows)} rows with an empty {problem_key!r} or {answer_key!r} "
+              f"(rows {', '.join(map(str, empty_rows[:10]))}{', ...' if len(empty_rows) > 10 else ''})")
+    if not problems:
+        raise ValueError(f"{path}: no row has both a {problem_key!r} and an {answer_key!r}")
     return problems
 
 

@@ -834,7 +834,10 @@ def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, 
     with torch.no_grad(), autocast:  # old and reference log-probs: fixed for all passes over this batch
         old_logp = token_logprobs(model, rollouts, args, pad_id, device)
         ref_logp = token_logprobs(reference, rollouts, args, pad_id, device) if reference is not None else None
-    stats = {"loss": [], "clip_frac": [], "kl": [], "entropy": [], "grad_norm": [], "logprob_gap": []}
+    # the engine sampled from exactly these weights: any gap is engine-trainer mismatch (numerics, a missed push)
+    engine_lp = torch.tensor([lp for r in rollouts for lp in r["engine_logprobs"]])
+    logprob_gap = (engine_lp - torch.cat(old_logp).float().cpu()).abs().mean().item()
+    stats = {"loss": [], "clip_frac": [], "kl": [], "entropy": [], "grad_norm": []}
     skipped = False
     for update in range(args.num_updates):
         order = torch.randperm(len(rollouts)).tolist()
@@ -859,9 +862,6 @@ def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, 
                                       per_token(ref_logp) if ref_logp is not None else None,
                                       entropy if args.entropy_coef else None)
                 loss.backward()
-                if update == 0:  # the sampling policy is the current one only before the first optimizer step
-                    engine_lp = torch.tensor([lp for r in rows for lp in r["engine_logprobs"]], device=device)
-                    stats["logprob_gap"].append((engine_lp - logp.detach()).abs().mean().item())
                 stats["loss"].append(loss.item())
                 stats["clip_frac"].append(s["clip_frac"])
                 stats["kl"].append(s.get("kl", 0.0))
@@ -876,7 +876,7 @@ def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, 
             scheduler.step()
             stats["grad_norm"].append(grad_norm.item())
     out = {k: sum(v) / len(v) for k, v in stats.items() if v}
-    out["skipped"] = skipped
+    out.update(logprob_gap=logprob_gap, skipped=skipped)
     return out
 
 

@@ -147,6 +147,25 @@ def test_row_without_answer_names_file_and_row(tmp_path):
         evaluation.load_benchmark("math500", str(tmp_path))
 
 
+def test_training_rows_without_an_answer_are_dropped_and_counted(capsys):
+    dsr_sub = DATA_DIR.parent / "train" / "one_shot_rlvr" / "dsr_sub.jsonl"
+    problems = evaluation.load_problems(str(dsr_sub))
+    assert len(problems) == 1208  # 1209 rows, row 265 has an empty answer
+    assert all(p["answer"].strip() and p["problem"].strip() for p in problems)
+    printed = capsys.readouterr().out
+    assert "dropped 1 rows with an empty 'problem' or 'answer' (rows 265)" in printed
+
+
+def test_a_missing_column_or_no_usable_row_is_a_clear_error(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    with pytest.raises(ValueError, match=r"row 0 has no 'problem' \(its keys: question, answer\)"):
+        evaluation.load_problems(str(path))
+    path.write_text(json.dumps({"problem": "1+1?", "answer": " "}) + "\n")
+    with pytest.raises(ValueError, match="no row has both a 'problem' and an 'answer'"):
+        evaluation.load_problems(str(path))
+
+
 def test_unknown_benchmark_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown benchmark 'math5000'"):
         evaluation.load_benchmark("math5000", str(DATA_DIR))

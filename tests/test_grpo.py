@@ -187,6 +187,14 @@ def read_metrics(output_dir):
     return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
 
 
+def test_the_readme_training_data_loads(tiny):
+    """DSR-sub, the 1-shot paper's 1,209-problem set, has one row without an answer: it is dropped, not fatal."""
+    dsr_sub = ROOT.parent / "shared" / "data" / "train" / "one_shot_rlvr" / "dsr_sub.jsonl"
+    args = grpo.Args(train_data=str(dsr_sub), max_prompt_tokens=100_000)
+    problems = grpo.load_prompts(args, tiny[1])
+    assert len(problems) == 1208 and all(p["prompt_ids"] and p["answer"] for p in problems)
+
+
 def test_default_run_learns(tmp_path):
     """The CartPole of the codebase: no arguments, the tiny model's reward climbs on the toy task."""
     run_script("--output-dir", str(tmp_path), timeout=600)
