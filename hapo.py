@@ -12,6 +12,7 @@ built-in tiny model on the toy task on a CPU in a few minutes; the README gives 
 
     python hapo.py                                 # tiny model, toy task, CPU
     python hapo.py --help                          # every hyperparameter, with the paper's value
+    torchrun --nproc_per_node 8 hapo.py --model ...  # several GPUs: FSDP2, one vLLM engine per rank
 
 Differs from grpo.py in: the reward (correctness + history-relative length reward, `length_reward`,
 `history_length_rewards`), the history state (kept per training problem, saved in checkpoints and restored on
@@ -21,6 +22,8 @@ Choices, all flags: `--history-mode mean` (h_i = running mean of correct lengths
 (piecewise linear with a 10% tolerance, from the paper's code), `--length-weight` w in [0, 1]. Lengths for the
 reward and h_i count response tokens without the stop token, as the paper does; a truncated response counts as
 wrong, and its length (the whole budget) is scored as a wrong response's.
+Under torchrun (grpo.py's scale-out blocks) the history is global: every rank takes in the whole batch's correct
+lengths (`history_length_rewards_over_ranks`), so all ranks hold the single-process history; rank 0 saves it.
 """
 from __future__ import annotations
 
@@ -450,6 +453,20 @@ def history_length_rewards(history: dict, problem_ids: list[int], lengths: list[
     return rewards
 
 
+def history_length_rewards_over_ranks(history: dict, problem_ids: list[int], lengths: list[int],
+                                      correct: list[bool], args) -> list[float]:
+    """history_length_rewards under torchrun: this rank's responses are scored against the history from before the
+    batch, then the history takes in the correct lengths of the whole batch, every rank's (gathered in rank order,
+    which is the batch's order). So h_i is the min over ranks (mean mode: their sums and counts together), and every
+    rank holds the same history, the one a single process would. In a single process: history_length_rewards."""
+    if not is_distributed():
+        return history_length_rewards(history, problem_ids, lengths, correct, args)
+    rewards = history_length_rewards(dict(history), problem_ids, lengths, correct, args)  # a copy: scoring only
+    history_length_rewards(history, gather_from_ranks(problem_ids), gather_from_ranks(lengths),
+                           gather_from_ranks(list(correct)), args)
+    return rewards
+
+
 def response_length(response_ids: list[int], stops: list[int]) -> int:
     """The length HAPO counts: response tokens without the stop token that ended it (a truncated one has none)."""
     return len(response_ids) - int(bool(response_ids) and response_ids[-1] in stops)
@@ -468,7 +485,7 @@ def check_hapo_args(args) -> None:
         raise SystemExit(f"--train-problems must be >= 0 (0: all), got {args.train_problems}")
 
 
-# ---- scale-out: the pieces the shared blocks call (torchrun itself: grpo.py only, so far) ---------------------
+# ---- scale-out: torchrun + FSDP2 (idle in a single process) ---------------------------------------------------
 def is_distributed() -> bool:
     """Started by torchrun with several ranks. (An in-process vLLM engine starts a process group of one.)"""
     return torch.distributed.is_available() and torch.distributed.is_initialized() \
@@ -488,7 +505,7 @@ def summed_over_ranks(counts: list[int], device) -> list[int]:
 def clip_gradients(model, max_norm: float) -> torch.Tensor:
     """Clip to a global gradient norm; returns the norm before clipping (under FSDP over every rank's shards)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor, the same on every rank
 
 
 def full_weights(model) -> dict:
@@ -500,6 +517,127 @@ def full_weights(model) -> dict:
     state = {name: full(t) for name, t in model.state_dict().items()}
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = full(model.get_output_embeddings().weight)
+    return state
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """rank, world size and this rank's device. Under torchrun (WORLD_SIZE > 1) join its process group: NCCL on
+    GPUs, gloo on CPUs; a single process starts no process group at all."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.distributed.is_available():
+        raise SystemExit(f"WORLD_SIZE={world} but this torch build has no torch.distributed")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
+
+
+def resolve_on_rank0_first(name: str) -> str:
+    """Rank 0 downloads (or builds the tiny model) first; the other ranks then find it cached instead of racing."""
+    rank = torch.distributed.get_rank() if is_distributed() else 0
+    if rank != 0:
+        torch.distributed.barrier()
+    path = evaluation.resolve_model_path(name)
+    if rank == 0 and is_distributed():
+        torch.distributed.barrier()
+    return path
+
+
+def shard_model(model, device):
+    """FSDP2 (fully_shard): each decoder layer is one gather/reduce unit, the root holds embeddings, norm and LM
+    head. On GPUs bf16 copies of the fp32 master weights compute and gradients are reduced in fp32; CPUs stay fp32."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in getattr(model, model.base_model_prefix).layers:
+        fully_shard(layer, mp_policy=mixed)
+    fully_shard(model, mp_policy=mixed)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # each rank's loss is already divided by the whole batch's counts: sum the gradients, do not average
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    with torch.no_grad():  # FSDP takes the first module to run forward as the root; response_logprobs skips forward
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    model.reshard()  # the root keeps its gathered weights after forward; the optimizer must get the shards
+    return model
+
+
+def rank_share(batch: list, rank: int, world: int) -> list:
+    """This rank's prompts of the rollout batch: whole groups, so group advantages need no communication."""
+    share = len(batch) // world
+    return batch[rank * share:(rank + 1) * share]
+
+
+def gather_from_ranks(values: list) -> list:
+    """Every rank's values in rank order (for logging); in a single process, the values themselves."""
+    if not is_distributed():
+        return values
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, values)
+    return [v for part in parts for v in part]
+
+
+def train_stats_over_ranks(stats: dict) -> dict:
+    """Training statistics for logging, averaged over ranks (each a mean over its micro-batches; the gradient norm
+    is already global)."""
+    if not is_distributed():
+        return stats
+    keys = sorted(k for k, v in stats.items() if isinstance(v, float))
+    means = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, means)
+    return {**stats, **dict(zip(keys, torch.stack(parts).mean(0).tolist()))}
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def save_sharded_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict | None = None):
+    """Rank 0 writes the full HF folder (loadable by vLLM and eval.py) and trainer_state.pt (with `extra`: HAPO's
+    history, the same on every rank); every rank writes its optimizer shard (torch.distributed.checkpoint) and its
+    RNG state, so a resume at the same world size is exact."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = full_weights(model)  # also leaves the root sharded: the optimizer's state is keyed by the shards
+    if model.config.tie_word_embeddings:  # written once, as a single-process save_pretrained does
+        weights.pop("lm_head.weight")
+    if rank == 0:
+        model.save_pretrained(folder, state_dict=weights)
+        tokenizer.save_pretrained(folder)
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "world_size": world, **(extra or {})},
+                   folder / "trainer_state.pt")
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder / "optimizer")
+    torch.save(rng_state(), folder / f"rng-rank{rank}.pt")  # each rank samples from its own stream
+    torch.distributed.barrier()
+
+
+def load_sharded_trainer_state(folder: Path, model, optimizer, scheduler) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
+    if state.get("world_size") != world:
+        raise SystemExit(f"--resume {folder}: written by {state.get('world_size', 'a single process (1)')} "
+                         f"rank(s); resume it with that many (this run has {world})")
+    model.reshard()
+    sharded = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(sharded, checkpoint_id=Path(folder) / "optimizer")
+    set_optimizer_state_dict(model, optimizer, sharded["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = torch.load(Path(folder) / f"rng-rank{rank}.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state
 
 
@@ -632,14 +770,15 @@ class Logger:
 
 # ---- main loop -------------------------------------------------------------------------------------------------
 def main(args: Args):
-    # setup: seed, model, reference, optimizer, data, history, engine, output dir, resume
+    # setup: processes, seed, model, reference, optimizer, data, history, engine, output dir, resume
     check_hapo_args(args)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, device = init_distributed()  # one process unless started by torchrun
+    check_world_size(args, world)
+    random.seed(args.seed + rank)  # each rank samples its own responses; the data order is seeded apart
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    model_path = args.resume or evaluation.resolve_model_path(args.model)
+    model_path = args.resume or resolve_on_rank0_first(args.model)
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
     model.to(device).train()
     if args.gradient_checkpointing:
@@ -647,8 +786,11 @@ def main(args: Args):
         model.config.use_cache = False
     reference = None
     if args.kl_coef > 0:  # with no KL term there is nothing to compare against: no reference is loaded
-        reference = evaluation.load_model(evaluation.resolve_model_path(args.model))[0].to(device).eval()
+        reference = evaluation.load_model(resolve_on_rank0_first(args.model))[0].to(device).eval()
         reference.requires_grad_(False)
+    if world > 1:
+        model = shard_model(model, device)
+        reference = shard_model(reference, device) if reference is not None else None
     problems = load_prompts(args, tokenizer)[:args.train_problems or None]
     history: dict[int, tuple[float, int]] = {}  # problem index -> (h_i, correct responses seen); HAPO's state
     eval_problems = load_eval_problems(args)
@@ -658,12 +800,14 @@ def main(args: Args):
                          f"micro_batch | mini_batch; got mini_batch={args.mini_batch}, micro_batch={args.micro_batch}")
     updates_per_step = args.num_updates * batch_size // args.mini_batch
     optimizer, scheduler = make_optimizer(model, args, args.total_steps * updates_per_step)
-    output_dir = Path(args.output_dir or f"runs/{Path(__file__).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    output_dir = Path(gather_from_ranks([args.output_dir or f"runs/{Path(__file__).stem}-"
+                                         f"{time.strftime('%Y%m%d-%H%M%S')}"])[0])  # rank 0's clock names it
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    if rank == 0:
+        (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     start_step = 0
     if args.resume:
-        state = load_trainer_state(Path(args.resume), optimizer, scheduler)
+        state = load_trainer_state_for_world(Path(args.resume), model, optimizer, scheduler, world)  # every rank
         start_step, history = state["step"], state.get("history", {})
         if "history" not in state:
             print(f"{args.resume} holds no HAPO history (not a hapo.py checkpoint): starting with none")
@@ -674,29 +818,31 @@ def main(args: Args):
     engine = make_rollout_engine(args, model_path, model, device)
     push_weights(engine, model)  # the engine loaded fp32 files from disk; from here on it tracks the policy
     stops = evaluation.stop_token_ids(tokenizer, model)
-    logger = Logger(output_dir, args)
+    logger = Logger(output_dir, args) if rank == 0 else None
+    rank_args = dataclasses.replace(args, mini_batch=args.mini_batch // world)  # each rank's share of a mini-batch
     bad_steps = 0
 
     for step in range(start_step, args.total_steps):
         metrics = {"step": step + 1}
         # 1. sample prompts
-        batch_ids = batch_indices(step, len(problems), args.prompts_per_step, args.seed)
+        batch_ids = rank_share(batch_indices(step, len(problems), args.prompts_per_step, args.seed), rank, world)
         batch = [problems[i] for i in batch_ids]
         # 2. generate
         t0 = time.time()
         rollouts = generate(engine, model, tokenizer, [p["prompt_ids"] for p in batch], args, step, stops)
         t1 = time.time()
         # 3. score: correctness by verify.py (a truncated response counts as wrong) + HAPO's length reward against
-        #    the history from before this batch; then the history takes in this batch's correct lengths
+        #    the history from before this batch; then the history takes in this batch's correct lengths (under
+        #    torchrun every rank's, so every rank holds the same history, the single-process one)
         texts = tokenizer.batch_decode([r["response_ids"] for r in rollouts], skip_special_tokens=True)
         golds = [p["answer"] for p in batch for _ in range(args.samples_per_prompt)]
         correct = verify.score_batch(texts, golds, mode=args.answer_mode)
         right = [bool(c) and not r["truncated"] for r, c in zip(rollouts, correct)]
         problem_ids = [i for i in batch_ids for _ in range(args.samples_per_prompt)]
-        with_history = sum(i in history for i in problem_ids) / len(problem_ids)
-        length_rewards = history_length_rewards(history, problem_ids,
-                                                [response_length(r["response_ids"], stops) for r in rollouts],
-                                                right, args)
+        with_history = sum(gather_from_ranks([i in history for i in problem_ids])) / (len(problem_ids) * world)
+        length_rewards = history_length_rewards_over_ranks(history, problem_ids,
+                                                           [response_length(r["response_ids"], stops)
+                                                            for r in rollouts], right, args)
         rewards = torch.tensor([float(c) + b for c, b in zip(right, length_rewards)])
         t2 = time.time()
         # 4. advantages
@@ -705,8 +851,9 @@ def main(args: Args):
             rollouts = [dict(r, masked=r["truncated"]) for r in rollouts]
         # 5. update: num_updates passes, each over mini-batches with micro-batch gradient accumulation
         sleep_engine(engine, args)
-        train_stats = update_policy(model, reference, rollouts, advantages, optimizer, scheduler, args, autocast,
-                                    tokenizer.pad_token_id, device)
+        train_stats = update_policy(model, reference, rollouts, advantages, optimizer, scheduler, rank_args,
+                                    autocast, tokenizer.pad_token_id, device)
+        train_stats = train_stats_over_ranks(train_stats)
         # 6. push weights into the rollout engine
         wake_engine(engine, model, args)
         t3 = time.time()
@@ -714,26 +861,60 @@ def main(args: Args):
         if bad_steps >= args.max_bad_steps:
             raise SystemExit(f"stopping: {bad_steps} updates in a row had a non-finite loss or gradient "
                              "(lower --lr, check the data, or use fp32)")
-        # 7. log / evaluate / checkpoint
-        lengths = [len(r["response_ids"]) for r in rollouts]
+        # 7. log / evaluate / checkpoint (under torchrun: the whole batch, gathered from every rank)
+        lengths = gather_from_ranks([len(r["response_ids"]) for r in rollouts])
+        rewards, correct = torch.tensor(gather_from_ranks(rewards.tolist())), gather_from_ranks(list(correct))
+        length_rewards = gather_from_ranks(length_rewards)
+        truncated = gather_from_ranks([r["truncated"] for r in rollouts])
         metrics.update(reward_mean=rewards.mean().item(), accuracy=sum(correct) / len(correct),
                        response_len_mean=sum(lengths) / len(lengths),
-                       **length_metrics(lengths, correct), length_reward_mean=sum(length_rewards) / len(rollouts),
+                       **length_metrics(lengths, correct), length_reward_mean=sum(length_rewards) / len(lengths),
                        scored_with_history=with_history, history_share=len(history) / len(problems),
                        history_len_mean=sum(h for h, _ in history.values()) / max(1, len(history)),
-                       truncated_share=sum(r["truncated"] for r in rollouts) / len(rollouts),
+                       truncated_share=sum(truncated) / len(truncated),
                        time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
                        tokens_per_s=sum(lengths) / max(t1 - t0, 1e-9), lr=scheduler.get_last_lr()[0], **train_stats)
         last = step + 1 == args.total_steps
         if last or (args.eval_every and (step + 1) % args.eval_every == 0):
+            # every rank evaluates the whole set: FSDP's HF generate needs all ranks; rank 0's numbers are logged
             metrics.update(run_evaluation(engine or model, tokenizer, eval_problems, args))
         if last or (args.save_every and (step + 1) % args.save_every == 0):
-            save_checkpoint(output_dir / f"checkpoint-{step + 1}", step + 1, model, tokenizer, optimizer, scheduler,
-                            extra={"history": history})
-        logger.log(metrics, line_keys=("reward_mean", "accuracy", "response_len_mean", "correct_len_mean",
-                                       "length_reward_mean", "history_share", "history_len_mean", "kl", "grad_norm",
-                                       "time_generate", "time_train"))
+            folder = output_dir / f"checkpoint-{step + 1}"
+            if world > 1:  # the history is the same on every rank: rank 0 writes it
+                save_sharded_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler,
+                                        extra={"history": history})
+            else:
+                save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra={"history": history})
+        if rank == 0:
+            logger.log(metrics, line_keys=("reward_mean", "accuracy", "response_len_mean", "correct_len_mean",
+                                           "length_reward_mean", "history_share", "history_len_mean", "kl",
+                                           "grad_norm", "time_generate", "time_train"))
+    if world > 1 and engine is None:  # a vLLM engine tears the process group down itself when it shuts down
+        torch.distributed.destroy_process_group()
     return output_dir
+
+
+def check_world_size(args, world: int) -> None:
+    """Under torchrun every rank takes whole groups and an equal share of every mini-batch."""
+    if world == 1:
+        return
+    if args.prompts_per_step % world or args.mini_batch % world:
+        raise SystemExit(f"torchrun with {world} ranks: --prompts-per-step ({args.prompts_per_step}) and "
+                         f"--mini-batch ({args.mini_batch}) must be multiples of {world}")
+    if args.mask_truncated:  # a rank could be left with fewer micro-batches than the others and stall FSDP
+        raise SystemExit("--mask-truncated is not supported under torchrun yet")
+
+
+def load_trainer_state_for_world(folder: Path, model, optimizer, scheduler, world: int) -> dict:
+    """A single-process checkpoint holds the whole optimizer state; a torchrun one holds it sharded."""
+    sharded = (folder / "optimizer").is_dir()
+    if world > 1:
+        return load_sharded_trainer_state(folder, model, optimizer, scheduler)
+    if sharded:
+        world_then = torch.load(folder / "trainer_state.pt", weights_only=False)["world_size"]
+        raise SystemExit(f"--resume {folder}: written by torchrun with {world_then} ranks; resume it with "
+                         f"torchrun --nproc_per_node {world_then} (its optimizer state is sharded)")
+    return load_trainer_state(folder, optimizer, scheduler)
 
 
 def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, args, autocast, pad_id, device):

@@ -20,6 +20,8 @@ MEANT_TO_DIFFER: dict[tuple[str, str], str] = {
     ("ppo.py", "update_policy"): "PPO's advantages are per token (GAE), and the old and reference log-probs are "
                                  "computed before the update because the per-token rewards (KL penalty) and GAE need "
                                  "them; the engine-vs-trainer log-prob gap is measured from those old log-probs.",
+    ("hapo.py", "save_sharded_checkpoint"): "rank 0 also writes HAPO's history (the same on every rank) into "
+                                            "trainer_state.pt, as save_checkpoint's `extra` does in one process",
     ("hapo.py", "run_evaluation"): "HAPO measures length: adds the mean and p90 length of the correct responses "
                                    "(from eval.py's graded samples) to eval.py's metrics",
     ("one_shot.py", "parse_args"): "flags that take several values (--rank 1 13, --example-index, --label): the "

@@ -1,0 +1,150 @@
+"""The forks of grpo.py under torchrun (FSDP2 on the gloo backend, 2 CPU ranks), with their per-problem state made
+global: one step on 2 ranks gives the single-process weights AND state, and a resumed 2-rank run equals an
+uninterrupted one, state included.
+
+As in test_distributed.py, this file is also the worker that torchrun starts (`python -m torch.distributed.run ...
+test_distributed_forks.py hapo-step OUT`): fixed rollouts go through the real scoring and update path."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import eval as evaluation  # noqa: E402
+import hapo  # noqa: E402
+
+HAS_GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
+pytestmark = pytest.mark.skipif(not HAS_GLOO, reason="torch.distributed with the gloo backend is not available")
+SAMPLES = 4
+
+
+# ---- hapo.py: the worker ---------------------------------------------------------------------------------------
+# 4 prompt slots x 4 responses; slot 2 is problem 0 again, on rank 1, with its shortest correct response (3): a
+# rank that updated the history from its own responses alone would keep 5 for problem 0 on rank 0, and would not
+# know problem 3 at all.
+HAPO_PROBLEMS = [0, 1, 0, 3]
+HAPO_LENGTHS = [[6, 4, 7, 5], [3, 5, 2, 4], [3, 8, 2, 6], [15, 17, 14, 16]]
+HAPO_CORRECT = [[1, 0, 0, 1], [0, 0, 0, 1], [1, 1, 0, 1], [1, 0, 1, 0]]
+HAPO_HISTORY = {0: (9, 1), 3: (20, 2)}
+
+
+def hapo_batch(tokenizer):
+    g = torch.Generator().manual_seed(0)
+    problems = evaluation.toy_problems(len(HAPO_PROBLEMS), seed=5)
+    rollouts = [{"prompt_ids": tokenizer.encode(problems[i]["problem"]),
+                 "response_ids": torch.randint(5, 300, (n,), generator=g).tolist(), "engine_logprobs": [0.0] * n,
+                 "truncated": False}
+                for i, lengths in zip(HAPO_PROBLEMS, HAPO_LENGTHS) for n in lengths]
+    problem_ids = [i for i in HAPO_PROBLEMS for _ in range(SAMPLES)]
+    return rollouts, problem_ids, [n for ns in HAPO_LENGTHS for n in ns], [bool(c) for cs in HAPO_CORRECT for c in cs]
+
+
+def hapo_step() -> dict:
+    """HAPO's step 3-5 on the fixed batch, on however many ranks this process group has."""
+    rank, world, device = hapo.init_distributed()
+    model, tokenizer = evaluation.load_model("tiny", dtype=torch.float64)
+    args = hapo.Args(mini_batch=len(HAPO_PROBLEMS) * SAMPLES, micro_batch=3, lr=1e-3)
+    if world > 1:
+        model = hapo.shard_model(model, device)
+    optimizer, scheduler = hapo.make_optimizer(model, args, 1)
+    rollouts, problem_ids, lengths, right = hapo_batch(tokenizer)
+    mine = hapo.rank_share(list(range(len(rollouts))), rank, world)
+    pick = lambda values: [values[i] for i in mine]
+    history, mean_history = dict(HAPO_HISTORY), dict(HAPO_HISTORY)
+    length_rewards = hapo.history_length_rewards_over_ranks(history, pick(problem_ids), pick(lengths), pick(right),
+                                                            args)
+    hapo.history_length_rewards_over_ranks(mean_history, pick(problem_ids), pick(lengths), pick(right),
+                                           dataclasses.replace(args, history_mode="mean"))
+    rewards = torch.tensor([float(c) + b for c, b in zip(pick(right), length_rewards)])
+    advantages = hapo.group_advantages(rewards, SAMPLES)
+    torch.manual_seed(rank)
+    stats = hapo.update_policy(model, None, pick(rollouts), advantages, optimizer, scheduler,
+                               dataclasses.replace(args, mini_batch=args.mini_batch // world),
+                               torch.autocast("cpu", enabled=False), tokenizer.pad_token_id, device)
+    return {"weights": {k: v.detach().clone() for k, v in hapo.full_weights(model).items()},
+            "stats": hapo.train_stats_over_ranks(stats), "rewards": hapo.gather_from_ranks(rewards.tolist()),
+            "histories": hapo.gather_from_ranks([history]), "mean_histories": hapo.gather_from_ranks([mean_history]),
+            "rank": rank}
+
+
+def worker(kind: str, output: str) -> None:
+    result = {"hapo-step": hapo_step}[kind]()
+    if result["rank"] == 0:
+        torch.save(result, output)
+    torch.distributed.destroy_process_group()
+
+
+# ---- the tests -------------------------------------------------------------------------------------------------
+def torchrun(*args, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_hapo_one_step_on_two_ranks_equals_one_process_weights_and_history(tmp_path):
+    torchrun(Path(__file__), "hapo-step", tmp_path / "two.pt")
+    two, one = torch.load(tmp_path / "two.pt", weights_only=False), hapo_step()
+    # the history: every rank holds the single-process one, which needs both ranks' responses
+    assert one["histories"][0] == {0: (3, 6), 1: (4, 1), 3: (14, 4)}, one["histories"]
+    assert two["histories"] == [one["histories"][0]] * 2, two["histories"]
+    assert two["mean_histories"] == [one["mean_histories"][0]] * 2, two["mean_histories"]
+    assert one["mean_histories"][0][0] == pytest.approx(((9 + 6 + 5 + 3 + 8 + 6) / 6, 6))
+    # the rewards (scored against the history from before the batch) and the step
+    assert two["rewards"] == pytest.approx(one["rewards"], abs=1e-12)
+    assert any(r not in (0.0, 1.0) for r in one["rewards"]), "no length reward: the history played no part"
+    before = hapo.full_weights(evaluation.load_model("tiny", dtype=torch.float64)[0])
+    moved, gap = max_difference(one["weights"], before), max_difference(two["weights"], one["weights"])
+    print(f"hapo: step moved weights by {moved:.3g}; 2 ranks vs 1 process {gap:.3g}")
+    assert moved > 1e-4, f"the step moved the weights by only {moved}: the comparison could not fail"
+    assert two["stats"]["grad_norm"] == pytest.approx(one["stats"]["grad_norm"], rel=1e-9)
+    assert gap < 1e-9, f"2 ranks differ from 1 process by {gap} (the step moved weights by {moved})"
+
+
+def resume_pair(script: str, root: Path, extra: list) -> Path:
+    """4 steps on 2 ranks with a checkpoint after 2, and the same run resumed from that checkpoint."""
+    common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
+              "--eval-every", "0", "--eval-max-problems", "2", "--total-steps", "4", "--save-every", "2", *extra]
+    torchrun(ROOT / script, *common, "--output-dir", root / "straight")
+    torchrun(ROOT / script, *common, "--resume", root / "straight" / "checkpoint-2", "--output-dir", root / "resumed")
+    return root
+
+
+def assert_resume_equal(root: Path) -> list:
+    from safetensors.torch import load_file
+    straight = load_file(root / "straight" / "checkpoint-4" / "model.safetensors")
+    halfway = load_file(root / "straight" / "checkpoint-2" / "model.safetensors")
+    resumed = load_file(root / "resumed" / "checkpoint-4" / "model.safetensors")
+    assert any(not torch.equal(halfway[k], straight[k]) for k in straight), "steps 3-4 changed nothing"
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), f"{k} differs after resume"
+    metrics = lambda run: [json.loads(line) for line in open(root / run / "metrics.jsonl")]
+    rewards = lambda run: [m["reward_mean"] for m in metrics(run)]
+    assert rewards("resumed") == rewards("straight")[2:], "the resumed run sampled other responses"
+    return metrics("resumed")
+
+
+def test_hapo_two_rank_resume_equals_uninterrupted_run_with_history(tmp_path):
+    # 4 problems, 4 per step: every step revisits every problem, so from step 2 on the history shapes the rewards
+    root = resume_pair("hapo.py", tmp_path, ["--train-problems", "4"])
+    resumed = assert_resume_equal(root)
+    assert resumed[0]["scored_with_history"] > 0, "the resumed run's first step saw no history: not restored"
+    state = lambda run: torch.load(root / run / "checkpoint-4" / "trainer_state.pt", weights_only=False)
+    assert state("straight")["history"], "no history was saved"
+    assert state("resumed")["history"] == state("straight")["history"]
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["hapo-step"]:
+    worker(sys.argv[1], sys.argv[2])
