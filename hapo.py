@@ -598,10 +598,11 @@ def rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def save_sharded_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict | None = None):
-    """Rank 0 writes the full HF folder (loadable by vLLM and eval.py) and trainer_state.pt (with `extra`: HAPO's
-    history, the same on every rank); every rank writes its optimizer shard (torch.distributed.checkpoint) and its
-    RNG state, so a resume at the same world size is exact."""
+def save_sharded_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, scheduler,
+                            extra: dict | None = None):
+    """Rank 0 writes the full HF folder (loadable by vLLM and eval.py) and trainer_state.pt (with `extra`: the
+    fork's own state, the same on every rank); every rank writes its optimizer shard (torch.distributed.checkpoint)
+    and its RNG state, so a resume at the same world size is exact."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

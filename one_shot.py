@@ -482,7 +482,7 @@ def summed_over_ranks(counts: list[int], device) -> list[int]:
 def clip_gradients(model, max_norm: float) -> torch.Tensor:
     """Clip to a global gradient norm; returns the norm before clipping (under FSDP over every rank's shards)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor, the same on every rank
 
 
 def full_weights(model) -> dict:
@@ -494,6 +494,128 @@ def full_weights(model) -> dict:
     state = {name: full(t) for name, t in model.state_dict().items()}
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = full(model.get_output_embeddings().weight)
+    return state
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """rank, world size and this rank's device. Under torchrun (WORLD_SIZE > 1) join its process group: NCCL on
+    GPUs, gloo on CPUs; a single process starts no process group at all."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.distributed.is_available():
+        raise SystemExit(f"WORLD_SIZE={world} but this torch build has no torch.distributed")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
+
+
+def resolve_on_rank0_first(name: str) -> str:
+    """Rank 0 downloads (or builds the tiny model) first; the other ranks then find it cached instead of racing."""
+    rank = torch.distributed.get_rank() if is_distributed() else 0
+    if rank != 0:
+        torch.distributed.barrier()
+    path = evaluation.resolve_model_path(name)
+    if rank == 0 and is_distributed():
+        torch.distributed.barrier()
+    return path
+
+
+def shard_model(model, device):
+    """FSDP2 (fully_shard): each decoder layer is one gather/reduce unit, the root holds embeddings, norm and LM
+    head. On GPUs bf16 copies of the fp32 master weights compute and gradients are reduced in fp32; CPUs stay fp32."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in getattr(model, model.base_model_prefix).layers:
+        fully_shard(layer, mp_policy=mixed)
+    fully_shard(model, mp_policy=mixed)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # each rank's loss is already divided by the whole batch's counts: sum the gradients, do not average
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    with torch.no_grad():  # FSDP takes the first module to run forward as the root; response_logprobs skips forward
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    model.reshard()  # the root keeps its gathered weights after forward; the optimizer must get the shards
+    return model
+
+
+def rank_share(batch: list, rank: int, world: int) -> list:
+    """This rank's prompts of the rollout batch: whole groups, so group advantages need no communication."""
+    share = len(batch) // world
+    return batch[rank * share:(rank + 1) * share]
+
+
+def gather_from_ranks(values: list) -> list:
+    """Every rank's values in rank order (for logging); in a single process, the values themselves."""
+    if not is_distributed():
+        return values
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, values)
+    return [v for part in parts for v in part]
+
+
+def train_stats_over_ranks(stats: dict) -> dict:
+    """Training statistics for logging, averaged over ranks (each a mean over its micro-batches; the gradient norm
+    is already global)."""
+    if not is_distributed():
+        return stats
+    keys = sorted(k for k, v in stats.items() if isinstance(v, float))
+    means = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, means)
+    return {**stats, **dict(zip(keys, torch.stack(parts).mean(0).tolist()))}
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def save_sharded_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, scheduler,
+                            extra: dict | None = None):
+    """Rank 0 writes the full HF folder (loadable by vLLM and eval.py) and trainer_state.pt (with `extra`: the
+    fork's own state, the same on every rank); every rank writes its optimizer shard (torch.distributed.checkpoint)
+    and its RNG state, so a resume at the same world size is exact."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = full_weights(model)  # also leaves the root sharded: the optimizer's state is keyed by the shards
+    if model.config.tie_word_embeddings:  # written once, as a single-process save_pretrained does
+        weights.pop("lm_head.weight")
+    if rank == 0:
+        model.save_pretrained(folder, state_dict=weights)
+        tokenizer.save_pretrained(folder)
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "world_size": world, **(extra or {})},
+                   folder / "trainer_state.pt")
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder / "optimizer")
+    torch.save(rng_state(), folder / f"rng-rank{rank}.pt")  # each rank samples from its own stream
+    torch.distributed.barrier()
+
+
+def load_sharded_trainer_state(folder: Path, model, optimizer, scheduler) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
+    if state.get("world_size") != world:
+        raise SystemExit(f"--resume {folder}: written by {state.get('world_size', 'a single process (1)')} "
+                         f"rank(s); resume it with that many (this run has {world})")
+    model.reshard()
+    sharded = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(sharded, checkpoint_id=Path(folder) / "optimizer")
+    set_optimizer_state_dict(model, optimizer, sharded["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = torch.load(Path(folder) / f"rng-rank{rank}.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state
 
 
@@ -650,8 +772,9 @@ class Logger:
 
 # ---- main loop -------------------------------------------------------------------------------------------------
 def main(args: Args):
-    # setup: checks, data, the examples' source, reference, engine, output dir, resume
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # setup: processes, checks, data, the examples' source, reference, engine, output dir, resume
+    rank, world, device = init_distributed()  # one process unless started by torchrun
+    check_world_size(args, world)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     if args.example_index and args.history:
         raise SystemExit("give --example-index or --history (ranked by --rank), not both")
@@ -663,7 +786,7 @@ def main(args: Args):
                          f"micro_batch | mini_batch; got mini_batch={args.mini_batch}, micro_batch={args.micro_batch}")
     if args.resume and not (Path(args.resume) / "trainer_state.pt").is_file():
         raise SystemExit(f"--resume {args.resume}: no trainer_state.pt there (give a checkpoint-<step> folder)")
-    base_path = evaluation.resolve_model_path(args.model)
+    base_path = resolve_on_rank0_first(args.model)
     model, tokenizer = evaluation.load_model(args.resume or base_path)  # fp32 master weights; bf16 compute on GPU
     problems = load_prompts(args, tokenizer)
     eval_sets = load_eval_problems(args)
@@ -696,9 +819,11 @@ def main(args: Args):
     if args.kl_coef > 0:  # with no KL term there is nothing to compare against: no reference is loaded
         reference = evaluation.load_model(base_path)[0].to(device).eval()
         reference.requires_grad_(False)
-    output_dir = Path(args.output_dir or f"runs/{Path(__file__).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    output_dir = Path(gather_from_ranks([args.output_dir or f"runs/{Path(__file__).stem}-"
+                                         f"{time.strftime('%Y%m%d-%H%M%S')}"])[0])  # rank 0's clock names it
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    if rank == 0:
+        (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     engine = make_rollout_engine(args, base_path, model, device)
     stops = evaluation.stop_token_ids(tokenizer, model)
     run = dict(reference=reference, engine=engine, tokenizer=tokenizer, eval_sets=eval_sets, device=device,
@@ -717,13 +842,19 @@ def main(args: Args):
         examples = find_examples(problems, chosen, args.label)
         model, state = evaluation.load_model(base_path)[0], {}  # 1-shot RLVR starts again from the base model
     if not args.total_steps:
-        return output_dir
+        return finish(output_dir, engine)
     for e in examples:
         relabelled = f" (the data says {e['true_answer']!r})" if e["answer"] != e["true_answer"] else ""
         print(f"example {e['id']}, answer {e['answer']!r}{relabelled}: {e['problem'][:300]!r}")
 
     # 1-shot RLVR: GRPO from the base model on equal shares of copies of the example(s), the same batch every step
     train(args, "one-shot", replicate(examples, args.prompts_per_step), model, output_dir, state, **run)
+    return finish(output_dir, engine)
+
+
+def finish(output_dir: Path, engine) -> Path:
+    if is_distributed() and engine is None:  # a vLLM engine tears the process group down itself when it shuts down
+        torch.distributed.destroy_process_group()
     return output_dir
 
 
@@ -732,13 +863,18 @@ def train(args, phase, problems, model, output_dir, state, reference, engine, to
     """GRPO steps over the pool, recording each example's accuracy history (phase "pool"), or over the replicated
     example(s) (phase "one-shot"). Both start from the seed, so a 1-shot run does not depend on how its example was
     chosen: the default run's second phase equals a run given the first phase's history."""
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
+    random.seed(args.seed + rank)  # each rank samples its own responses; the data order is seeded apart
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     model.to(device).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if world > 1:  # here, not in main: 1-shot training starts again from a freshly loaded base model
+        model = shard_model(model, device)
+        if reference is not None and not hasattr(reference, "reshard"):
+            reference = shard_model(reference, device)
     steps = args.pool_steps if phase == "pool" else args.total_steps
     batch_size = args.prompts_per_step * args.samples_per_prompt
     updates_per_step = args.num_updates * batch_size // args.mini_batch
@@ -746,22 +882,27 @@ def train(args, phase, problems, model, output_dir, state, reference, engine, to
     output_dir.mkdir(parents=True, exist_ok=True)
     start_step, history, best = 0, {}, None
     if state:
-        state = load_trainer_state(Path(args.resume), optimizer, scheduler)
+        state = load_trainer_state_for_world(Path(args.resume), model, optimizer, scheduler, world)  # every rank
         start_step, history, best = state["step"], state["history"], state["best"]
         print(f"resumed the {phase} run from {args.resume} at step {start_step}")
     push_weights(engine, model)  # the engine loaded the base model's files; from here on it tracks the policy
-    logger = Logger(output_dir, args)
+    logger = Logger(output_dir, args) if rank == 0 else None
+    rank_args = dataclasses.replace(args, mini_batch=args.mini_batch // world)  # each rank's share of a mini-batch
     ids = list(dict.fromkeys(p["id"] for p in problems))
     relabelled = phase == "one-shot" and any(p["answer"] != p["true_answer"] for p in problems)
     if phase == "one-shot" and start_step == 0 and args.eval_every:  # step 0: the base model, as the paper's plots
-        logger.log({"step": 0, **run_evaluation(engine or model, tokenizer, eval_sets, args)})
+        at_start = run_evaluation(engine or model, tokenizer, eval_sets, args)  # every rank: FSDP's generate
+        if rank == 0:
+            logger.log({"step": 0, **at_start})
     bad_steps = 0
 
     for step in range(start_step, steps):
         metrics = {"step": step + 1}
         # 1. sample prompts: the pool run samples the pool as GRPO does; 1-shot RLVR takes every copy every step
-        batch = [problems[i] for i in batch_indices(step, len(problems), args.prompts_per_step, args.seed)] \
+        #    (under torchrun each rank takes whole groups of its share of the batch)
+        whole_batch = [problems[i] for i in batch_indices(step, len(problems), args.prompts_per_step, args.seed)] \
             if phase == "pool" else problems
+        batch = rank_share(whole_batch, rank, world)
         # 2. generate
         t0 = time.time()
         rollouts = generate(engine, model, tokenizer, [p["prompt_ids"] for p in batch], args, step, stops)
@@ -781,8 +922,9 @@ def train(args, phase, problems, model, output_dir, state, reference, engine, to
             rollouts = [dict(r, masked=r["truncated"]) for r in rollouts]
         # 5. update: num_updates passes, each over mini-batches with micro-batch gradient accumulation
         sleep_engine(engine, args)
-        train_stats = update_policy(model, reference, rollouts, advantages, optimizer, scheduler, args, autocast,
-                                    tokenizer.pad_token_id, device)
+        train_stats = update_policy(model, reference, rollouts, advantages, optimizer, scheduler, rank_args,
+                                    autocast, tokenizer.pad_token_id, device)
+        train_stats = train_stats_over_ranks(train_stats)
         # 6. push weights into the rollout engine
         wake_engine(engine, model, args)
         t3 = time.time()
@@ -791,42 +933,88 @@ def train(args, phase, problems, model, output_dir, state, reference, engine, to
             raise SystemExit(f"stopping: {bad_steps} updates in a row had a non-finite loss or gradient "
                              "(lower --lr, check the data, or use fp32)")
         # 7. log (each example's accuracy: the pool run's history) / evaluate (the best average) / checkpoint
-        group_accuracy = rewards.view(-1, args.samples_per_prompt).mean(1).tolist()
+        #    (under torchrun: the whole batch, gathered from every rank, so every rank records the same history)
+        group_accuracy = group_accuracy_over_ranks(rewards, args.samples_per_prompt)
         if phase == "pool":
-            for p, accuracy in zip(batch, group_accuracy):
-                history.setdefault(p["id"], []).append(accuracy)
-            (output_dir / "accuracy_history.json").write_text(json.dumps(history))
+            record_accuracy(history, whole_batch, group_accuracy)
+            if rank == 0:
+                (output_dir / "accuracy_history.json").write_text(json.dumps(history))
         elif len(ids) > 1:
             for i in ids:
-                shares = [a for p, a in zip(batch, group_accuracy) if p["id"] == i]
+                shares = [a for p, a in zip(whole_batch, group_accuracy) if p["id"] == i]
                 metrics[f"accuracy/{i}"] = sum(shares) / len(shares)
         if relabelled:  # the label-noise ablation: how often the policy says the data's own answer
             true_golds = [p["true_answer"] for p in batch for _ in range(args.samples_per_prompt)]
-            true_correct = verify.score_batch(texts, true_golds, mode=args.answer_mode)
+            true_correct = gather_from_ranks(verify.score_batch(texts, true_golds, mode=args.answer_mode))
             metrics["true_label_accuracy"] = sum(true_correct) / len(true_correct)
-        lengths = [len(r["response_ids"]) for r in rollouts]
+        lengths = gather_from_ranks([len(r["response_ids"]) for r in rollouts])
+        rewards, correct = torch.tensor(gather_from_ranks(rewards.tolist())), gather_from_ranks(list(correct))
+        truncated = gather_from_ranks([r["truncated"] for r in rollouts])
         metrics.update(reward_mean=rewards.mean().item(), accuracy=sum(correct) / len(correct),
                        response_len_mean=sum(lengths) / len(lengths),
-                       truncated_share=sum(r["truncated"] for r in rollouts) / len(rollouts),
+                       truncated_share=sum(truncated) / len(truncated),
                        time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
                        tokens_per_s=sum(lengths) / max(t1 - t0, 1e-9), lr=scheduler.get_last_lr()[0], **train_stats)
         last = step + 1 == steps
         saving = last or (args.save_every and (step + 1) % args.save_every == 0)
         if last or (args.eval_every and (step + 1) % args.eval_every == 0):
+            # every rank evaluates the whole sets (eval.py seeds its sampling: the same on every rank); rank 0 logs
             metrics.update(run_evaluation(engine or model, tokenizer, eval_sets, args))
             if best is None or metrics["eval/average"] > best["average"]:  # the paper reports its best checkpoint
                 best = {"step": step + 1, "average": metrics["eval/average"],
                         "checkpoint": str(output_dir / f"checkpoint-{step + 1}") if saving else None,
                         **{k[5:]: v for k, v in metrics.items() if k.startswith("eval/")}}
-                (output_dir / "best.json").write_text(json.dumps(best, indent=2) + "\n")
+                if rank == 0:
+                    (output_dir / "best.json").write_text(json.dumps(best, indent=2) + "\n")
             metrics.update({"best/step": best["step"], "best/average": best["average"]})
         if saving:
-            save_checkpoint(output_dir / f"checkpoint-{step + 1}", step + 1, model, tokenizer, optimizer, scheduler,
-                            extra={"phase": phase, "history": history, "best": best,
-                                   "examples": [{"id": i, "answer": next(p["answer"] for p in problems if p["id"] == i)}
-                                                for i in ids] if phase == "one-shot" else None})
-        logger.log(metrics)
+            extra = {"phase": phase, "history": history, "best": best,
+                     "examples": [{"id": i, "answer": next(p["answer"] for p in problems if p["id"] == i)}
+                                  for i in ids] if phase == "one-shot" else None}
+            folder = output_dir / f"checkpoint-{step + 1}"
+            if world > 1:  # the history is the same on every rank: rank 0 writes it
+                save_sharded_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra=extra)
+            else:
+                save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra=extra)
+        if rank == 0:
+            logger.log(metrics)
     return history
+
+
+def group_accuracy_over_ranks(rewards: torch.Tensor, group_size: int) -> list[float]:
+    """Each group's accuracy (its mean reward), for the whole batch: under torchrun every rank's groups, gathered in
+    rank order, which is the batch's order."""
+    return gather_from_ranks(rewards.view(-1, group_size).mean(1).tolist())
+
+
+def record_accuracy(history: dict, batch: list[dict], group_accuracy: list[float]) -> None:
+    """The pool run's accuracy history: each example's accuracy appended every time it is sampled. `batch` is the
+    whole batch (every rank's share), so under torchrun every rank records every rank's rollouts."""
+    for p, accuracy in zip(batch, group_accuracy):
+        history.setdefault(p["id"], []).append(accuracy)
+
+
+def check_world_size(args, world: int) -> None:
+    """Under torchrun every rank takes whole groups and an equal share of every mini-batch."""
+    if world == 1:
+        return
+    if args.prompts_per_step % world or args.mini_batch % world:
+        raise SystemExit(f"torchrun with {world} ranks: --prompts-per-step ({args.prompts_per_step}) and "
+                         f"--mini-batch ({args.mini_batch}) must be multiples of {world}")
+    if args.mask_truncated:  # a rank could be left with fewer micro-batches than the others and stall FSDP
+        raise SystemExit("--mask-truncated is not supported under torchrun yet")
+
+
+def load_trainer_state_for_world(folder: Path, model, optimizer, scheduler, world: int) -> dict:
+    """A single-process checkpoint holds the whole optimizer state; a torchrun one holds it sharded."""
+    sharded = (folder / "optimizer").is_dir()
+    if world > 1:
+        return load_sharded_trainer_state(folder, model, optimizer, scheduler)
+    if sharded:
+        world_then = torch.load(folder / "trainer_state.pt", weights_only=False)["world_size"]
+        raise SystemExit(f"--resume {folder}: written by torchrun with {world_then} ranks; resume it with "
+                         f"torchrun --nproc_per_node {world_then} (its optimizer state is sharded)")
+    return load_trainer_state(folder, optimizer, scheduler)
 
 
 def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, args, autocast, pad_id, device):

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import eval as evaluation  # noqa: E402
 import hapo  # noqa: E402
+import one_shot  # noqa: E402
 
 HAS_GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
 pytestmark = pytest.mark.skipif(not HAS_GLOO, reason="torch.distributed with the gloo backend is not available")
@@ -73,8 +74,47 @@ def hapo_step() -> dict:
             "rank": rank}
 
 
+# ---- one_shot.py: the worker -----------------------------------------------------------------------------------
+# the pool run's batch: 4 prompts (example "a" twice, once on each rank) x 4 responses with fixed rewards
+SHOT_IDS = ["a", "b", "a", "c"]
+SHOT_REWARDS = [1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1, 0, 1, 0, 0]
+
+
+def one_shot_step() -> dict:
+    """The pool run's steps 4-5 and 7 on a fixed batch (the paper's KL and entropy terms on): weights and history."""
+    rank, world, device = one_shot.init_distributed()
+    model, tokenizer = evaluation.load_model("tiny", dtype=torch.float64)
+    reference = evaluation.load_model("tiny", dtype=torch.float64)[0].eval().requires_grad_(False)
+    args = one_shot.Args(mini_batch=len(SHOT_IDS) * SAMPLES, micro_batch=3, lr=1e-3)
+    assert args.kl_coef > 0 and args.entropy_coef > 0
+    if world > 1:
+        model, reference = one_shot.shard_model(model, device), one_shot.shard_model(reference, device)
+    optimizer, scheduler = one_shot.make_optimizer(model, args, 1)
+    g = torch.Generator().manual_seed(1)
+    problems = evaluation.toy_problems(len(SHOT_IDS), seed=5)
+    batch = [{"id": i, "prompt_ids": tokenizer.encode(p["problem"])} for i, p in zip(SHOT_IDS, problems)]
+    rollouts = []
+    for p in batch:
+        for _ in range(SAMPLES):
+            n = int(torch.randint(2, 12, (1,), generator=g))
+            rollouts.append({"prompt_ids": p["prompt_ids"], "response_ids": torch.randint(5, 300, (n,), generator=g)
+                             .tolist(), "engine_logprobs": [0.0] * n, "truncated": False})
+    mine = one_shot.rank_share(list(range(len(rollouts))), rank, world)
+    rewards = torch.tensor(SHOT_REWARDS)[mine]
+    history = {"a": [0.5]}
+    one_shot.record_accuracy(history, batch, one_shot.group_accuracy_over_ranks(rewards, SAMPLES))
+    torch.manual_seed(rank)
+    stats = one_shot.update_policy(model, reference, [rollouts[i] for i in mine],
+                                   one_shot.group_advantages(rewards, SAMPLES), optimizer, scheduler,
+                                   dataclasses.replace(args, mini_batch=args.mini_batch // world),
+                                   torch.autocast("cpu", enabled=False), tokenizer.pad_token_id, device)
+    return {"weights": {k: v.detach().clone() for k, v in one_shot.full_weights(model).items()},
+            "stats": one_shot.train_stats_over_ranks(stats), "histories": one_shot.gather_from_ranks([history]),
+            "rank": rank}
+
+
 def worker(kind: str, output: str) -> None:
-    result = {"hapo-step": hapo_step}[kind]()
+    result = {"hapo-step": hapo_step, "one-shot-step": one_shot_step}[kind]()
     if result["rank"] == 0:
         torch.save(result, output)
     torch.distributed.destroy_process_group()
@@ -113,24 +153,26 @@ def test_hapo_one_step_on_two_ranks_equals_one_process_weights_and_history(tmp_p
     assert gap < 1e-9, f"2 ranks differ from 1 process by {gap} (the step moved weights by {moved})"
 
 
-def resume_pair(script: str, root: Path, extra: list) -> Path:
-    """4 steps on 2 ranks with a checkpoint after 2, and the same run resumed from that checkpoint."""
+def resume_pair(script: str, root: Path, extra: list, sub: str = "") -> Path:
+    """4 steps on 2 ranks with a checkpoint after 2, and the same run resumed from that checkpoint (the run's
+    folder: root/straight/sub and root/resumed/sub)."""
     common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
-              "--eval-every", "0", "--eval-max-problems", "2", "--total-steps", "4", "--save-every", "2", *extra]
+              "--eval-every", "0", "--eval-max-problems", "2", "--save-every", "2", *extra]
     torchrun(ROOT / script, *common, "--output-dir", root / "straight")
-    torchrun(ROOT / script, *common, "--resume", root / "straight" / "checkpoint-2", "--output-dir", root / "resumed")
+    torchrun(ROOT / script, *common, "--resume", root / "straight" / sub / "checkpoint-2", "--output-dir",
+             root / "resumed")
     return root
 
 
-def assert_resume_equal(root: Path) -> list:
+def assert_resume_equal(root: Path, sub: str = "") -> list:
     from safetensors.torch import load_file
-    straight = load_file(root / "straight" / "checkpoint-4" / "model.safetensors")
-    halfway = load_file(root / "straight" / "checkpoint-2" / "model.safetensors")
-    resumed = load_file(root / "resumed" / "checkpoint-4" / "model.safetensors")
+    straight = load_file(root / "straight" / sub / "checkpoint-4" / "model.safetensors")
+    halfway = load_file(root / "straight" / sub / "checkpoint-2" / "model.safetensors")
+    resumed = load_file(root / "resumed" / sub / "checkpoint-4" / "model.safetensors")
     assert any(not torch.equal(halfway[k], straight[k]) for k in straight), "steps 3-4 changed nothing"
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), f"{k} differs after resume"
-    metrics = lambda run: [json.loads(line) for line in open(root / run / "metrics.jsonl")]
+    metrics = lambda run: [json.loads(line) for line in open(root / run / sub / "metrics.jsonl")]
     rewards = lambda run: [m["reward_mean"] for m in metrics(run)]
     assert rewards("resumed") == rewards("straight")[2:], "the resumed run sampled other responses"
     return metrics("resumed")
@@ -138,7 +180,7 @@ def assert_resume_equal(root: Path) -> list:
 
 def test_hapo_two_rank_resume_equals_uninterrupted_run_with_history(tmp_path):
     # 4 problems, 4 per step: every step revisits every problem, so from step 2 on the history shapes the rewards
-    root = resume_pair("hapo.py", tmp_path, ["--train-problems", "4"])
+    root = resume_pair("hapo.py", tmp_path, ["--train-problems", "4", "--total-steps", "4"])
     resumed = assert_resume_equal(root)
     assert resumed[0]["scored_with_history"] > 0, "the resumed run's first step saw no history: not restored"
     state = lambda run: torch.load(root / run / "checkpoint-4" / "trainer_state.pt", weights_only=False)
@@ -146,5 +188,30 @@ def test_hapo_two_rank_resume_equals_uninterrupted_run_with_history(tmp_path):
     assert state("resumed")["history"] == state("straight")["history"]
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["hapo-step"]:
+def test_one_shot_one_step_on_two_ranks_equals_one_process_weights_and_history(tmp_path):
+    torchrun(Path(__file__), "one-shot-step", tmp_path / "two.pt")
+    two, one = torch.load(tmp_path / "two.pt", weights_only=False), one_shot_step()
+    # every rank records every rank's groups, in the batch's order ("a" once on each rank)
+    assert one["histories"][0] == {"a": [0.5, 0.5, 0.75], "b": [0.25], "c": [0.25]}, one["histories"]
+    assert two["histories"] == [one["histories"][0]] * 2, two["histories"]
+    before = one_shot.full_weights(evaluation.load_model("tiny", dtype=torch.float64)[0])
+    moved, gap = max_difference(one["weights"], before), max_difference(two["weights"], one["weights"])
+    print(f"one_shot: step moved weights by {moved:.3g}; 2 ranks vs 1 process {gap:.3g}")
+    assert moved > 1e-4, f"the step moved the weights by only {moved}: the comparison could not fail"
+    assert two["stats"]["grad_norm"] == pytest.approx(one["stats"]["grad_norm"], rel=1e-9)
+    assert gap < 1e-9, f"2 ranks differ from 1 process by {gap} (the step moved weights by {moved})"
+
+
+def test_one_shot_two_rank_pool_run_resumes_to_the_same_weights_and_history(tmp_path):
+    root = resume_pair("one_shot.py", tmp_path, ["--pool-steps", "4", "--pool-size", "6", "--total-steps", "0"],
+                       sub="pool")
+    assert_resume_equal(root, "pool")
+    history = lambda run: json.loads((root / run / "pool" / "accuracy_history.json").read_text())
+    assert sum(map(len, history("straight").values())) == 4 * 4, "the history lacks a rank's groups"
+    assert history("resumed") == history("straight")
+    state = torch.load(root / "resumed" / "pool" / "checkpoint-4" / "trainer_state.pt", weights_only=False)
+    assert state["history"] == history("straight")
+
+
+if __name__ == "__main__" and sys.argv[1:2] in (["hapo-step"], ["one-shot-step"]):
     worker(sys.argv[1], sys.argv[2])

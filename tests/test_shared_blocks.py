@@ -22,6 +22,9 @@ MEANT_TO_DIFFER: dict[tuple[str, str], str] = {
                                  "them; the engine-vs-trainer log-prob gap is measured from those old log-probs.",
     ("hapo.py", "save_sharded_checkpoint"): "rank 0 also writes HAPO's history (the same on every rank) into "
                                             "trainer_state.pt, as save_checkpoint's `extra` does in one process",
+    ("one_shot.py", "save_sharded_checkpoint"): "rank 0 also writes the accuracy history, the phase, the best "
+                                                "evaluation and the examples (the same on every rank) into "
+                                                "trainer_state.pt, as save_checkpoint's `extra` does in one process",
     ("hapo.py", "run_evaluation"): "HAPO measures length: adds the mean and p90 length of the correct responses "
                                    "(from eval.py's graded samples) to eval.py's metrics",
     ("one_shot.py", "parse_args"): "flags that take several values (--rank 1 13, --example-index, --label): the "
