@@ -10,10 +10,14 @@ which is in this script as a baseline (`--select dynamic-sampling`), as is plain
     python pcl.py                                  # tiny model, toy task with three difficulty levels, CPU
     python pcl.py --select uniform                 # the same run with plain GRPO's uniform prompts
     python pcl.py --help                           # every hyperparameter, with the paper's value
+    torchrun --nproc_per_node 8 pcl.py --model ...   # several GPUs: FSDP2 policy, one vLLM engine per rank
 
 Differs from grpo.py in: prompt selection (candidates, value model, `--select`), the value model and its update
 (and its state in checkpoints), GRPO without KL and without std normalisation with `seq-mean-token-mean` loss and
 one optimizer step per batch by default, and the metrics (effective ratio, selection vs generation time, V's fit).
+Under torchrun (grpo.py's scale-out blocks) V is replicated: every rank scores the same candidates with it, keeps
+the same prompts (rank 0's choice), rolls out its share of them, and regresses V on all kept prompts with their
+realised accuracies gathered from every rank, so every rank holds the single-process V.
 No code of the paper is public: the value model's architecture (the policy's backbone + a scalar sigmoid head on
 the last prompt token), its initialisation, optimizer and learning rate, the tie rule and what dynamic sampling does
 when fewer than m prompts survive are our choices; the README section lists them.
@@ -472,6 +476,13 @@ def update_value_model(value_model, optimizer, prompt_ids, realised_accuracy, ar
     return {"value_loss": loss_sum, "value_grad_norm": grad_norm.item()}
 
 
+def realised_accuracy_over_ranks(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each kept prompt's mean reward over its n samples, for the whole batch: under torchrun every rank's prompts,
+    gathered in rank order (the kept prompts' order), so every rank regresses its copy of V on the same targets."""
+    realised = rewards.view(-1, group_size).mean(dim=1)
+    return torch.tensor(gather_from_ranks(realised.tolist()), dtype=realised.dtype) if is_distributed() else realised
+
+
 def effective_ratio(advantages: torch.Tensor) -> float:
     """The share of samples with a non-zero advantage: the ones that carry gradient in GRPO."""
     return (advantages != 0).float().mean().item() if len(advantages) else 0.0
@@ -487,7 +498,7 @@ def value_fit(predicted: torch.Tensor, realised: torch.Tensor) -> dict:
     return {"value_corr": corr, "value_explained_var": float(1 - (r - v).var() / r.var())}
 
 
-# ---- scale-out: the pieces the shared blocks call (torchrun itself: grpo.py only, so far) ---------------------
+# ---- scale-out: torchrun + FSDP2 (idle in a single process) ---------------------------------------------------
 def is_distributed() -> bool:
     """Started by torchrun with several ranks. (An in-process vLLM engine starts a process group of one.)"""
     return torch.distributed.is_available() and torch.distributed.is_initialized() \
@@ -507,7 +518,7 @@ def summed_over_ranks(counts: list[int], device) -> list[int]:
 def clip_gradients(model, max_norm: float) -> torch.Tensor:
     """Clip to a global gradient norm; returns the norm before clipping (under FSDP over every rank's shards)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor, the same on every rank
 
 
 def full_weights(model) -> dict:
@@ -519,6 +530,128 @@ def full_weights(model) -> dict:
     state = {name: full(t) for name, t in model.state_dict().items()}
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = full(model.get_output_embeddings().weight)
+    return state
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """rank, world size and this rank's device. Under torchrun (WORLD_SIZE > 1) join its process group: NCCL on
+    GPUs, gloo on CPUs; a single process starts no process group at all."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.distributed.is_available():
+        raise SystemExit(f"WORLD_SIZE={world} but this torch build has no torch.distributed")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
+
+
+def resolve_on_rank0_first(name: str) -> str:
+    """Rank 0 downloads (or builds the tiny model) first; the other ranks then find it cached instead of racing."""
+    rank = torch.distributed.get_rank() if is_distributed() else 0
+    if rank != 0:
+        torch.distributed.barrier()
+    path = evaluation.resolve_model_path(name)
+    if rank == 0 and is_distributed():
+        torch.distributed.barrier()
+    return path
+
+
+def shard_model(model, device):
+    """FSDP2 (fully_shard): each decoder layer is one gather/reduce unit, the root holds embeddings, norm and LM
+    head. On GPUs bf16 copies of the fp32 master weights compute and gradients are reduced in fp32; CPUs stay fp32."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in getattr(model, model.base_model_prefix).layers:
+        fully_shard(layer, mp_policy=mixed)
+    fully_shard(model, mp_policy=mixed)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # each rank's loss is already divided by the whole batch's counts: sum the gradients, do not average
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    with torch.no_grad():  # FSDP takes the first module to run forward as the root; response_logprobs skips forward
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    model.reshard()  # the root keeps its gathered weights after forward; the optimizer must get the shards
+    return model
+
+
+def rank_share(batch: list, rank: int, world: int) -> list:
+    """This rank's prompts of the rollout batch: whole groups, so group advantages need no communication."""
+    share = len(batch) // world
+    return batch[rank * share:(rank + 1) * share]
+
+
+def gather_from_ranks(values: list) -> list:
+    """Every rank's values in rank order (for logging); in a single process, the values themselves."""
+    if not is_distributed():
+        return values
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, values)
+    return [v for part in parts for v in part]
+
+
+def train_stats_over_ranks(stats: dict) -> dict:
+    """Training statistics for logging, averaged over ranks (each a mean over its micro-batches; the gradient norm
+    is already global)."""
+    if not is_distributed():
+        return stats
+    keys = sorted(k for k, v in stats.items() if isinstance(v, float))
+    means = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, means)
+    return {**stats, **dict(zip(keys, torch.stack(parts).mean(0).tolist()))}
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def save_sharded_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, scheduler,
+                            extra: dict | None = None):
+    """Rank 0 writes the full HF folder (loadable by vLLM and eval.py) and trainer_state.pt (with `extra`: the
+    fork's own state, the same on every rank); every rank writes its optimizer shard (torch.distributed.checkpoint)
+    and its RNG state, so a resume at the same world size is exact."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = full_weights(model)  # also leaves the root sharded: the optimizer's state is keyed by the shards
+    if model.config.tie_word_embeddings:  # written once, as a single-process save_pretrained does
+        weights.pop("lm_head.weight")
+    if rank == 0:
+        model.save_pretrained(folder, state_dict=weights)
+        tokenizer.save_pretrained(folder)
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "world_size": world, **(extra or {})},
+                   folder / "trainer_state.pt")
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder / "optimizer")
+    torch.save(rng_state(), folder / f"rng-rank{rank}.pt")  # each rank samples from its own stream
+    torch.distributed.barrier()
+
+
+def load_sharded_trainer_state(folder: Path, model, optimizer, scheduler) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
+    if state.get("world_size") != world:
+        raise SystemExit(f"--resume {folder}: written by {state.get('world_size', 'a single process (1)')} "
+                         f"rank(s); resume it with that many (this run has {world})")
+    model.reshard()
+    sharded = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(sharded, checkpoint_id=Path(folder) / "optimizer")
+    set_optimizer_state_dict(model, optimizer, sharded["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = torch.load(Path(folder) / f"rng-rank{rank}.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state
 
 
@@ -662,12 +795,15 @@ def main(args: Args):
                                                        f"advantage), not {args.samples_per_prompt}")):
         if bad:
             raise SystemExit(message)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, device = init_distributed()  # one process unless started by torchrun
+    check_world_size(args, world)
+    if world > 1 and args.select == "dynamic-sampling":  # ranks would keep unequal numbers of prompts
+        raise SystemExit("--select dynamic-sampling is not supported under torchrun yet (use pcl or uniform)")
+    random.seed(args.seed + rank)  # each rank samples its own responses; the data order is seeded apart
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    model_path = args.resume or evaluation.resolve_model_path(args.model)
+    model_path = args.resume or resolve_on_rank0_first(args.model)
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
     model.to(device).train()
     if args.gradient_checkpointing:
@@ -675,13 +811,16 @@ def main(args: Args):
         model.config.use_cache = False
     reference = None
     if args.kl_coef > 0:  # with no KL term there is nothing to compare against: no reference is loaded
-        reference = evaluation.load_model(evaluation.resolve_model_path(args.model))[0].to(device).eval()
+        reference = evaluation.load_model(resolve_on_rank0_first(args.model))[0].to(device).eval()
         reference.requires_grad_(False)
+    if world > 1:
+        model = shard_model(model, device)
+        reference = shard_model(reference, device) if reference is not None else None
     try:  # V starts from the policy's base checkpoint (not from a resumed policy): its own weights are restored
-        value_lm = evaluation.load_model(evaluation.resolve_model_path(args.value_model or args.model))[0]
+        value_lm = evaluation.load_model(resolve_on_rank0_first(args.value_model or args.model))[0]
     except (OSError, ValueError) as e:
         raise SystemExit(f"--value-model {args.value_model!r}: {e}") from None
-    value_model = ValueModel(value_lm).to(device).train()
+    value_model = ValueModel(value_lm).to(device).train()  # under torchrun: a whole copy on every rank
     if args.gradient_checkpointing:
         value_lm.gradient_checkpointing_enable()
     value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=args.value_lr,
@@ -694,12 +833,14 @@ def main(args: Args):
                          f"micro_batch | mini_batch; got mini_batch={args.mini_batch}, micro_batch={args.micro_batch}")
     updates_per_step = args.num_updates * batch_size // args.mini_batch
     optimizer, scheduler = make_optimizer(model, args, args.total_steps * updates_per_step)
-    output_dir = Path(args.output_dir or f"runs/{Path(__file__).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    output_dir = Path(gather_from_ranks([args.output_dir or f"runs/{Path(__file__).stem}-"
+                                         f"{time.strftime('%Y%m%d-%H%M%S')}"])[0])  # rank 0's clock names it
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    if rank == 0:
+        (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     start_step = 0
     if args.resume:
-        state = load_trainer_state(Path(args.resume), optimizer, scheduler)
+        state = load_trainer_state_for_world(Path(args.resume), model, optimizer, scheduler, world)  # every rank
         start_step = state["step"]
         value_model.load_state_dict(state["value_model"])
         value_optimizer.load_state_dict(state["value_optimizer"])
@@ -707,7 +848,8 @@ def main(args: Args):
     engine = make_rollout_engine(args, model_path, model, device)
     push_weights(engine, model)  # the engine loaded fp32 files from disk; from here on it tracks the policy
     stops = evaluation.stop_token_ids(tokenizer, model)
-    logger = Logger(output_dir, args)
+    logger = Logger(output_dir, args) if rank == 0 else None
+    rank_args = dataclasses.replace(args, mini_batch=args.mini_batch // world)  # each rank's share of a mini-batch
     bad_steps = 0
     pad_id, n, m = tokenizer.pad_token_id, args.samples_per_prompt, args.prompts_per_step
 
@@ -716,13 +858,15 @@ def main(args: Args):
         # 1. sample candidates uniformly: m for plain GRPO, k*m for pcl and dynamic sampling
         pool = m if args.select == "uniform" else args.candidates_factor * m
         candidates = [problems[i] for i in batch_indices(step, len(problems), pool, args.seed)]
-        # 2. select prompts: by V(x) (pcl, no rollouts), or by rolling out every candidate (dynamic sampling)
+        # 2. select prompts: by V(x) (pcl, no rollouts), or by rolling out every candidate (dynamic sampling);
+        #    under torchrun every rank scores the same candidates with the same V, and takes its share of the kept
         t0 = time.time()
         predicted = None
         if args.select == "pcl":
             values = predict_values(value_model, [p["prompt_ids"] for p in candidates], args, pad_id, device,
                                     autocast)
             kept = select_prompts(values, m, args.tau)
+            kept = gather_from_ranks([kept])[0]  # rank 0's: GPU rounding in V must not split the ranks' batches
             predicted = values[kept]
         elif args.select == "dynamic-sampling":
             pool_rollouts = generate(engine, model, tokenizer, [p["prompt_ids"] for p in candidates], args, step,
@@ -732,7 +876,7 @@ def main(args: Args):
             metrics["pool_accuracy"] = sum(pool_correct) / len(pool_correct)
         else:
             kept = list(range(m))
-        batch = [candidates[i] for i in kept]
+        batch = rank_share([candidates[i] for i in kept], rank, world)
         t1 = time.time()
         # 3. generate (dynamic sampling reuses the kept prompts' rollouts from its filter)
         if args.select == "dynamic-sampling":
@@ -754,8 +898,9 @@ def main(args: Args):
         train_stats = {"skipped": False}
         if batch:  # dynamic sampling can find no informative prompt at all: nothing to train on
             sleep_engine(engine, args)
-            train_stats = update_policy(model, reference, rollouts, advantages, optimizer, scheduler, args,
+            train_stats = update_policy(model, reference, rollouts, advantages, optimizer, scheduler, rank_args,
                                         autocast, pad_id, device)
+            train_stats = train_stats_over_ranks(train_stats)
             wake_engine(engine, model, args)
         t4 = time.time()
         bad_steps = bad_steps + 1 if train_stats.pop("skipped") else 0
@@ -763,36 +908,71 @@ def main(args: Args):
             raise SystemExit(f"stopping: {bad_steps} updates in a row had a non-finite loss or gradient "
                              "(lower --lr, check the data, or use fp32)")
         # 7. regress V on the kept prompts' realised accuracy: the V used at the next step lags by one update
-        realised = rewards.view(-1, n).mean(dim=1) if batch else torch.zeros(0)
+        #    (under torchrun: every rank's kept prompts, with the accuracies gathered from every rank)
+        realised = realised_accuracy_over_ranks(rewards, n) if batch else torch.zeros(0)
+        whole_batch = gather_from_ranks(batch)
         if batch:
             if predicted is None:  # uniform / dynamic sampling: V is not used to select, but still fitted and scored
-                predicted = predict_values(value_model, [p["prompt_ids"] for p in batch], args, pad_id, device,
+                predicted = predict_values(value_model, [p["prompt_ids"] for p in whole_batch], args, pad_id, device,
                                            autocast)
             metrics.update(value_fit(predicted, realised))
-            metrics.update(update_value_model(value_model, value_optimizer, [p["prompt_ids"] for p in batch],
+            metrics.update(update_value_model(value_model, value_optimizer, [p["prompt_ids"] for p in whole_batch],
                                               realised, args, pad_id, device, autocast))
         t5 = time.time()
-        # 8. log / evaluate / checkpoint
-        lengths = [len(r["response_ids"]) for r in rollouts] or [0]
+        # 8. log / evaluate / checkpoint (under torchrun: the whole batch, gathered from every rank)
+        lengths = gather_from_ranks([len(r["response_ids"]) for r in rollouts]) or [0]
+        rewards, correct = torch.tensor(gather_from_ranks(rewards.tolist())), gather_from_ranks(list(correct))
+        advantages = torch.tensor(gather_from_ranks(advantages.tolist()))
+        truncated = gather_from_ranks([r["truncated"] for r in rollouts])
         metrics.update(reward_mean=rewards.mean().item() if batch else 0.0,
                        accuracy=sum(correct) / max(1, len(correct)),
-                       effective_ratio=effective_ratio(advantages), kept_prompts=len(batch),
+                       effective_ratio=effective_ratio(advantages), kept_prompts=len(whole_batch),
                        kept_accuracy_distance=(realised - args.tau).abs().mean().item() if batch else float("nan"),
                        value_pred_mean=predicted.mean().item() if predicted is not None else float("nan"),
                        response_len_mean=sum(lengths) / len(lengths),
-                       truncated_share=sum(r["truncated"] for r in rollouts) / max(1, len(rollouts)),
+                       truncated_share=sum(truncated) / max(1, len(truncated)),
                        time_select=t1 - t0, time_generate=t2 - t1, time_score=t3 - t2, time_train=t4 - t3,
                        time_value=t5 - t4, lr=scheduler.get_last_lr()[0], **train_stats)
         last = step + 1 == args.total_steps
         if last or (args.eval_every and (step + 1) % args.eval_every == 0):
+            # every rank evaluates the whole set: FSDP's HF generate needs all ranks; rank 0's numbers are logged
             metrics.update(run_evaluation(engine or model, tokenizer, eval_problems, args))
         if last or (args.save_every and (step + 1) % args.save_every == 0):
-            save_checkpoint(output_dir / f"checkpoint-{step + 1}", step + 1, model, tokenizer, optimizer, scheduler,
-                            extra={"value_model": value_model.state_dict(),
-                                   "value_optimizer": value_optimizer.state_dict()})
-        logger.log(metrics, line_keys=("reward_mean", "accuracy", "effective_ratio", "value_corr", "value_loss",
-                                       "kept_prompts", "time_select", "time_generate", "time_train"))
+            folder = output_dir / f"checkpoint-{step + 1}"
+            value_state = {"value_model": value_model.state_dict(), "value_optimizer": value_optimizer.state_dict()}
+            if world > 1:  # V is the same on every rank: rank 0 writes it
+                save_sharded_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra=value_state)
+            else:
+                save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra=value_state)
+        if rank == 0:
+            logger.log(metrics, line_keys=("reward_mean", "accuracy", "effective_ratio", "value_corr", "value_loss",
+                                           "kept_prompts", "time_select", "time_generate", "time_train"))
+    if world > 1 and engine is None:  # a vLLM engine tears the process group down itself when it shuts down
+        torch.distributed.destroy_process_group()
     return output_dir
+
+
+def check_world_size(args, world: int) -> None:
+    """Under torchrun every rank takes whole groups and an equal share of every mini-batch."""
+    if world == 1:
+        return
+    if args.prompts_per_step % world or args.mini_batch % world:
+        raise SystemExit(f"torchrun with {world} ranks: --prompts-per-step ({args.prompts_per_step}) and "
+                         f"--mini-batch ({args.mini_batch}) must be multiples of {world}")
+    if args.mask_truncated:  # a rank could be left with fewer micro-batches than the others and stall FSDP
+        raise SystemExit("--mask-truncated is not supported under torchrun yet")
+
+
+def load_trainer_state_for_world(folder: Path, model, optimizer, scheduler, world: int) -> dict:
+    """A single-process checkpoint holds the whole optimizer state; a torchrun one holds it sharded."""
+    sharded = (folder / "optimizer").is_dir()
+    if world > 1:
+        return load_sharded_trainer_state(folder, model, optimizer, scheduler)
+    if sharded:
+        world_then = torch.load(folder / "trainer_state.pt", weights_only=False)["world_size"]
+        raise SystemExit(f"--resume {folder}: written by torchrun with {world_then} ranks; resume it with "
+                         f"torchrun --nproc_per_node {world_then} (its optimizer state is sharded)")
+    return load_trainer_state(folder, optimizer, scheduler)
 
 
 def score(rollouts, batch, tokenizer, args):

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 import eval as evaluation  # noqa: E402
 import hapo  # noqa: E402
 import one_shot  # noqa: E402
+import pcl  # noqa: E402
 
 HAS_GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
 pytestmark = pytest.mark.skipif(not HAS_GLOO, reason="torch.distributed with the gloo backend is not available")
@@ -113,8 +114,53 @@ def one_shot_step() -> dict:
             "rank": rank}
 
 
+# ---- pcl.py: the worker ----------------------------------------------------------------------------------------
+PCL_REWARDS = [1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1, 0, 1, 0, 0]
+
+
+def pcl_step() -> dict:
+    """PCL's steps 2 and 5-7 on fixed candidates and rollouts: V scores 16 candidates, the 4 closest to tau are kept
+    (each rank rolls out 2), the policy takes one step and V regresses on all 4 kept prompts."""
+    rank, world, device = pcl.init_distributed()
+    model, tokenizer = evaluation.load_model("tiny", dtype=torch.float64)
+    args, off = pcl.Args(prompts_per_step=4, mini_batch=4 * SAMPLES, micro_batch=3, lr=1e-3, value_lr=1e-2), \
+        torch.autocast("cpu", enabled=False)
+    value_model = pcl.ValueModel(evaluation.load_model("tiny", dtype=torch.float64)[0]).double()  # the head is built fp32
+    with torch.no_grad():  # a V that does not tie everywhere, so the selection is not simply the first m
+        value_model.head.weight.copy_(torch.randn(value_model.head.weight.shape, generator=torch.Generator()
+                                                  .manual_seed(3), dtype=torch.float64) * 0.3)
+    value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=args.value_lr, weight_decay=0.0)
+    if world > 1:
+        model = pcl.shard_model(model, device)
+    optimizer, scheduler = pcl.make_optimizer(model, args, 1)
+    candidates = [{"prompt_ids": tokenizer.encode(p["problem"])} for p in evaluation.toy_problems(16, seed=7)]
+    values = pcl.predict_values(value_model, [c["prompt_ids"] for c in candidates], args, tokenizer.pad_token_id,
+                                device, off)
+    kept = pcl.gather_from_ranks([pcl.select_prompts(values, args.prompts_per_step, args.tau)])[0]  # as main does
+    g = torch.Generator().manual_seed(2)
+    rollouts = [{"prompt_ids": candidates[i]["prompt_ids"], "response_ids": torch.randint(5, 300, (n,), generator=g)
+                 .tolist(), "engine_logprobs": [0.0] * n, "truncated": False}
+                for i in kept for n in torch.randint(2, 14, (SAMPLES,), generator=g).tolist()]
+    mine = pcl.rank_share(list(range(len(rollouts))), rank, world)
+    batch = pcl.rank_share([candidates[i] for i in kept], rank, world)
+    rewards = torch.tensor(PCL_REWARDS)[mine]
+    torch.manual_seed(rank)
+    stats = pcl.update_policy(model, None, [rollouts[i] for i in mine],
+                              pcl.group_advantages(rewards, SAMPLES, args.std_normalize), optimizer, scheduler,
+                              dataclasses.replace(args, mini_batch=args.mini_batch // world), off,
+                              tokenizer.pad_token_id, device)
+    realised = pcl.realised_accuracy_over_ranks(rewards, SAMPLES)
+    value_stats = pcl.update_value_model(value_model, value_optimizer,
+                                         [p["prompt_ids"] for p in pcl.gather_from_ranks(batch)], realised, args,
+                                         tokenizer.pad_token_id, device, off)
+    return {"weights": {k: v.detach().clone() for k, v in pcl.full_weights(model).items()},
+            "stats": pcl.train_stats_over_ranks(stats), "value_stats": value_stats, "realised": realised,
+            "value": {k: v.detach().clone() for k, v in value_model.state_dict().items()},
+            "values": pcl.gather_from_ranks([values]), "kept": pcl.gather_from_ranks([kept]), "rank": rank}
+
+
 def worker(kind: str, output: str) -> None:
-    result = {"hapo-step": hapo_step, "one-shot-step": one_shot_step}[kind]()
+    result = {"hapo-step": hapo_step, "one-shot-step": one_shot_step, "pcl-step": pcl_step}[kind]()
     if result["rank"] == 0:
         torch.save(result, output)
     torch.distributed.destroy_process_group()
@@ -213,5 +259,50 @@ def test_one_shot_two_rank_pool_run_resumes_to_the_same_weights_and_history(tmp_
     assert state["history"] == history("straight")
 
 
-if __name__ == "__main__" and sys.argv[1:2] in (["hapo-step"], ["one-shot-step"]):
+def test_pcl_one_step_on_two_ranks_equals_one_process_selection_policy_and_value_model(tmp_path):
+    torchrun(Path(__file__), "pcl-step", tmp_path / "two.pt")
+    two, one = torch.load(tmp_path / "two.pt", weights_only=False), pcl_step()
+    # the selection: the same candidates, the same V, the same kept prompts on every rank, as in one process
+    assert one["kept"][0] != [0, 1, 2, 3], "V ties everywhere: the selection test could not fail"
+    assert two["kept"] == [one["kept"][0]] * 2
+    assert all(torch.equal(v, one["values"][0]) for v in two["values"])
+    # V regressed on every rank's kept prompts: the 2-rank V is the single-process V
+    assert torch.equal(two["realised"], one["realised"]) and len(one["realised"]) == 4
+    before = pcl.ValueModel(evaluation.load_model("tiny", dtype=torch.float64)[0]).double().state_dict()
+    value_moved = max_difference({k: v for k, v in one["value"].items() if "head" not in k},
+                                 {k: v for k, v in before.items() if "head" not in k})
+    value_gap = max_difference(two["value"], one["value"])
+    assert value_moved > 1e-4, f"V's step moved its backbone by only {value_moved}"
+    assert value_gap < 1e-12, f"V on 2 ranks differs from 1 process by {value_gap}"
+    assert two["value_stats"]["value_loss"] == pytest.approx(one["value_stats"]["value_loss"], rel=1e-12)
+    # the policy step
+    before = pcl.full_weights(evaluation.load_model("tiny", dtype=torch.float64)[0])
+    moved, gap = max_difference(one["weights"], before), max_difference(two["weights"], one["weights"])
+    print(f"pcl: step moved weights by {moved:.3g}; 2 ranks vs 1 process {gap:.3g}; V moved {value_moved:.3g}, "
+          f"2 ranks vs 1 process {value_gap:.3g}")
+    assert moved > 1e-4, f"the step moved the weights by only {moved}: the comparison could not fail"
+    assert two["stats"]["grad_norm"] == pytest.approx(one["stats"]["grad_norm"], rel=1e-9)
+    assert gap < 1e-9, f"2 ranks differ from 1 process by {gap} (the step moved weights by {moved})"
+
+
+def test_pcl_two_rank_resume_equals_uninterrupted_run_with_value_model(tmp_path):
+    root = resume_pair("pcl.py", tmp_path, ["--total-steps", "4"])
+    assert_resume_equal(root)
+    state = lambda run, step: torch.load(root / run / f"checkpoint-{step}" / "trainer_state.pt", weights_only=False)
+    straight, resumed, halfway = state("straight", 4), state("resumed", 4), state("straight", 2)
+    assert any(not torch.equal(straight["value_model"][k], halfway["value_model"][k]) for k in halfway["value_model"])
+    for k in straight["value_model"]:
+        assert torch.equal(straight["value_model"][k], resumed["value_model"][k]), f"V's {k} differs after resume"
+
+
+def test_pcl_dynamic_sampling_under_torchrun_fails_clearly(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(ROOT / "pcl.py"), "--select", "dynamic-sampling", "--rollout", "hf", "--prompts-per-step",
+                          "4", "--output-dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=120)
+    assert out.returncode != 0 and "dynamic-sampling is not supported under torchrun" in out.stdout + out.stderr
+
+
+if __name__ == "__main__" and sys.argv[1:2] in (["hapo-step"], ["one-shot-step"], ["pcl-step"]):
     worker(sys.argv[1], sys.argv[2])
