@@ -11,12 +11,15 @@ command.
 
     python ppo.py                                  # tiny model, toy task, CPU
     python ppo.py --help                           # every hyperparameter, with the paper's value
+    torchrun --nproc_per_node 8 ppo.py --model ...   # several GPUs: FSDP2 policy, reference and critic
 
 Differs from grpo.py in: the critic (a second model with its own AdamW, optional warm-up steps, saved in every
 checkpoint and restored on resume); per-token rewards with the KL penalty folded in (or, with --kl-in-loss, GRPO's
 k3 KL in the loss); GAE advantages and returns instead of group-normalised rewards, whitened over the batch's
 tokens; the clipped value loss and its own update loop; old and reference log-probs computed before the update
-(the rewards need them); the reference may live on the CPU between its forwards.
+(the rewards need them); the reference may live on the CPU between its forwards. Under torchrun (grpo.py's
+scale-out blocks) the critic is sharded like the policy, GAE runs on each rank's own responses, and the
+advantages are whitened with the whole batch's mean and variance (sums and counts all-reduced).
 
 Choices and simplifications, all flags:
 - gamma = lambda = 1 by default: the outcome reward arrives only at the end, so any discount would only shrink the
@@ -253,6 +256,8 @@ def response_values(critic, batch: dict):
     s_t is the prompt plus the response before token t. Its value is read from the hidden state at position t-1,
     the same state whose logits give token t's log-prob in response_logprobs, so values and log-probs line up token
     for token. The state after the last token is terminal and never valued."""
+    if is_distributed():  # FSDP gathers weights in forward(), which this skips: gather the root's (embeddings, head)
+        critic.unshard()
     decoder = getattr(critic, critic.base_model_prefix)
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     predicts_response = batch["response_mask"][:, 1:]
@@ -413,6 +418,21 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8):
     return (x - valid.mean()) * torch.rsqrt(var + eps) * mask
 
 
+def whiten_over_ranks(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8):
+    """whiten with the mean and variance of every rank's valid tokens (sums and counts all-reduced, two passes as
+    torch's var): each rank's share is whitened as the whole batch would be in one process."""
+    if not is_distributed():
+        return whiten(x, mask, eps)
+    valid = x[mask].double()
+    total = torch.stack([valid.sum(), torch.tensor(valid.numel(), dtype=torch.float64)])
+    torch.distributed.all_reduce(total)
+    mean = total[0] / total[1]
+    squares = ((valid - mean) ** 2).sum()
+    torch.distributed.all_reduce(squares)
+    var = squares / (total[1] - 1) if total[1] > 1 else torch.zeros((), dtype=torch.float64)
+    return ((x - mean.to(x.dtype)) * torch.rsqrt(var + eps).to(x.dtype)) * mask
+
+
 def token_weights(lengths: list[int], mode: str, minibatch_tokens: int, minibatch_seqs: int, max_len: int):
     """Per-token weights w such that the mini-batch loss is sum(w * per-token loss).
 
@@ -449,6 +469,25 @@ def low_var_kl(logp, ref_logp):
     return torch.clamp(torch.exp(r) - r - 1, min=-10, max=10)
 
 
+def value_loss(values, old_values, returns, weights, clip: float):
+    """PPO's clipped value loss per token, 0.5 * max((V - R)^2, (V_clip - R)^2), aggregated with `weights`.
+
+    V_clip = V_old + clamp(V - V_old, -clip, clip): like the ratio clip for the policy, a value may not profit from
+    moving further than `clip` from its value at rollout time."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped_error, clipped_error = (values - returns) ** 2, (clipped - returns) ** 2
+    per_token = 0.5 * torch.maximum(unclipped_error, clipped_error)
+    return (per_token * weights).sum(), {"value_clip_frac": (clipped_error > unclipped_error).float().mean().item()}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over the given tokens: 1 for a perfect critic, 0 for one that predicts the mean, below
+    0 for one worse than that; nan when the returns do not vary."""
+    var = returns.var()
+    return (1 - (returns - values).var() / var).item() if var > 0 else float("nan")
+
+
+# ---- scale-out: torchrun + FSDP2 (idle in a single process) ---------------------------------------------------
 def is_distributed() -> bool:
     """Started by torchrun with several ranks. (An in-process vLLM engine starts a process group of one.)"""
     return torch.distributed.is_available() and torch.distributed.is_initialized() \
@@ -483,22 +522,126 @@ def full_weights(model) -> dict:
     return state
 
 
-def value_loss(values, old_values, returns, weights, clip: float):
-    """PPO's clipped value loss per token, 0.5 * max((V - R)^2, (V_clip - R)^2), aggregated with `weights`.
+def init_distributed() -> tuple[int, int, torch.device]:
+    """rank, world size and this rank's device. Under torchrun (WORLD_SIZE > 1) join its process group: NCCL on
+    GPUs, gloo on CPUs; a single process starts no process group at all."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.distributed.is_available():
+        raise SystemExit(f"WORLD_SIZE={world} but this torch build has no torch.distributed")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
 
-    V_clip = V_old + clamp(V - V_old, -clip, clip): like the ratio clip for the policy, a value may not profit from
-    moving further than `clip` from its value at rollout time."""
-    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
-    unclipped_error, clipped_error = (values - returns) ** 2, (clipped - returns) ** 2
-    per_token = 0.5 * torch.maximum(unclipped_error, clipped_error)
-    return (per_token * weights).sum(), {"value_clip_frac": (clipped_error > unclipped_error).float().mean().item()}
+
+def resolve_on_rank0_first(name: str) -> str:
+    """Rank 0 downloads (or builds the tiny model) first; the other ranks then find it cached instead of racing."""
+    rank = torch.distributed.get_rank() if is_distributed() else 0
+    if rank != 0:
+        torch.distributed.barrier()
+    path = evaluation.resolve_model_path(name)
+    if rank == 0 and is_distributed():
+        torch.distributed.barrier()
+    return path
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
-    """1 - Var(R - V) / Var(R) over the given tokens: 1 for a perfect critic, 0 for one that predicts the mean, below
-    0 for one worse than that; nan when the returns do not vary."""
-    var = returns.var()
-    return (1 - (returns - values).var() / var).item() if var > 0 else float("nan")
+def shard_model(model, device):
+    """FSDP2 (fully_shard): each decoder layer is one gather/reduce unit, the root holds embeddings, norm and LM
+    head. On GPUs bf16 copies of the fp32 master weights compute and gradients are reduced in fp32; CPUs stay fp32."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in getattr(model, model.base_model_prefix).layers:
+        fully_shard(layer, mp_policy=mixed)
+    fully_shard(model, mp_policy=mixed)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # each rank's loss is already divided by the whole batch's counts: sum the gradients, do not average
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    with torch.no_grad():  # FSDP takes the first module to run forward as the root; response_logprobs skips forward
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    model.reshard()  # the root keeps its gathered weights after forward; the optimizer must get the shards
+    return model
+
+
+def rank_share(batch: list, rank: int, world: int) -> list:
+    """This rank's prompts of the rollout batch: whole groups, so group advantages need no communication."""
+    share = len(batch) // world
+    return batch[rank * share:(rank + 1) * share]
+
+
+def gather_from_ranks(values: list) -> list:
+    """Every rank's values in rank order (for logging); in a single process, the values themselves."""
+    if not is_distributed():
+        return values
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, values)
+    return [v for part in parts for v in part]
+
+
+def train_stats_over_ranks(stats: dict) -> dict:
+    """Training statistics for logging, averaged over ranks (each a mean over its micro-batches; the gradient norm
+    is already global)."""
+    if not is_distributed():
+        return stats
+    keys = sorted(k for k, v in stats.items() if isinstance(v, float))
+    means = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, means)
+    return {**stats, **dict(zip(keys, torch.stack(parts).mean(0).tolist()))}
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def save_sharded_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, scheduler,
+                            extra: dict | None = None):
+    """Rank 0 writes the full HF folder (loadable by vLLM and eval.py) and trainer_state.pt (with `extra`: the
+    fork's own state, the same on every rank); every rank writes its optimizer shard (torch.distributed.checkpoint)
+    and its RNG state, so a resume at the same world size is exact."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = full_weights(model)  # also leaves the root sharded: the optimizer's state is keyed by the shards
+    if model.config.tie_word_embeddings:  # written once, as a single-process save_pretrained does
+        weights.pop("lm_head.weight")
+    if rank == 0:
+        model.save_pretrained(folder, state_dict=weights)
+        tokenizer.save_pretrained(folder)
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "world_size": world, **(extra or {})},
+                   folder / "trainer_state.pt")
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder / "optimizer")
+    torch.save(rng_state(), folder / f"rng-rank{rank}.pt")  # each rank samples from its own stream
+    torch.distributed.barrier()
+
+
+def load_sharded_trainer_state(folder: Path, model, optimizer, scheduler) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
+    if state.get("world_size") != world:
+        raise SystemExit(f"--resume {folder}: written by {state.get('world_size', 'a single process (1)')} "
+                         f"rank(s); resume it with that many (this run has {world})")
+    model.reshard()
+    sharded = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(sharded, checkpoint_id=Path(folder) / "optimizer")
+    set_optimizer_state_dict(model, optimizer, sharded["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = torch.load(Path(folder) / f"rng-rank{rank}.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
 
 
 # ---- plumbing: arguments, data, checkpoints, logging -----------------------------------------------------------
@@ -635,24 +778,30 @@ LINE_KEYS = ("reward_mean", "accuracy", "response_len_mean", "entropy", "kl", "c
 
 # ---- main loop -------------------------------------------------------------------------------------------------
 def main(args: Args):
-    # setup: seed, policy, reference, critic, optimizers, data, engine, output dir, resume
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    # setup: processes, seed, policy, reference, critic, optimizers, data, engine, output dir, resume
+    rank, world, device = init_distributed()  # one process unless started by torchrun
+    check_world_size(args, world)
+    if world > 1 and args.reference_on_cpu:
+        raise SystemExit("--reference-on-cpu is not supported under torchrun (the reference is sharded instead)")
+    random.seed(args.seed + rank)  # each rank samples its own responses; the data order is seeded apart
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     check_args(args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    model_path = args.resume or evaluation.resolve_model_path(args.model)
+    model_path = args.resume or resolve_on_rank0_first(args.model)
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
     with_own_memory(model).to(device).train()
     reference = load_reference(args, device)
     if args.resume and not (Path(args.resume) / "critic").is_dir():
         raise SystemExit(f"--resume {args.resume}: no critic/ folder in it, so not a ppo.py checkpoint")
     critic_path = str(Path(args.resume) / "critic") if args.resume else \
-        evaluation.resolve_model_path(args.critic_model or args.model)
+        resolve_on_rank0_first(args.critic_model or args.model)
     critic = load_critic(critic_path, tokenizer, device)
     if args.gradient_checkpointing:
         use_gradient_checkpointing(model, critic)
+    if world > 1:  # policy, reference and critic: each an FSDP2 shard per rank
+        model, critic = shard_model(model, device), shard_model(critic, device)
+        reference = shard_model(reference, device) if reference is not None else None
     problems = load_prompts(args, tokenizer)
     eval_problems = load_eval_problems(args)
     batch_size = args.prompts_per_step * args.samples_per_prompt
@@ -663,20 +812,26 @@ def main(args: Args):
     optimizer, scheduler = make_optimizer(model, args, (args.total_steps - args.critic_warmup_steps) * updates_per_step)
     critic_args = dataclasses.replace(args, lr=args.critic_lr, weight_decay=args.critic_weight_decay)
     critic_optimizer, critic_scheduler = make_optimizer(critic, critic_args, args.total_steps * updates_per_step)
-    output_dir = Path(args.output_dir or f"runs/{Path(__file__).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    output_dir = Path(gather_from_ranks([args.output_dir or f"runs/{Path(__file__).stem}-"
+                                         f"{time.strftime('%Y%m%d-%H%M%S')}"])[0])  # rank 0's clock names it
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    if rank == 0:
+        (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     start_step = 0
     if args.resume:
-        state = load_trainer_state(Path(args.resume), optimizer, scheduler)
-        critic_optimizer.load_state_dict(state["critic_optimizer"])
+        state = load_trainer_state_for_world(Path(args.resume), model, optimizer, scheduler, world)
+        if world > 1:
+            load_sharded_critic_optimizer(Path(args.resume), critic, critic_optimizer)
+        else:
+            critic_optimizer.load_state_dict(state["critic_optimizer"])
         critic_scheduler.load_state_dict(state["critic_scheduler"])
         start_step = state["step"]
         print(f"resumed from {args.resume} at step {start_step}")
     engine = make_rollout_engine(args, model_path, model, device)
     push_weights(engine, model)  # the engine loaded fp32 files from disk; from here on it tracks the policy
     stops = evaluation.stop_token_ids(tokenizer, model)
-    logger = Logger(output_dir, args)
+    logger = Logger(output_dir, args) if rank == 0 else None
+    rank_args = dataclasses.replace(args, mini_batch=args.mini_batch // world)  # each rank's share of a mini-batch
     pad_id = tokenizer.pad_token_id
     pad = lambda rows: torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # noqa: E731
     bad_steps = 0
@@ -685,6 +840,7 @@ def main(args: Args):
         metrics = {"step": step + 1}
         # 1. sample prompts
         batch = [problems[i] for i in batch_indices(step, len(problems), args.prompts_per_step, args.seed)]
+        batch = rank_share(batch, rank, world)
         # 2. generate
         t0 = time.time()
         rollouts = generate(engine, model, tokenizer, [p["prompt_ids"] for p in batch], args, step, stops)
@@ -695,7 +851,8 @@ def main(args: Args):
         correct = verify.score_batch(texts, golds, mode=args.answer_mode)
         rewards = torch.tensor([0.0 if r["truncated"] else c for r, c in zip(rollouts, correct)])
         t2 = time.time()
-        # 4. values, per-token rewards (outcome + KL penalty), GAE advantages and returns
+        # 4. values, per-token rewards (outcome + KL penalty), GAE advantages and returns (under torchrun: GAE on
+        #    this rank's responses, whitening with the whole batch's statistics)
         if args.mask_truncated:
             rollouts = [dict(r, masked=r["truncated"]) for r in rollouts]
         sleep_engine(engine, args)
@@ -705,30 +862,31 @@ def main(args: Args):
             ref_logp = reference_logprobs(reference, rollouts, args, pad_id, device) if reference is not None else None
             old_values = [v.cpu() for v in token_values(critic, rollouts, args, pad_id, device)]
         engine_lp = torch.tensor([lp for r in rollouts for lp in r["engine_logprobs"]])
-        metrics["logprob_gap"] = (engine_lp - torch.cat(old_logp).cpu()).abs().mean().item()
+        metrics["logprob_gap"] = mean_over_ranks((engine_lp - torch.cat(old_logp).cpu()).abs())
         kl = None
         if ref_logp is not None and not args.kl_in_loss:  # k1 = log pi - log pi_ref per token, as in PPO-RLHF
             kl = [(lp - ref).float().cpu() for lp, ref in zip(old_logp, ref_logp)]
-            metrics["kl"] = torch.cat(kl).mean().item()
+            metrics["kl"] = mean_over_ranks(torch.cat(kl))
         mask = pad([torch.ones(n, dtype=torch.bool) for n in lengths])
         values = pad(old_values)
         advantages, returns = gae(pad(token_rewards(rewards.tolist(), lengths, kl, args.kl_coef)), values, mask,
                                   args.gamma, args.lam)
-        valid_values, valid_returns = values[mask], returns[mask]
+        valid_values = torch.tensor(gather_from_ranks(values[mask].tolist()), dtype=values.dtype)
+        valid_returns = torch.tensor(gather_from_ranks(returns[mask].tolist()), dtype=returns.dtype)
         metrics.update(value_mean=valid_values.mean().item(), return_mean=valid_returns.mean().item(),
                        return_var=valid_returns.var().item())
         if metrics["return_var"] > 0:  # undefined when every return is the same (e.g. all responses right)
             metrics["explained_var"] = explained_variance(valid_values, valid_returns)
         if args.whiten_advantages:
-            advantages = whiten(advantages, mask)
+            advantages = whiten_over_ranks(advantages, mask)
         advantages = [a[:n] for a, n in zip(advantages, lengths)]
         returns = [r[:n] for r, n in zip(returns, lengths)]
         # 5. update: the critic, then (after its warm-up) the policy, num_updates passes over mini-batches each
-        train_stats = update_critic(critic, rollouts, old_values, returns, critic_optimizer, critic_scheduler, args,
-                                    autocast, pad_id, device)
+        train_stats = update_critic(critic, rollouts, old_values, returns, critic_optimizer, critic_scheduler,
+                                    rank_args, autocast, pad_id, device)
         if step >= args.critic_warmup_steps:
             policy_stats = update_policy(model, rollouts, advantages, old_logp, ref_logp if args.kl_in_loss else None,
-                                         optimizer, scheduler, args, autocast, pad_id, device)
+                                         optimizer, scheduler, rank_args, autocast, pad_id, device)
             train_stats["skipped"] |= policy_stats.pop("skipped")
             train_stats.update(policy_stats)
         # 6. push weights into the rollout engine
@@ -740,24 +898,94 @@ def main(args: Args):
         if bad_steps >= args.max_bad_steps:
             raise SystemExit(f"stopping: {bad_steps} updates in a row had a non-finite loss or gradient "
                              "(lower --lr or --critic-lr, check the data, or use fp32)")
-        # 7. log / evaluate / checkpoint
+        train_stats = train_stats_over_ranks(train_stats)
+        for key in ("policy_loss", "value_loss"):  # each rank holds its share of a mini-batch's loss: their sum
+            if key in train_stats:
+                train_stats[key] *= world
+        # 7. log / evaluate / checkpoint (under torchrun: the whole batch, gathered from every rank)
+        lengths = gather_from_ranks(lengths)
+        rewards, correct = torch.tensor(gather_from_ranks(rewards.tolist())), gather_from_ranks(list(correct))
+        truncated = gather_from_ranks([r["truncated"] for r in rollouts])
         metrics.update(reward_mean=rewards.mean().item(), accuracy=sum(correct) / len(correct),
                        response_len_mean=sum(lengths) / len(lengths),
-                       truncated_share=sum(r["truncated"] for r in rollouts) / len(rollouts),
+                       truncated_share=sum(truncated) / len(truncated),
                        time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
                        tokens_per_s=sum(lengths) / max(t1 - t0, 1e-9), lr=scheduler.get_last_lr()[0], **train_stats)
         last = step + 1 == args.total_steps
         if last or (args.eval_every and (step + 1) % args.eval_every == 0):
+            # every rank evaluates the whole set: FSDP's HF generate needs all ranks; rank 0's numbers are logged
             metrics.update(run_evaluation(engine or model, tokenizer, eval_problems, args))
         if last or (args.save_every and (step + 1) % args.save_every == 0):
             folder = output_dir / f"checkpoint-{step + 1}"
-            save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler,
-                            extra={"critic_optimizer": critic_optimizer.state_dict(),
-                                   "critic_scheduler": critic_scheduler.state_dict()})
-            critic.save_pretrained(folder / "critic")
-            tokenizer.save_pretrained(folder / "critic")
-        logger.log(metrics, line_keys=LINE_KEYS)
+            if world > 1:  # the critic's optimizer is sharded like the policy's: every rank writes its shard
+                save_sharded_critic(folder, critic, tokenizer, critic_optimizer)
+                save_sharded_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler,
+                                        extra={"critic_scheduler": critic_scheduler.state_dict()})
+            else:
+                save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler,
+                                extra={"critic_optimizer": critic_optimizer.state_dict(),
+                                       "critic_scheduler": critic_scheduler.state_dict()})
+                critic.save_pretrained(folder / "critic")
+                tokenizer.save_pretrained(folder / "critic")
+        if rank == 0:
+            logger.log(metrics, line_keys=LINE_KEYS)
+    if world > 1 and engine is None:  # a vLLM engine tears the process group down itself when it shuts down
+        torch.distributed.destroy_process_group()
     return output_dir
+
+
+def mean_over_ranks(values: torch.Tensor) -> float:
+    """The mean of a per-token statistic over every rank's tokens (for logging)."""
+    total = torch.tensor([values.double().sum().item(), values.numel()], dtype=torch.float64)
+    if is_distributed():
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).item() if is_distributed() else values.mean().item()
+
+
+def save_sharded_critic(folder: Path, critic, tokenizer, optimizer) -> None:
+    """The critic under torchrun: rank 0 writes its full HF folder (critic/, as in one process); every rank writes
+    its shard of the critic's optimizer state (critic_optimizer/, torch.distributed.checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    critic.reshard()
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+    weights = {name: full(t) for name, t in critic.state_dict().items()}  # a collective: every rank
+    if torch.distributed.get_rank() == 0:
+        critic.save_pretrained(folder / "critic", state_dict=weights)
+        tokenizer.save_pretrained(folder / "critic")
+    dcp.save({"optimizer": get_optimizer_state_dict(critic, optimizer)}, checkpoint_id=folder / "critic_optimizer")
+
+
+def load_sharded_critic_optimizer(folder: Path, critic, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    critic.reshard()
+    sharded = {"optimizer": get_optimizer_state_dict(critic, optimizer)}
+    dcp.load(sharded, checkpoint_id=folder / "critic_optimizer")
+    set_optimizer_state_dict(critic, optimizer, sharded["optimizer"])
+
+
+def check_world_size(args, world: int) -> None:
+    """Under torchrun every rank takes whole groups and an equal share of every mini-batch."""
+    if world == 1:
+        return
+    if args.prompts_per_step % world or args.mini_batch % world:
+        raise SystemExit(f"torchrun with {world} ranks: --prompts-per-step ({args.prompts_per_step}) and "
+                         f"--mini-batch ({args.mini_batch}) must be multiples of {world}")
+    if args.mask_truncated:  # a rank could be left with fewer micro-batches than the others and stall FSDP
+        raise SystemExit("--mask-truncated is not supported under torchrun yet")
+
+
+def load_trainer_state_for_world(folder: Path, model, optimizer, scheduler, world: int) -> dict:
+    """A single-process checkpoint holds the whole optimizer state; a torchrun one holds it sharded."""
+    sharded = (folder / "optimizer").is_dir()
+    if world > 1:
+        return load_sharded_trainer_state(folder, model, optimizer, scheduler)
+    if sharded:
+        world_then = torch.load(folder / "trainer_state.pt", weights_only=False)["world_size"]
+        raise SystemExit(f"--resume {folder}: written by torchrun with {world_then} ranks; resume it with "
+                         f"torchrun --nproc_per_node {world_then} (its optimizer state is sharded)")
+    return load_trainer_state(folder, optimizer, scheduler)
 
 
 def check_args(args: Args) -> None:
@@ -829,7 +1057,9 @@ def update_critic(critic, rollouts, old_values, returns, optimizer, scheduler, a
             mini = [i for i in order[m:m + args.mini_batch] if not rollouts[i].get("masked")]
             if not mini:
                 continue
-            mini_tokens = sum(len(rollouts[i]["response_ids"]) for i in mini)
+            # under torchrun: the counts of every rank's share, so the summed gradients are the whole batch's
+            mini_tokens, mini_seqs = summed_over_ranks([sum(len(rollouts[i]["response_ids"]) for i in mini),
+                                                        len(mini)], device)
             mini_loss = 0.0
             for u in range(0, len(mini), args.micro_batch):
                 micro = mini[u:u + args.micro_batch]
@@ -838,14 +1068,14 @@ def update_critic(critic, rollouts, old_values, returns, optimizer, scheduler, a
                 with autocast:
                     values = response_values(critic, collate(rows, pad_id, device))
                 per_token = lambda x: torch.cat([x[i] for i in micro]).to(device)  # noqa: E731
-                weights = token_weights(lengths, "token-mean", mini_tokens, len(mini), args.max_new_tokens)
+                weights = token_weights(lengths, "token-mean", mini_tokens, mini_seqs, args.max_new_tokens)
                 loss, s = value_loss(values, per_token(old_values), per_token(returns), weights.to(device),
                                      args.value_clip)
                 loss.backward()
                 mini_loss += loss.item()  # the micro-batch's share of the mini-batch loss
                 stats["value_clip_frac"].append(s["value_clip_frac"])
             stats["value_loss"].append(mini_loss)
-            grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.critic_max_grad_norm)
+            grad_norm = clip_gradients(critic, args.critic_max_grad_norm)
             if torch.isfinite(grad_norm):
                 optimizer.step()
             else:
@@ -871,7 +1101,9 @@ def update_policy(model, rollouts, advantages, old_logp, ref_logp, optimizer, sc
             mini = [i for i in order[m:m + args.mini_batch] if not rollouts[i].get("masked")]
             if not mini:
                 continue
-            mini_tokens = sum(len(rollouts[i]["response_ids"]) for i in mini)
+            # under torchrun: the counts of every rank's share, so the summed gradients are the whole batch's
+            mini_tokens, mini_seqs = summed_over_ranks([sum(len(rollouts[i]["response_ids"]) for i in mini),
+                                                        len(mini)], device)
             mini_loss = 0.0
             for u in range(0, len(mini), args.micro_batch):
                 micro = mini[u:u + args.micro_batch]
@@ -881,7 +1113,7 @@ def update_policy(model, rollouts, advantages, old_logp, ref_logp, optimizer, sc
                     logp, entropy = response_logprobs(model, collate(rows, pad_id, device), args.temperature,
                                                       args.logprob_memory_mib)
                 per_token = lambda values: torch.cat([values[i] for i in micro]).to(device)
-                weights = token_weights(lengths, args.loss_agg, mini_tokens, len(mini), args.max_new_tokens)
+                weights = token_weights(lengths, args.loss_agg, mini_tokens, mini_seqs, args.max_new_tokens)
                 loss, s = policy_loss(logp, per_token(old_logp), per_token(advantages), weights.to(device), args,
                                       per_token(ref_logp) if ref_logp is not None else None,
                                       entropy if args.entropy_coef else None)
@@ -892,7 +1124,7 @@ def update_policy(model, rollouts, advantages, old_logp, ref_logp, optimizer, sc
                     stats["kl"].append(s["kl"])
                 stats["entropy"].append(entropy.detach().mean().item())
             stats["policy_loss"].append(mini_loss)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            grad_norm = clip_gradients(model, args.max_grad_norm)
             if torch.isfinite(grad_norm):
                 optimizer.step()
             else:

@@ -20,6 +20,7 @@ import eval as evaluation  # noqa: E402
 import hapo  # noqa: E402
 import one_shot  # noqa: E402
 import pcl  # noqa: E402
+import ppo  # noqa: E402
 
 HAS_GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
 pytestmark = pytest.mark.skipif(not HAS_GLOO, reason="torch.distributed with the gloo backend is not available")
@@ -125,7 +126,7 @@ def pcl_step() -> dict:
     model, tokenizer = evaluation.load_model("tiny", dtype=torch.float64)
     args, off = pcl.Args(prompts_per_step=4, mini_batch=4 * SAMPLES, micro_batch=3, lr=1e-3, value_lr=1e-2), \
         torch.autocast("cpu", enabled=False)
-    value_model = pcl.ValueModel(evaluation.load_model("tiny", dtype=torch.float64)[0]).double()  # the head is built fp32
+    value_model = pcl.ValueModel(evaluation.load_model("tiny", dtype=torch.float64)[0]).double()  # head: built fp32
     with torch.no_grad():  # a V that does not tie everywhere, so the selection is not simply the first m
         value_model.head.weight.copy_(torch.randn(value_model.head.weight.shape, generator=torch.Generator()
                                                   .manual_seed(3), dtype=torch.float64) * 0.3)
@@ -159,8 +160,60 @@ def pcl_step() -> dict:
             "values": pcl.gather_from_ranks([values]), "kept": pcl.gather_from_ranks([kept]), "rank": rank}
 
 
+# ---- ppo.py: the worker ----------------------------------------------------------------------------------------
+def ppo_step() -> dict:
+    """PPO's steps 4-5 on fixed rollouts (rank 1's responses are the longer ones, so its tokens' advantages have
+    other statistics than rank 0's): values, GAE per response, whitening, the critic's and the policy's step."""
+    rank, world, device = ppo.init_distributed()
+    model, tokenizer = evaluation.load_model("tiny", dtype=torch.float64)
+    torch.manual_seed(0)  # the critic's fresh value head: the same on every rank and in one process
+    critic = ppo.load_critic(evaluation.resolve_model_path("tiny"), tokenizer, device).double()
+    args = ppo.Args(mini_batch=16, micro_batch=3, lr=1e-3, critic_lr=1e-3)
+    assert args.whiten_advantages
+    if world > 1:
+        model, critic = ppo.shard_model(model, device), ppo.shard_model(critic, device)
+    optimizer, scheduler = ppo.make_optimizer(model, args, 1)
+    critic_optimizer, critic_scheduler = ppo.make_optimizer(critic, dataclasses.replace(args, lr=args.critic_lr), 1)
+    g = torch.Generator().manual_seed(4)
+    rollouts = []
+    for p, problem in enumerate(evaluation.toy_problems(4, seed=5)):
+        for _ in range(SAMPLES):
+            n = int(torch.randint(2, 6, (1,), generator=g)) + (12 if p >= 2 else 0)
+            rollouts.append({"prompt_ids": tokenizer.encode(problem["problem"]), "engine_logprobs": [0.0] * n,
+                             "response_ids": torch.randint(5, 300, (n,), generator=g).tolist(), "truncated": False})
+    mine = ppo.rank_share(list(range(len(rollouts))), rank, world)
+    rollouts, rewards = [rollouts[i] for i in mine], torch.tensor(PCL_REWARDS)[mine]
+    rank_args, pad_id = dataclasses.replace(args, mini_batch=args.mini_batch // world), tokenizer.pad_token_id
+    with torch.no_grad():
+        old_logp = ppo.token_logprobs(model, rollouts, args, pad_id, device)
+        old_values = [v.cpu() for v in ppo.token_values(critic, rollouts, args, pad_id, device)]
+    lengths = [len(r["response_ids"]) for r in rollouts]
+    pad = lambda rows: torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # noqa: E731
+    mask = pad([torch.ones(n, dtype=torch.bool) for n in lengths])
+    advantages, returns = ppo.gae(pad(ppo.token_rewards(rewards.tolist(), lengths)), pad(old_values), mask,
+                                  args.gamma, args.lam)
+    local = ppo.whiten(advantages, mask)  # the mistake the comparison must catch: each rank's own statistics
+    advantages = ppo.whiten_over_ranks(advantages, mask)
+    advantages = [a[:n] for a, n in zip(advantages, lengths)]
+    returns = [r[:n] for r, n in zip(returns, lengths)]
+    torch.manual_seed(rank)
+    critic_stats = ppo.update_critic(critic, rollouts, old_values, returns, critic_optimizer, critic_scheduler,
+                                     rank_args, torch.autocast("cpu", enabled=False), pad_id, device)
+    stats = ppo.update_policy(model, rollouts, advantages, old_logp, None, optimizer, scheduler, rank_args,
+                              torch.autocast("cpu", enabled=False), pad_id, device)
+    full = lambda m: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()  # noqa: E731
+                      for k, v in m.state_dict().items()}
+    return {"weights": {k: v.detach().clone() for k, v in ppo.full_weights(model).items()}, "critic": full(critic),
+            "stats": ppo.train_stats_over_ranks({**critic_stats, **stats}), "rank": rank,
+            "advantages": ppo.gather_from_ranks(torch.cat(advantages).tolist()),
+            "local_advantages": ppo.gather_from_ranks(local[mask].tolist())}
+
+
+WORKERS = {"hapo-step": hapo_step, "one-shot-step": one_shot_step, "pcl-step": pcl_step, "ppo-step": ppo_step}
+
+
 def worker(kind: str, output: str) -> None:
-    result = {"hapo-step": hapo_step, "one-shot-step": one_shot_step, "pcl-step": pcl_step}[kind]()
+    result = WORKERS[kind]()
     if result["rank"] == 0:
         torch.save(result, output)
     torch.distributed.destroy_process_group()
@@ -304,5 +357,35 @@ def test_pcl_dynamic_sampling_under_torchrun_fails_clearly(tmp_path):
     assert out.returncode != 0 and "dynamic-sampling is not supported under torchrun" in out.stdout + out.stderr
 
 
-if __name__ == "__main__" and sys.argv[1:2] in (["hapo-step"], ["one-shot-step"], ["pcl-step"]):
+def test_ppo_one_step_on_two_ranks_equals_one_process_policy_and_critic(tmp_path):
+    torchrun(Path(__file__), "ppo-step", tmp_path / "two.pt")
+    two, one = torch.load(tmp_path / "two.pt", weights_only=False), ppo_step()
+    # whitening with the whole batch's statistics: the single-process advantages, not each rank's own whitening
+    advantages, local = torch.tensor(two["advantages"]), torch.tensor(two["local_advantages"])
+    reference = torch.tensor(one["advantages"])
+    assert (advantages - reference).abs().max() < 1e-5
+    assert (local - reference).abs().max() > 0.1, "per-rank whitening would pass too: the check could not fail"
+    before = ppo.full_weights(evaluation.load_model("tiny", dtype=torch.float64)[0])
+    moved, gap = max_difference(one["weights"], before), max_difference(two["weights"], one["weights"])
+    critic_gap = max_difference(two["critic"], one["critic"])
+    print(f"ppo: step moved weights by {moved:.3g}; 2 ranks vs 1 process: policy {gap:.3g}, critic {critic_gap:.3g}")
+    assert moved > 1e-4, f"the step moved the weights by only {moved}: the comparison could not fail"
+    assert two["stats"]["grad_norm"] == pytest.approx(one["stats"]["grad_norm"], rel=1e-6)
+    assert two["stats"]["critic_grad_norm"] == pytest.approx(one["stats"]["critic_grad_norm"], rel=1e-6)
+    assert gap < 1e-9, f"the policy on 2 ranks differs from 1 process by {gap} (the step moved weights by {moved})"
+    assert critic_gap < 1e-9, f"the critic on 2 ranks differs from 1 process by {critic_gap}"
+
+
+def test_ppo_two_rank_resume_equals_uninterrupted_run_with_critic(tmp_path):
+    root = resume_pair("ppo.py", tmp_path, ["--total-steps", "4"])
+    assert_resume_equal(root)
+    from safetensors.torch import load_file
+    critic = lambda run, step: load_file(root / run / f"checkpoint-{step}" / "critic" / "model.safetensors")
+    straight, resumed, halfway = critic("straight", 4), critic("resumed", 4), critic("straight", 2)
+    assert any(not torch.equal(straight[k], halfway[k]) for k in straight), "the critic did not move in steps 3-4"
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), f"the critic's {k} differs after resume"
+
+
+if __name__ == "__main__" and sys.argv[1:2] and sys.argv[1] in WORKERS:
     worker(sys.argv[1], sys.argv[2])

@@ -28,6 +28,9 @@ MEANT_TO_DIFFER: dict[tuple[str, str], str] = {
     ("pcl.py", "save_sharded_checkpoint"): "rank 0 also writes the value model and its optimizer (replicated: the "
                                            "same on every rank) into trainer_state.pt, as save_checkpoint's `extra` "
                                            "does in one process",
+    ("ppo.py", "save_sharded_checkpoint"): "rank 0 also writes the critic's scheduler into trainer_state.pt, as "
+                                           "save_checkpoint's `extra` does in one process (the critic's weights and "
+                                           "sharded optimizer go next to it: save_sharded_critic)",
     ("hapo.py", "run_evaluation"): "HAPO measures length: adds the mean and p90 length of the correct responses "
                                    "(from eval.py's graded samples) to eval.py's metrics",
     ("one_shot.py", "parse_args"): "flags that take several values (--rank 1 13, --example-index, --label): the "
