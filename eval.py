@@ -144,14 +144,33 @@ def tiny_model_path(seed: int = 0) -> str:
     """Folder of the tiny model, built once per seed and cached (RLVR_CACHE, default ~/.cache/rlvr)."""
     cache = Path(os.environ.get("RLVR_CACHE", Path.home() / ".cache" / "rlvr"))
     path = cache / f"tiny-v{TINY_VERSION}-seed{seed}"
-    if not (path / "config.json").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=cache, prefix=".building-"))
-        build_tiny_model(staging, seed)
-        try:
-            staging.rename(path)  # atomic: parallel builders (pytest-xdist, two scripts) never see half a folder
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
+    if (path / "config.json").exists():
+        return str(path)
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # under torchrun one process per machine builds, the others wait
+        return wait_for_tiny_model(path)
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cache, prefix=".building-"))
+    build_tiny_model(staging, seed)
+    if not (staging / "config.json").exists():  # transformers writes a model on global rank 0 only
+        shutil.rmtree(staging, ignore_errors=True)
+        raise SystemExit(f"the tiny model is not in {cache} and only global rank 0 can build it: build it once "
+                         "before this multi-node run with `python -c 'import eval; eval.tiny_model_path()'`")
+    if path.exists():  # a folder without config.json is a broken build: replace it
+        shutil.rmtree(path, ignore_errors=True)
+    try:
+        staging.rename(path)  # atomic: parallel builders (pytest-xdist, two scripts) never see half a folder
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(path)
+
+
+def wait_for_tiny_model(path: Path, timeout_s: float = 900) -> str:
+    """Wait for another process (torchrun's local rank 0) to finish building the tiny model."""
+    deadline = time.time() + timeout_s
+    while not (path / "config.json").exists():
+        if time.time() > deadline:
+            raise SystemExit(f"waited {timeout_s:.0f} s for local rank 0 to build the tiny model in {path}")
+        time.sleep(1)
     return str(path)
 
 

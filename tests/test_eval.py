@@ -282,3 +282,37 @@ def test_cli_bad_data_dir_fails_without_a_traceback(tmp_path):
     done = run_cli("--benchmarks", "aime24", "--data-dir", str(tmp_path / "missing"), "--output-dir", str(tmp_path))
     assert done.returncode != 0
     assert "does not exist" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+# ---- the tiny model's cache under torchrun ------------------------------------------------------------------------
+def fake_build(folder, seed=0):
+    (folder / "config.json").write_text("{}")
+
+
+def test_a_broken_tiny_model_folder_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLVR_CACHE", str(tmp_path))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(evaluation, "build_tiny_model", fake_build)
+    broken = tmp_path / f"tiny-v{evaluation.TINY_VERSION}-seed0"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{}")  # what a build on a non-zero torchrun rank leaves behind
+    assert Path(evaluation.tiny_model_path()) == broken and (broken / "config.json").exists()
+
+
+def test_other_local_ranks_wait_for_local_rank_0(tmp_path, monkeypatch):
+    import threading
+    monkeypatch.setenv("RLVR_CACHE", str(tmp_path))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(evaluation, "build_tiny_model", lambda *a: pytest.fail("a non-zero local rank built"))
+    target = tmp_path / f"tiny-v{evaluation.TINY_VERSION}-seed0"
+    threading.Timer(0.5, lambda: (target.mkdir(), fake_build(target))).start()
+    assert Path(evaluation.tiny_model_path()) == target
+
+
+def test_a_build_that_writes_no_model_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLVR_CACHE", str(tmp_path))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(evaluation, "build_tiny_model", lambda folder, seed=0: None)  # as on global rank != 0
+    with pytest.raises(SystemExit, match="only global rank 0 can build it"):
+        evaluation.tiny_model_path()
+    assert not (tmp_path / f"tiny-v{evaluation.TINY_VERSION}-seed0").exists()
