@@ -159,8 +159,8 @@ def measure(name, n, args):
 class CountPasses(TorchDispatchMode):
     """Adds up the bytes that each non-GEMM op reads and writes in the [chunk x vocab] temporaries: tensors of at
     least `big` elements whose last dimension is not the hidden size (so not the weight or the hidden states)."""
-    NO_TRAFFIC = ("view", "slice", "t.", "transpose", "permute", "unsqueeze", "squeeze", "select", "as_strided", "expand",
-                  "detach", "alias", "empty", "new_empty", "gather", "index", "_index_put_impl_", "clamp")
+    NO_TRAFFIC = ("view", "slice", "t.", "transpose", "permute", "unsqueeze", "squeeze", "select", "as_strided",
+                  "expand", "detach", "alias", "empty", "new_empty", "gather", "index", "_index_put_impl_", "clamp")
 
     def __init__(self, big):
         super().__init__()
