@@ -21,6 +21,7 @@ import hapo  # noqa: E402
 import one_shot  # noqa: E402
 import pcl  # noqa: E402
 import ppo  # noqa: E402
+from test_distributed import max_difference, torchrun  # noqa: E402  (tests/ is on the path)
 
 HAS_GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
 pytestmark = pytest.mark.skipif(not HAS_GLOO, reason="torch.distributed with the gloo backend is not available")
@@ -220,19 +221,6 @@ def worker(kind: str, output: str) -> None:
 
 
 # ---- the tests -------------------------------------------------------------------------------------------------
-def torchrun(*args, timeout=300):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 def test_hapo_one_step_on_two_ranks_equals_one_process_weights_and_history(tmp_path):
     torchrun(Path(__file__), "hapo-step", tmp_path / "two.pt")
     two, one = torch.load(tmp_path / "two.pt", weights_only=False), hapo_step()
