@@ -82,7 +82,10 @@ def stop_token_ids(tokenizer, model_config=None) -> list[int]:
 TOY_NAMES = ("Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ivy", "Ben", "Eva", "Tom", "Amy", "Dan", "Kim", "Ray",
              "Sue", "Jon", "Liz", "Ned", "Pia", "Ron")
 TOY_PLACES = ("in the garden", "at school", "on the bus", "at home", "in the park")
-TOY_FILLERS = ("Let me check.", "Hmm.", "Wait.", "Yes.", "We count again.", "Check again.")
+TOY_FILLERS = ("Let me check.", "Hmm.", "Wait.", "Yes.", "We count again.", "Check again.")  # 2-4 tokens each
+# Longer idle sentences (4-6 tokens each) for the `tiny-verbose` model (below)
+TOY_VERBOSE_FILLERS = ("Let me check once more.", "Hmm, wait a moment.", "Yes, that is right.", "We count again.",
+                       "Let me check again.", "So the count stops.")
 # Difficulty levels by the number counted to: the tiny model's pretraining leaves it surer of small counts
 # (TOY_LEVEL_CORRECT), so that problems range from easy to hard, as a real pool does, and a curriculum (pcl.py) has
 # something to pick from. The level is visible in the prompt: it is the number the model must read anyway.
@@ -113,48 +116,59 @@ def toy_splits(seed: int = 0, n_test: int = 100) -> tuple[list[dict], list[dict]
     return problems[n_test:], problems[:n_test]
 
 
-def toy_response(answer: str, rng: random.Random, max_fillers: int = 3) -> str:
+def toy_response(answer: str, rng: random.Random, fillers: tuple[str, ...] = TOY_FILLERS, max_fillers: int = 3) -> str:
     """A response in the format a base model would write: the boxed answer, then some idle checking sentences.
 
     The answer comes first so that it sits at a fixed distance from the prompt's number (a tiny model learns to
     read by position within seconds, by content only after thousands of steps); the checking is what HAPO trims."""
-    fillers = " ".join(rng.choice(TOY_FILLERS) for _ in range(rng.randint(0, max_fillers)))
-    return f"The answer is \\boxed{{{answer}}}." + (" " + fillers if fillers else "")
+    checking = " ".join(rng.choice(fillers) for _ in range(rng.randint(0, max_fillers)))
+    return f"The answer is \\boxed{{{answer}}}." + (" " + checking if checking else "")
 
 
+# The built-in models, each built once per seed by one recipe (build_tiny_model). `tiny` is every script's default.
+# `tiny-verbose` is hapo.py's: its 0-3 idle sentences after the answer are longer, so that a length reward has room
+# to work (the right answer alone is 9 tokens with the stop token; `tiny`'s fillers leave at most ~27% to cut, short
+# of HAPO's 30% bar; `tiny-verbose` starts near 16.5 tokens). Its doubt stage is longer and its level-1 share higher
+# so that its accuracy by level stays near `tiny`'s: at T=1, 0.49 / 0.13 / 0.06 (`tiny`: 0.54 / 0.15 / 0.05). The
+# value models of ppo.py and pcl.py learn it more slowly (pooled explained variance 0.04, V's correlation 0.17,
+# against 0.34 and 0.68 on `tiny`), which is why it is not everyone's default.
 TINY_NAME = "tiny"
+TINY_MODELS = {"tiny": dict(fillers=TOY_FILLERS, level_correct=TOY_LEVEL_CORRECT, doubt_steps=150),
+               "tiny-verbose": dict(fillers=TOY_VERBOSE_FILLERS, level_correct={**TOY_LEVEL_CORRECT, 1: 0.56},
+                                    doubt_steps=250)}
 TINY_VERSION = 8  # bump when anything below changes what gets built
 
 
 def load_model(name: str = TINY_NAME, dtype=torch.float32, seed: int = 0):
-    """(model, tokenizer) for a hub name or local folder, or for the built-in tiny model (`tiny`), offline."""
+    """(model, tokenizer) for a hub name or local folder, or for a built-in tiny model (`tiny`, `tiny-verbose`),
+    offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = tiny_model_path(seed) if name == TINY_NAME else name
+    path = resolve_model_path(name, seed)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model, tokenizer
 
 
 def resolve_model_path(name: str, seed: int = 0) -> str:
-    """A folder or hub id that transformers and vLLM can load: builds the tiny model on first use."""
-    return tiny_model_path(seed) if name == TINY_NAME else name
+    """A folder or hub id that transformers and vLLM can load: builds a tiny model on first use."""
+    return tiny_model_path(seed, name) if name in TINY_MODELS else name
 
 
-def tiny_model_path(seed: int = 0) -> str:
-    """Folder of the tiny model, built once per seed and cached (RLVR_CACHE, default ~/.cache/rlvr)."""
+def tiny_model_path(seed: int = 0, name: str = TINY_NAME) -> str:
+    """Folder of a built-in tiny model, built once per seed and cached (RLVR_CACHE, default ~/.cache/rlvr)."""
     cache = Path(os.environ.get("RLVR_CACHE", Path.home() / ".cache" / "rlvr"))
-    path = cache / f"tiny-v{TINY_VERSION}-seed{seed}"
+    path = cache / f"{name}-v{TINY_VERSION}-seed{seed}"
     if (path / "config.json").exists():
         return str(path)
     if os.environ.get("LOCAL_RANK", "0") != "0":  # under torchrun one process per machine builds, the others wait
         return wait_for_tiny_model(path)
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache, prefix=".building-"))
-    build_tiny_model(staging, seed)
+    build_tiny_model(staging, seed, **TINY_MODELS[name])
     if not (staging / "config.json").exists():  # transformers writes a model on global rank 0 only
         shutil.rmtree(staging, ignore_errors=True)
-        raise SystemExit(f"the tiny model is not in {cache} and only global rank 0 can build it: build it once "
-                         "before this multi-node run with `python -c 'import eval; eval.tiny_model_path()'`")
+        raise SystemExit(f"the {name} model is not in {cache} and only global rank 0 can build it: build it once "
+                         f"before this multi-node run: python -c 'import eval; eval.tiny_model_path(0, \"{name}\")'")
     if path.exists():  # a folder without config.json is a broken build: replace it
         shutil.rmtree(path, ignore_errors=True)
     try:
@@ -174,18 +188,19 @@ def wait_for_tiny_model(path: Path, timeout_s: float = 900) -> str:
     return str(path)
 
 
-def build_tiny_model(folder: Path, seed: int = 0) -> None:
+def build_tiny_model(folder: Path, seed: int = 0, fillers: tuple[str, ...] = TOY_FILLERS,
+                     level_correct: dict = TOY_LEVEL_CORRECT, doubt_steps: int = 150) -> None:
     """A Qwen2 model of 0.45M parameters and a BPE tokenizer trained on toy text, saved like a hub checkpoint.
 
     The weights start random and then get ~60 s (2 cores) of supervised pretraining (cached afterwards; see
     format_pretrain) that leaves a model which writes `\\boxed{d}` and stops, as a base model does, and which
     samples the right toy answer only some of the time, by level (at T=1: about 0.54 for counts 1-3, 0.15 for 4-6,
     0.05 for 7-9; 0.25 overall): RL's job is to make it reliable.
-    Filler sentences of random count give HAPO lengths to shorten."""
+    Filler sentences of random count give HAPO lengths to shorten. (These numbers are `tiny`'s; see TINY_MODELS.)"""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    tokenizer = train_tiny_tokenizer(rng)
+    tokenizer = train_tiny_tokenizer(rng, fillers)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
@@ -194,7 +209,7 @@ def build_tiny_model(folder: Path, seed: int = 0) -> None:
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=im_end,
     )
     model = Qwen2ForCausalLM(config)
-    format_pretrain(model, tokenizer, rng)
+    format_pretrain(model, tokenizer, rng, fillers, level_correct, doubt_steps=doubt_steps)
     model.generation_config = GenerationConfig(eos_token_id=[im_end, config.bos_token_id],
                                                pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(folder)
@@ -207,7 +222,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tiny_tokenizer(rng: random.Random):
+def train_tiny_tokenizer(rng: random.Random, fillers: tuple[str, ...] = TOY_FILLERS):
     """A byte-level BPE with Qwen2's own normalizer and pre-tokenizer, so that it reloads as Qwen2Tokenizer with the
     same ids (a plain ByteLevel pre-tokenizer re-tokenizes differently after reload), and every byte encodes."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -219,7 +234,7 @@ def train_tiny_tokenizer(rng: random.Random):
     bpe.pre_tokenizer = qwen.backend_tokenizer.pre_tokenizer
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = [QWEN_MATH_TRAIN.format(problem=p["problem"]) + toy_response(p["answer"], rng)
+    corpus = [QWEN_MATH_TRAIN.format(problem=p["problem"]) + toy_response(p["answer"], rng, fillers)
               for p in toy_problems(2000, seed=rng.randrange(2**31))]
     corpus += [QWEN25_MATH_COT.format(problem=p["problem"]) for p in toy_problems(200, seed=1)]
     bpe.train_from_iterator(corpus, trainer)
@@ -230,12 +245,14 @@ def train_tiny_tokenizer(rng: random.Random):
                           additional_special_tokens=specials[1:], chat_template=CHAT_TEMPLATE)
 
 
-def format_pretrain(model, tokenizer, rng: random.Random, read_steps: int = 450, doubt_steps: int = 150) -> None:
+def format_pretrain(model, tokenizer, rng: random.Random, fillers: tuple[str, ...] = TOY_FILLERS,
+                    level_correct: dict = TOY_LEVEL_CORRECT, read_steps: int = 450, doubt_steps: int = 150) -> None:
     """Supervised steps on response tokens, in two stages.
 
     1. Toy questions answered right: the model learns to find the number in its prompt (this takes ~400 steps to
        emerge, far more than a CPU-sized RL run could spend discovering it from nothing).
-    2. Toy answers right only some of the time (TOY_LEVEL_CORRECT: half the time for counts 1-3, never for 7-9),
+    2. Toy answers right only some of the time (`level_correct`; for `tiny` half the time for counts 1-3, never
+       for 7-9),
        else another digit, at a lower learning rate so that the model settles near these shares rather than
        wherever a few large steps leave it: it still finds the number but doubts it, more so for larger counts.
        RL has to make it sure, as RLVR does with a base model that can solve a problem sometimes."""
@@ -243,19 +260,19 @@ def format_pretrain(model, tokenizer, rng: random.Random, read_steps: int = 450,
     for steps, lr, doubt in ((read_steps, 2e-3, False), (doubt_steps, 5e-4, True)):
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
         for _ in range(steps):
-            rows = [(p["problem"], toy_label(p, rng) if doubt else p["answer"])
+            rows = [(p["problem"], toy_label(p, rng, level_correct) if doubt else p["answer"])
                     for p in toy_problems(32, seed=rng.randrange(2**31))]
             loss = response_loss(model, tokenizer, [(tokenizer.encode(QWEN_MATH_TRAIN.format(problem=q)),
-                                                     tokenizer.encode(toy_response(a, rng)) + [im_end])
+                                                     tokenizer.encode(toy_response(a, rng, fillers)) + [im_end])
                                                     for q, a in rows])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
 
 
-def toy_label(problem: dict, rng: random.Random) -> str:
+def toy_label(problem: dict, rng: random.Random, level_correct: dict = TOY_LEVEL_CORRECT) -> str:
     """The right answer with the problem's level's probability, else one of the eight wrong digits."""
-    if rng.random() < TOY_LEVEL_CORRECT[problem["level"]]:
+    if rng.random() < level_correct[problem["level"]]:
         return problem["answer"]
     return rng.choice([str(d) for d in range(1, 10) if str(d) != problem["answer"]])
 
@@ -548,11 +565,21 @@ def evaluate(engine, tokenizer, problems: list[dict], template: str = "qwen25-ma
              mode: str = "boxed", ks=(), batch_size: int = 64, progress: bool = False) -> tuple[dict, list[dict]]:
     """Accuracy (avg@n; greedy accuracy at n=1, temperature 0), pass@k for each k in `ks` up to n, response lengths
     (mean, p90), truncation share and the count of unparseable golds on `problems`; returns (metrics, samples)."""
+    samples = sample_and_grade(engine, tokenizer, problems, template, n, temperature, top_p, max_tokens, seed, mode,
+                               batch_size, progress)
+    return summarize(samples, n, ks), samples
+
+
+def sample_and_grade(engine, tokenizer, problems: list[dict], template: str, n: int, temperature: float,
+                     top_p: float, max_tokens: int, seed: int, mode: str, batch_size: int,
+                     progress: bool) -> list[dict]:
+    """n graded samples per problem, problem by problem (see grade)."""
+    if not problems:  # a data-parallel shard can be empty when there are more ranks than problems
+        return []
     prompts = [build_prompt(p["problem"], tokenizer, template) for p in problems]
     completions = generate(engine, tokenizer, prompts, n=n, temperature=temperature, top_p=top_p,
                            max_tokens=max_tokens, seed=seed, batch_size=batch_size, progress=progress)
-    samples = grade(problems, prompts, completions, mode)
-    return summarize(samples, n, ks), samples
+    return grade(problems, prompts, completions, mode)
 
 
 def grade(problems: list[dict], prompts: list[str], completions: list[list[dict]], mode: str = "boxed") -> list[dict]:
@@ -575,6 +602,43 @@ def gold_parses(gold: str) -> bool:
     return verify.gold_is_parseable(gold)
 
 
+# ---- data-parallel evaluation under torchrun (idle in a single process) -----------------------------------------
+# `torchrun --nproc_per_node 8 eval.py ...`: each rank samples and grades a contiguous share of every benchmark's
+# problems on its own GPU, and rank 0 gathers the samples in problem order and computes the metrics, so the results
+# are those of one process over all problems (identical under greedy decoding). With --tensor-parallel-size t each
+# vLLM engine spans t consecutive ranks (vLLM's layout), which share one shard.
+def init_data_parallel(tensor_parallel: int = 1) -> tuple[int, int, bool]:
+    """(this rank's shard, the number of shards, whether this rank hands its shard's samples to rank 0). Under
+    torchrun (WORLD_SIZE > 1) join its process group: NCCL on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, True  # one process: a tensor-parallel vLLM engine starts its own workers
+    if tensor_parallel < 1 or world % tensor_parallel:
+        raise SystemExit(f"eval.py: --tensor-parallel-size {tensor_parallel} must divide the number of ranks "
+                         f"({world})")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = torch.distributed.get_rank()
+    return rank // tensor_parallel, world // tensor_parallel, rank % tensor_parallel == 0
+
+
+def shard_bounds(count: int, shard: int, shards: int) -> tuple[int, int]:
+    """[start, end) of one shard of `count` problems: contiguous, sizes differing by at most one."""
+    return count * shard // shards, count * (shard + 1) // shards
+
+
+def gather_samples(samples: list[dict], start: int, reports: bool) -> list[dict] | None:
+    """Every shard's samples on rank 0, in problem order, indexed over the whole benchmark; None on other ranks.
+    One process: the samples themselves."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return samples
+    mine = [{**s, "index": s["index"] + start} for s in samples] if reports else []
+    parts = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
+    torch.distributed.gather_object(mine, parts, dst=0)
+    return [s for part in parts for s in part] if parts is not None else None
+
+
 # ---- CLI -------------------------------------------------------------------------------------------------------
 
 # Decoding per benchmark unless --n / --temperature say otherwise, as in the 1-shot RLVR paper (Qwen2.5-Math
@@ -589,15 +653,17 @@ TOY_MAX_TOKENS = 128  # toy responses take ~15 tokens; the tiny model's context 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate a model on math benchmarks (default: the tiny model on "
                                                  "the toy task's held-out split, in seconds).")
-    parser.add_argument("--model", default=TINY_NAME, help="hub id or local folder; `tiny`: the built-in toy model")
+    parser.add_argument("--model", default=TINY_NAME, help="hub id or local folder; `tiny` (or `tiny-verbose`): a "
+                        "built-in toy model")
     parser.add_argument("--benchmarks", default="toy", help=f"comma-separated, from: {', '.join(BENCHMARKS)}; "
                         "`paper`: the six of the 1-shot RLVR paper")
     parser.add_argument("--data-dir", default=None, help=f"folder with <name>/test.jsonl per benchmark; default "
                         f"${DATA_DIR_ENV}, else {SHARED_DATA_DIR}")
     parser.add_argument("--subset", default=None, help="math_beyond only: the rows this model leaves unsolved "
                         "(the model part of a '<model>_unsolved' column, or its hub id)")
-    parser.add_argument("--n", type=int, default=None, help="samples per problem; default 8 on aime24/aime25/amc23, "
-                        "1 elsewhere")
+    parser.add_argument("--n", "--samples", dest="n", type=int, default=None, help="samples per problem; default 8 "
+                        "on aime24/aime25/amc23, 1 elsewhere (spell it --samples under torchrun, whose own parser "
+                        "takes --n for an abbreviation of --nnodes/--nproc-per-node)")
     parser.add_argument("--temperature", type=float, default=None, help="default 0.6 where n > 1, else 0 (greedy)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--k", default=None, help="comma-separated k for pass@k, e.g. 1,8,64,1024 (k > n skipped); "
@@ -613,6 +679,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=0, help="only the first this many problems per benchmark; 0: all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per HF generate call")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="under torchrun with --engine vllm: "
+                        "ranks per vLLM engine, for models too big for one GPU (the engines split the problems)")
     parser.add_argument("--output-dir", default=None, help="default runs/eval-<time>")
     return parser.parse_args(argv)
 
@@ -624,29 +692,46 @@ def main(args: argparse.Namespace) -> dict:
         raise SystemExit("eval.py: --n > 1 at --temperature 0 samples the same greedy response n times")
     if args.subset and "math_beyond" not in names:
         raise SystemExit("eval.py: --subset selects rows of math_beyond, which --benchmarks does not include")
+    if args.tensor_parallel_size < 1:
+        raise SystemExit(f"eval.py: --tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")
+    if args.tensor_parallel_size > 1 and args.engine != "vllm":
+        raise SystemExit("eval.py: --tensor-parallel-size splits a vLLM engine over ranks: add --engine vllm")
     problems = {name: load_for_cli(name, args) for name in names}  # before the model: bad data fails in a second
-    engine, tokenizer, engine_kind = make_engine(args.model, args.engine, args.seed)
+    shard, shards, reports = init_data_parallel(args.tensor_parallel_size)
+    lead = shard == 0 and reports  # global rank 0: prints, gathers, writes
+    engine, tokenizer, engine_kind = make_engine(args.model, args.engine, args.seed, args.tensor_parallel_size)
     out = Path(args.output_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "samples.jsonl").write_text("")
     results = {"model": args.model, "engine": engine_kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "args": vars(args), "benchmarks": {}, "average": None}
+               "args": vars(args), "data_parallel_shards": shards, "benchmarks": {}, "average": None}
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "samples.jsonl").write_text("")
     for name in names:
-        decoding = decoding_for(name, args, ks)
-        print(f"{name}: {len(problems[name])} problems, " + ", ".join(f"{k}={v}" for k, v in decoding.items()),
-              file=sys.stderr)
+        decoding = decoding_for(name, args, ks, quiet=not lead)
+        ks_of_name = decoding.pop("ks")
+        first, end = shard_bounds(len(problems[name]), shard, shards)
+        if lead:
+            print(f"{name}: {len(problems[name])} problems" + (f" over {shards} ranks" if shards > 1 else "") + ", "
+                  + ", ".join(f"{k}={v}" for k, v in decoding.items()), file=sys.stderr)
         start = time.time()
-        metrics, samples = evaluate(engine, tokenizer, problems[name], seed=args.seed, progress=True,
-                                    batch_size=args.batch_size, **decoding)
-        results["benchmarks"][name] = {"problems": len(problems[name]), **decoding, **metrics,
+        samples = sample_and_grade(engine, tokenizer, problems[name][first:end], seed=args.seed, progress=lead,
+                                   batch_size=args.batch_size, **decoding)
+        samples = gather_samples(samples, first, reports)
+        if not lead:
+            continue
+        results["benchmarks"][name] = {"problems": len(problems[name]), **decoding, "ks": ks_of_name,
+                                       **summarize(samples, decoding["n"], ks_of_name),
                                        "subset": args.subset if name == "math_beyond" else None,
                                        "seconds": round(time.time() - start, 1)}
         results["average"] = paper_average(results["benchmarks"])
         with open(out / "samples.jsonl", "a") as f:  # written as each benchmark ends: a long run keeps its work
             f.writelines(json.dumps({"benchmark": name, **s}) + "\n" for s in samples)
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(results_table(results))
-    print(f"wrote {out / 'results.json'} and {out / 'samples.jsonl'}")
+    if lead:
+        print(results_table(results))
+        print(f"wrote {out / 'results.json'} and {out / 'samples.jsonl'}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return results
 
 
@@ -683,13 +768,13 @@ def load_for_cli(name: str, args) -> list[dict]:
     return problems[:args.limit] if args.limit else problems
 
 
-def decoding_for(name: str, args, ks: tuple[int, ...]) -> dict:
+def decoding_for(name: str, args, ks: tuple[int, ...], quiet: bool = False) -> dict:
     """The evaluate() settings of one benchmark: the paper's protocol, overridden by whatever the command line sets."""
     sampled = args.temperature is None or args.temperature > 0
     n = args.n or (PAPER_N if name in SAMPLED_BENCHMARKS and sampled else 1)
     temperature = args.temperature if args.temperature is not None else (PAPER_TEMPERATURE if n > 1 else 0.0)
     toy = name == "toy"
-    if any(k > n for k in ks):
+    if any(k > n for k in ks) and not quiet:
         print(f"{name}: pass@k skipped for k > n = {n}: {[k for k in ks if k > n]}", file=sys.stderr)
     return {"template": args.template or ("qwen-math-train" if toy else "qwen25-math-cot"),
             "mode": args.mode or ("boxed" if toy else "flex"),
@@ -698,8 +783,9 @@ def decoding_for(name: str, args, ks: tuple[int, ...]) -> dict:
             "ks": tuple(k for k in ks if k <= n) if ks else ((n,) if n > 1 else ())}
 
 
-def make_engine(model_name: str, requested: str, seed: int):
-    """(engine, tokenizer, "vllm" | "hf"): one engine serves every benchmark of the run."""
+def make_engine(model_name: str, requested: str, seed: int, tensor_parallel: int = 1):
+    """(engine, tokenizer, "vllm" | "hf"): one engine serves every benchmark of the run (under torchrun: one per
+    rank, or one per `tensor_parallel` ranks)."""
     has_vllm = importlib.util.find_spec("vllm") is not None
     if requested == "vllm" and not has_vllm:
         raise SystemExit("eval.py: --engine vllm, but vLLM is not installed: pip install vllm "
@@ -707,13 +793,13 @@ def make_engine(model_name: str, requested: str, seed: int):
     path = resolve_model_path(model_name)
     if requested == "vllm" or (requested == "auto" and has_vllm):
         from transformers import AutoTokenizer
-        return vllm_engine(path, seed), AutoTokenizer.from_pretrained(path), "vllm"
+        return vllm_engine(path, seed, tensor_parallel), AutoTokenizer.from_pretrained(path), "vllm"
     on_gpu = torch.cuda.is_available()
     model, tokenizer = load_model(path, dtype=torch.bfloat16 if on_gpu else torch.float32)
     return model.to("cuda" if on_gpu else "cpu"), tokenizer, "hf"
 
 
-def vllm_engine(path: str, seed: int):
+def vllm_engine(path: str, seed: int, tensor_parallel: int = 1):
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
         # Read when vLLM is imported: without them its CPU build asks for 92% of RAM as KV cache and refuses to
@@ -722,7 +808,12 @@ def vllm_engine(path: str, seed: int):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
     # On CPU, compiling the model costs ~40 s of a ~50 s start (measured on the tiny model); eager mode skips it.
-    return LLM(model=path, dtype="float32" if on_cpu else "auto", seed=seed, enforce_eager=on_cpu)
+    # Under torchrun external_launcher makes vLLM join torchrun's process group instead of spawning workers.
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    per_rank = dict(distributed_executor_backend="external_launcher",
+                    data_parallel_size=world // tensor_parallel) if world > 1 else {}
+    return LLM(model=path, dtype="float32" if on_cpu else "auto", seed=seed, enforce_eager=on_cpu,
+               tensor_parallel_size=tensor_parallel, **per_rank)
 
 
 def paper_average(benchmarks: dict) -> dict | None:

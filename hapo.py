@@ -58,7 +58,9 @@ class Args:
     resume: str = ""  # a checkpoint folder to continue from (the history comes back with it)
     track: str = ""  # also log to "tensorboard" or "wandb" when installed
     # model & data
-    model: str = "tiny"  # hub id or folder (paper: deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B and two more)
+    # hub id or folder (paper: deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B and two more); "tiny-verbose": the built-in
+    # model whose answers trail longer idle sentences, so that the length reward has something to cut
+    model: str = "tiny-verbose"
     train_data: str = "toy"  # jsonl/json/parquet with problem and answer columns (paper: 2,000 DeepScaleR); "toy"
     train_problems: int = 320  # train on the first this many problems, so each is revisited; 0: all (paper: all)
     problem_key: str = "problem"  # column holding the problem text
@@ -680,7 +682,7 @@ def load_prompts(args, tokenizer) -> list[dict]:
 
 def load_eval_problems(args) -> list[dict]:
     if args.eval_data == "auto":
-        args.eval_data = "toy" if args.model == evaluation.TINY_NAME else "math500"
+        args.eval_data = "toy" if args.model in evaluation.TINY_MODELS else "math500"
     try:
         if args.eval_data == "toy":
             problems = evaluation.toy_splits()[1]

@@ -675,7 +675,7 @@ def load_prompts(args, tokenizer) -> list[dict]:
 def load_eval_problems(args) -> dict[str, list[dict]]:
     """The evaluation sets of --eval-data by name: toy, benchmarks (paper: the paper's six) or files (by stem)."""
     if args.eval_data == "auto":
-        args.eval_data = "toy" if args.model == evaluation.TINY_NAME else "paper"
+        args.eval_data = "toy" if args.model in evaluation.TINY_MODELS else "paper"
     names = [name.strip() for name in args.eval_data.split(",") if name.strip()]
     names = [m for name in names for m in (evaluation.PAPER_BENCHMARKS if name == "paper" else (name,))]
     if not names:

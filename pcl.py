@@ -693,7 +693,7 @@ def load_prompts(args, tokenizer) -> list[dict]:
 
 def load_eval_problems(args) -> list[dict]:
     if args.eval_data == "auto":
-        args.eval_data = "toy" if args.model == evaluation.TINY_NAME else "math500"
+        args.eval_data = "toy" if args.model in evaluation.TINY_MODELS else "math500"
     try:
         if args.eval_data == "toy":
             problems = evaluation.toy_splits()[1]

@@ -1,7 +1,8 @@
 """HAPO against GRPO on the same task, seed and number of steps: response length and accuracy. Not a test.
 
-Runs `grpo.py` and `hapo.py` one after the other with their defaults (the tiny model on the toy task unless extra
-flags say otherwise) plus the flags given here, then prints both curves at every tenth of the run and their ends.
+Runs `grpo.py` and `hapo.py` one after the other with their defaults plus the flags given here, both on hapo.py's
+default model (`tiny-verbose` on the toy task) unless the flags name another, then prints both curves at every
+tenth of the run and their ends.
 The issue's bar: hapo's mean response length at the end at least 30% below grpo's, with accuracy within 0.05.
 "End" is the mean over the last tenth of the steps (sampled responses, at the training temperature), so one
 noisy step does not decide it; the greedy evaluation at the last step is printed beside it.
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from hapo import Args as HapoArgs  # noqa: E402
 
 
 def run(script: str, output_dir: Path, seed: int, steps: int, extra: list[str]) -> tuple[list[dict], float]:
@@ -45,6 +48,8 @@ def main():
     parser.add_argument("extra", nargs="*", help="flags passed to both scripts (after --)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    if not any(flag == "--model" or flag.startswith("--model=") for flag in args.extra):
+        args.extra = ["--model", HapoArgs().model, *args.extra]  # the same model for both, whatever grpo's default
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = args.keep or tmp

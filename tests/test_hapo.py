@@ -11,6 +11,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import eval as evaluation  # noqa: E402
 import hapo  # noqa: E402
 
 C = math.cos(math.pi / 4)  # c(0.5) = -c(1.5)
@@ -126,6 +127,7 @@ def tenths(metrics, key):
 def default_run(tmp_path_factory):
     """One default run (no arguments) shared by the assertions below: it is the expensive part of this file."""
     output_dir = tmp_path_factory.mktemp("default")
+    evaluation.tiny_model_path(0, hapo.Args().model)  # built once (~1-2 min on a fresh cache), outside the timeout
     run_script("--output-dir", str(output_dir), timeout=420)
     return read_metrics(output_dir)
 
@@ -138,12 +140,16 @@ def test_default_run_accuracy_climbs(default_run):
 
 
 def test_default_run_responses_get_shorter(default_run):
-    """The toy's shortest right answer is 9 tokens with the stop token, and the tiny model starts at ~12.5 by
-    padding it with filler sentences (GRPO keeps them: 12.3 over its last tenth, bench/hapo_vs_grpo.py)."""
+    """The toy's shortest right answer is 9 tokens with the stop token, and hapo.py's default model (tiny-verbose)
+    starts at ~16.5 by padding it with 0-3 filler sentences. GRPO keeps most of them (seed 1: 16.4 over its first
+    tenth, 15.1 over its last). The issue's bar, HAPO 30% below GRPO at the same accuracy, is checked against a real
+    GRPO run by bench/hapo_vs_grpo.py; running grpo.py here too would double this file's time, so the test asks for
+    30% below HAPO's own start instead."""
     for key in ("response_len_mean", "correct_len_mean"):
         first, last = tenths(default_run, key)
         print(f"{key} first tenth {first:.2f}, last tenth {last:.2f}")
-        assert last <= 0.8 * first, f"the length reward did not shorten responses: {key} {first:.2f} -> {last:.2f}"
+        assert last <= 0.7 * first, f"the length reward did not shorten responses: {key} {first:.2f} -> {last:.2f}"
+        assert last <= 10.0, f"{key} {last:.2f} over the last tenth: the fillers were not cut (answer alone: 9)"
 
 
 def test_default_run_builds_a_history_that_shrinks(default_run):

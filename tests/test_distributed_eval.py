@@ -1,0 +1,79 @@
+"""eval.py under torchrun (2 CPU ranks, gloo): each rank evaluates a share of the problems and rank 0 gathers them,
+so the results equal one process's over all problems."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import eval as evaluation  # noqa: E402
+from test_distributed import HAS_GLOO, torchrun  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not HAS_GLOO, reason="torch.distributed with the gloo backend is not available")
+# 25 problems: rank 0 takes 12, rank 1 takes 13, so an off-by-one in the shards or the re-indexing shows
+SMALL = ["--limit", "25", "--max-tokens", "24"]
+
+
+def one_process(*args):
+    out = subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def read_run(folder: Path) -> tuple[dict, list[dict]]:
+    results = json.loads((folder / "results.json").read_text())
+    return results, [json.loads(line) for line in open(folder / "samples.jsonl")]
+
+
+def without_timing(benchmark: dict) -> dict:
+    return {k: v for k, v in benchmark.items() if k != "seconds"}
+
+
+def test_shards_cover_every_problem_once():
+    for count in (0, 1, 5, 25, 181):
+        for shards in (1, 2, 3, 8):
+            bounds = [evaluation.shard_bounds(count, s, shards) for s in range(shards)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == count
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            assert max(e - s for s, e in bounds) - min(e - s for s, e in bounds) <= 1
+
+
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vllm is not installed"))])
+def test_two_ranks_greedy_equal_one_process(tmp_path, engine):
+    """Greedy decoding: the same samples, in the same order with the same indices, and the same metrics."""
+    one_process(*SMALL, "--engine", engine, "--output-dir", tmp_path / "one")
+    torchrun(ROOT / "eval.py", *SMALL, "--engine", engine, "--output-dir", tmp_path / "two", timeout=600)
+    one, one_samples = read_run(tmp_path / "one")
+    two, two_samples = read_run(tmp_path / "two")
+    assert two["data_parallel_shards"] == 2 and one["data_parallel_shards"] == 1
+    assert [s["index"] for s in two_samples] == list(range(25))
+    assert two_samples == one_samples
+    assert without_timing(two["benchmarks"]["toy"]) == without_timing(one["benchmarks"]["toy"])
+    accuracy = two["benchmarks"]["toy"]["accuracy"]
+    assert 0 < accuracy < 1, f"accuracy {accuracy}: every sample alike, so a mix-up of samples could not show"
+
+
+def test_two_ranks_sampled_pass_at_k_over_all_samples(tmp_path):
+    """n samples per problem from both ranks: pass@k is computed on rank 0 from all 25 x 4 samples."""
+    torchrun(ROOT / "eval.py", *SMALL, "--engine", "hf", "--samples", "4", "--temperature", "1", "--k", "1,2,4",
+             "--output-dir", tmp_path, timeout=600)
+    results, samples = read_run(tmp_path)
+    toy = results["benchmarks"]["toy"]
+    assert [s["index"] for s in samples] == [i for i in range(25) for _ in range(4)]
+    counts = [sum(s["correct"] for s in samples[4 * i:4 * i + 4]) for i in range(25)]
+    for k in (1, 2, 4):
+        assert toy[f"pass@{k}"] == pytest.approx(evaluation.mean_pass_at_k([int(c) for c in counts], 4, k))
+    assert toy["accuracy"] == pytest.approx(sum(counts) / 100)
+
+
+def test_tensor_parallel_needs_vllm():
+    out = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--engine", "hf", "--tensor-parallel-size", "2"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode != 0 and "--engine vllm" in out.stderr, out.stderr[-2000:]
