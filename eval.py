@@ -730,7 +730,7 @@ def main(args: argparse.Namespace) -> dict:
     if lead:
         print(results_table(results))
         print(f"wrote {out / 'results.json'} and {out / 'samples.jsonl'}")
-    if torch.distributed.is_initialized():
+    if torch.distributed.is_initialized() and engine_kind != "vllm":  # a vLLM engine tears the group down itself
         torch.distributed.destroy_process_group()
     return results
 

@@ -78,6 +78,7 @@ class Args:
     max_new_tokens: int = 40  # response budget; a truncated response counts as wrong (paper: 32768)
     gpu_memory_utilization: float = 0.35  # vLLM's share of the GPU; the trainer uses the rest
     vllm_sleep: bool = True  # free vLLM's GPU memory while training (GPU only)
+    vllm_tensor_parallel: int = 1  # under torchrun: ranks (GPUs) per vLLM engine, for models too big for one GPU
     # algorithm: HAPO's reward
     length_weight: float = 1.0  # w of the length reward; in [0, 1], so any right answer beats any wrong (paper: 1.0)
     length_reward: str = "cosine"  # "cosine" (paper) or "linear" (piecewise, tolerance 0.1 h_i; the paper's code)
@@ -261,6 +262,8 @@ def collate(rollouts: list[dict], pad_id: int, device) -> dict:
 def make_rollout_engine(args, model_path: str, model, device):
     """An in-process vLLM engine on the trainer's device, or None for HF `generate` on the policy itself."""
     vllm_installed = importlib.util.find_spec("vllm") is not None
+    if args.vllm_tensor_parallel > 1 and not vllm_installed:
+        raise SystemExit("--vllm-tensor-parallel: vLLM is not installed (pip install vllm)")
     if args.rollout == "hf" or (args.rollout == "auto" and not vllm_installed):
         return None
     if args.rollout not in ("vllm", "auto"):
@@ -272,10 +275,12 @@ def make_rollout_engine(args, model_path: str, model, device):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
     on_gpu = device.type == "cuda"
-    # Under torchrun each rank runs its own engine on its own prompts; external_launcher makes vLLM join the
-    # process group that torchrun started instead of spawning workers (vLLM wants one seed on all ranks).
-    per_rank = dict(distributed_executor_backend="external_launcher", tensor_parallel_size=1,
-                    data_parallel_size=torch.distributed.get_world_size()) if is_distributed() else {}
+    # Under torchrun each rank runs its own engine on its own prompts, or each group of vllm_tensor_parallel
+    # consecutive ranks one engine split over their GPUs; external_launcher makes vLLM join the process group that
+    # torchrun started instead of spawning workers (vLLM wants one seed on all ranks).
+    per_rank = dict(distributed_executor_backend="external_launcher", tensor_parallel_size=args.vllm_tensor_parallel,
+                    data_parallel_size=torch.distributed.get_world_size() // args.vllm_tensor_parallel) \
+        if is_distributed() else {}
     return LLM(model=model_path, dtype="bfloat16" if on_gpu else "float32", seed=args.seed, **per_rank,
                gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=on_gpu and args.vllm_sleep,
                max_model_len=min(args.max_prompt_tokens + args.max_new_tokens, model.config.max_position_embeddings),
@@ -285,18 +290,40 @@ def make_rollout_engine(args, model_path: str, model, device):
 
 def generate(engine, model, tokenizer, prompt_ids: list[list[int]], args, step: int, stops: list[int]):
     """n sampled responses per prompt: [{prompt_ids, response_ids, truncated, engine_logprobs}], grouped by prompt."""
-    if engine is not None:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-        params = SamplingParams(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
-                                max_tokens=args.max_new_tokens, stop_token_ids=stops, logprobs=0,
-                                # per-request seeds fail in the CPU build ("CPU Generator does not use offset")
-                                seed=args.seed * 100_003 + step if torch.cuda.is_available() else None)
-        outputs = engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
-        return [{"prompt_ids": ids, "response_ids": list(c.token_ids), "truncated": c.finish_reason == "length",
-                 "engine_logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]}
-                for ids, o in zip(prompt_ids, outputs) for c in o.outputs]
-    return generate_hf(model, tokenizer, prompt_ids, args, stops)
+    if engine is None:
+        return generate_hf(model, tokenizer, prompt_ids, args, stops)
+    if args.vllm_tensor_parallel > 1:
+        return generate_tensor_parallel(engine, prompt_ids, args, step, stops)
+    return generate_vllm(engine, prompt_ids, args, step, stops)
+
+
+def generate_vllm(engine, prompt_ids: list[list[int]], args, step: int, stops: list[int]) -> list[dict]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    params = SamplingParams(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
+                            max_tokens=args.max_new_tokens, stop_token_ids=stops, logprobs=0,
+                            # per-request seeds fail in the CPU build ("CPU Generator does not use offset")
+                            seed=args.seed * 100_003 + step if torch.cuda.is_available() else None)
+    outputs = engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+    return [{"prompt_ids": ids, "response_ids": list(c.token_ids), "truncated": c.finish_reason == "length",
+             "engine_logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]}
+            for ids, o in zip(prompt_ids, outputs) for c in o.outputs]
+
+
+def generate_tensor_parallel(engine, prompt_ids: list[list[int]], args, step: int, stops: list[int]) -> list[dict]:
+    """A tensor-parallel engine spans vllm_tensor_parallel consecutive ranks, which must send it the same requests:
+    the group's prompts are gathered, generated together, and each rank keeps the responses to its own prompts."""
+    tp, rank = args.vllm_tensor_parallel, torch.distributed.get_rank()
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, prompt_ids)
+    first = rank - rank % tp
+    group_prompts = [ids for part in parts[first:first + tp] for ids in part]
+    with torch.random.fork_rng(devices=[]):
+        if not torch.cuda.is_available():  # CPU: no per-request seeds; one seed per step keeps the ranks in step
+            torch.manual_seed(args.seed * 100_003 + step)
+        rollouts = generate_vllm(engine, group_prompts, args, step, stops)
+    start = args.samples_per_prompt * sum(len(part) for part in parts[first:rank])
+    return rollouts[start:start + args.samples_per_prompt * len(prompt_ids)]
 
 
 @torch.no_grad()
@@ -899,6 +926,9 @@ def main(args: Args):
 
 def check_world_size(args, world: int) -> None:
     """Under torchrun every rank takes whole groups and an equal share of every mini-batch."""
+    if args.vllm_tensor_parallel < 1 or (args.vllm_tensor_parallel > 1 and (world == 1 or args.rollout == "hf")):
+        raise SystemExit(f"--vllm-tensor-parallel {args.vllm_tensor_parallel}: a vLLM engine split over that many "
+                         "ranks needs torchrun with one rank per GPU and --rollout vllm")
     if world == 1:
         return
     if args.prompts_per_step % world or args.mini_batch % world:
@@ -906,6 +936,9 @@ def check_world_size(args, world: int) -> None:
                          f"--mini-batch ({args.mini_batch}) must be multiples of {world}")
     if args.mask_truncated:  # a rank could be left with fewer micro-batches than the others and stall FSDP
         raise SystemExit("--mask-truncated is not supported under torchrun yet")
+    if world % args.vllm_tensor_parallel:
+        raise SystemExit(f"--vllm-tensor-parallel {args.vllm_tensor_parallel} must divide the number of ranks "
+                         f"({world})")
 
 
 def load_trainer_state_for_world(folder: Path, model, optimizer, scheduler, world: int) -> dict:

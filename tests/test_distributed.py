@@ -72,6 +72,20 @@ def worker(output: str, local_counts: bool) -> None:
     torch.distributed.destroy_process_group()
 
 
+def tensor_parallel_worker(output: str) -> None:
+    """One vLLM engine split over both ranks: rank 0 asks for 2 prompts, rank 1 for 3, and each must get back the
+    responses to its own prompts (4 each, at T=1) out of the engine's 5."""
+    rank, world, device = grpo.init_distributed()
+    model, tokenizer = evaluation.load_model("tiny")
+    args = grpo.Args(rollout="vllm", vllm_tensor_parallel=2, samples_per_prompt=4, temperature=1.0,
+                     max_new_tokens=16)
+    engine = grpo.make_rollout_engine(args, evaluation.resolve_model_path("tiny"), model, device)
+    problems = evaluation.toy_problems(5, seed=3)
+    mine = [tokenizer.encode(p["problem"]) for p in (problems[:2] if rank == 0 else problems[2:])]
+    rollouts = grpo.generate(engine, model, tokenizer, mine, args, 0, evaluation.stop_token_ids(tokenizer, model))
+    torch.save({"prompts": mine, "rollouts": rollouts}, f"{output}.rank{rank}")
+
+
 # ---- the tests -------------------------------------------------------------------------------------------------
 def torchrun(*args, timeout=300):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -158,5 +172,37 @@ def test_each_rank_vllm_engine_samples_from_the_trained_weights(tmp_path):
     assert len(gaps) == 3 and max(gaps) < 1e-4, f"engine and trainer log-probs differ: {gaps}"
 
 
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_tensor_parallel_engine_returns_each_rank_its_own_prompts(tmp_path):
+    torchrun(Path(__file__), "tensor-parallel", tmp_path / "out")
+    for rank, own in ((0, 2), (1, 3)):
+        result = torch.load(tmp_path / f"out.rank{rank}")
+        assert len(result["prompts"]) == own
+        assert [r["prompt_ids"] for r in result["rollouts"]] == [p for p in result["prompts"] for _ in range(4)]
+        assert all(r["response_ids"] and len(r["engine_logprobs"]) == len(r["response_ids"])
+                   for r in result["rollouts"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_tensor_parallel_engine_samples_from_the_trained_weights(tmp_path):
+    """--vllm-tensor-parallel 2: one engine over both ranks, each holding half of every layer, loads the weights
+    gathered from the FSDP shards after every step. With push_weights made a no-op, the engine's log-probs were
+    measured up to 5.0 nats per token away from the trainer's within these 3 steps."""
+    torchrun(ROOT / "grpo.py", "--rollout", "vllm", "--vllm-tensor-parallel", "2", "--prompts-per-step", "4",
+             "--mini-batch", "32", "--lr", "1e-2", "--total-steps", "3", "--eval-every", "0", "--eval-max-problems",
+             "2", "--output-dir", tmp_path)
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    gaps = [m["logprob_gap"] for m in metrics]
+    assert len(gaps) == 3 and max(gaps) < 1e-4, f"engine and trainer log-probs differ: {gaps}"
+
+
+def test_tensor_parallel_needs_torchrun():
+    out = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--vllm-tensor-parallel", "2"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode != 0 and "needs torchrun" in out.stderr, out.stderr[-2000:]
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["one-step"]:
     worker(sys.argv[2], "--local-counts" in sys.argv)
+if __name__ == "__main__" and sys.argv[1:2] == ["tensor-parallel"]:
+    tensor_parallel_worker(sys.argv[2])
