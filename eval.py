@@ -116,7 +116,8 @@ def toy_splits(seed: int = 0, n_test: int = 100) -> tuple[list[dict], list[dict]
     return problems[n_test:], problems[:n_test]
 
 
-def toy_response(answer: str, rng: random.Random, fillers: tuple[str, ...] = TOY_FILLERS, max_fillers: int = 3) -> str:
+def toy_response(answer: str, rng: random.Random, fillers: tuple[str, ...] = TOY_FILLERS,
+                 max_fillers: int = 3) -> str:
     """A response in the format a base model would write: the boxed answer, then some idle checking sentences.
 
     The answer comes first so that it sits at a fixed distance from the prompt's number (a tiny model learns to
@@ -125,12 +126,12 @@ def toy_response(answer: str, rng: random.Random, fillers: tuple[str, ...] = TOY
     return f"The answer is \\boxed{{{answer}}}." + (" " + checking if checking else "")
 
 
-# The built-in models, each built once per seed by one recipe (build_tiny_model). `tiny` is every script's default.
+# The built-in models, each built once per seed by one recipe (build_tiny_model). `tiny`: every script but hapo.py.
 # `tiny-verbose` is hapo.py's: its 0-3 idle sentences after the answer are longer, so that a length reward has room
 # to work (the right answer alone is 9 tokens with the stop token; `tiny`'s fillers leave at most ~27% to cut, short
-# of HAPO's 30% bar; `tiny-verbose` starts near 16.5 tokens). Its doubt stage is longer and its level-1 share higher
-# so that its accuracy by level stays near `tiny`'s: at T=1, 0.49 / 0.13 / 0.06 (`tiny`: 0.54 / 0.15 / 0.05). The
-# value models of ppo.py and pcl.py learn it more slowly (pooled explained variance 0.04, V's correlation 0.17,
+# of HAPO's 30% bar; `tiny-verbose` starts at 17.5-18.7 tokens). Its doubt stage is longer and its level-1 share
+# higher so that its accuracy by level stays near `tiny`'s: at T=1, 0.49 / 0.13 / 0.06 (`tiny`: 0.54 / 0.15 / 0.05).
+# The value models of ppo.py and pcl.py learn it more slowly (pooled explained variance 0.04, V's correlation 0.17,
 # against 0.34 and 0.68 on `tiny`), which is why it is not everyone's default.
 TINY_NAME = "tiny"
 TINY_MODELS = {"tiny": dict(fillers=TOY_FILLERS, level_correct=TOY_LEVEL_CORRECT, doubt_steps=150),

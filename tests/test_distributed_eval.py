@@ -60,6 +60,20 @@ def test_two_ranks_greedy_equal_one_process(tmp_path, engine):
     assert 0 < accuracy < 1, f"accuracy {accuracy}: every sample alike, so a mix-up of samples could not show"
 
 
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_one_engine_over_two_ranks_equals_one_process(tmp_path):
+    """--tensor-parallel-size 2: one vLLM engine split over both ranks (each holds half of every layer) evaluates
+    all 25 problems; greedy, it gives one process's samples."""
+    one_process(*SMALL, "--engine", "vllm", "--output-dir", tmp_path / "one")
+    torchrun(ROOT / "eval.py", *SMALL, "--engine", "vllm", "--tensor-parallel-size", "2", "--output-dir",
+             tmp_path / "tp", timeout=600)
+    one, one_samples = read_run(tmp_path / "one")
+    split, split_samples = read_run(tmp_path / "tp")
+    assert split["data_parallel_shards"] == 1
+    assert split_samples == one_samples
+    assert without_timing(split["benchmarks"]["toy"]) == without_timing(one["benchmarks"]["toy"])
+
+
 def test_two_ranks_sampled_pass_at_k_over_all_samples(tmp_path):
     """n samples per problem from both ranks: pass@k is computed on rank 0 from all 25 x 4 samples."""
     torchrun(ROOT / "eval.py", *SMALL, "--engine", "hf", "--samples", "4", "--temperature", "1", "--k", "1,2,4",

@@ -285,8 +285,19 @@ def test_cli_bad_data_dir_fails_without_a_traceback(tmp_path):
 
 
 # ---- the tiny model's cache under torchrun ------------------------------------------------------------------------
-def fake_build(folder, seed=0):
-    (folder / "config.json").write_text("{}")
+def fake_build(folder, seed=0, **recipe):
+    (folder / "config.json").write_text(json.dumps({"fillers": recipe.get("fillers")}))
+
+
+def test_each_built_in_model_has_its_own_folder_and_recipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLVR_CACHE", str(tmp_path))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(evaluation, "build_tiny_model", fake_build)
+    for name, fillers in (("tiny", evaluation.TOY_FILLERS), ("tiny-verbose", evaluation.TOY_VERBOSE_FILLERS)):
+        path = Path(evaluation.resolve_model_path(name))
+        assert path == tmp_path / f"{name}-v{evaluation.TINY_VERSION}-seed0"
+        assert json.loads((path / "config.json").read_text())["fillers"] == list(fillers)
+    assert evaluation.resolve_model_path("tiny-other") == "tiny-other"  # any other name is a hub id or folder
 
 
 def test_a_broken_tiny_model_folder_is_rebuilt(tmp_path, monkeypatch):
@@ -312,7 +323,7 @@ def test_other_local_ranks_wait_for_local_rank_0(tmp_path, monkeypatch):
 def test_a_build_that_writes_no_model_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("RLVR_CACHE", str(tmp_path))
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    monkeypatch.setattr(evaluation, "build_tiny_model", lambda folder, seed=0: None)  # as on global rank != 0
+    monkeypatch.setattr(evaluation, "build_tiny_model", lambda folder, seed=0, **recipe: None)  # as on global rank != 0
     with pytest.raises(SystemExit, match="only global rank 0 can build it"):
         evaluation.tiny_model_path()
     assert not (tmp_path / f"tiny-v{evaluation.TINY_VERSION}-seed0").exists()
