@@ -565,9 +565,18 @@ def evaluate(engine, tokenizer, problems: list[dict], template: str = "qwen25-ma
              temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 512, seed: int = 0,
              mode: str = "boxed", ks=(), batch_size: int = 64, progress: bool = False) -> tuple[dict, list[dict]]:
     """Accuracy (avg@n; greedy accuracy at n=1, temperature 0), pass@k for each k in `ks` up to n, response lengths
-    (mean, p90), truncation share and the count of unparseable golds on `problems`; returns (metrics, samples)."""
-    samples = sample_and_grade(engine, tokenizer, problems, template, n, temperature, top_p, max_tokens, seed, mode,
-                               batch_size, progress)
+    (mean, p90), truncation share and the count of unparseable golds on `problems`; returns (metrics, samples).
+
+    Under torchrun with a vLLM engine per rank (or per tensor-parallel group), as the training scripts have, every
+    rank must call this: each engine evaluates a contiguous share of the problems, and every rank gets the samples
+    and metrics of all of them. An HF model under FSDP evaluates all problems on every rank (its forwards are
+    collectives that every rank must join alike)."""
+    shard, shards, reports = engine_shard(engine)
+    first, end = shard_bounds(len(problems), shard, shards)
+    samples = sample_and_grade(engine, tokenizer, problems[first:end], template, n, temperature, top_p, max_tokens,
+                               seed, mode, batch_size, progress)
+    if shards > 1:
+        samples = gather_samples(samples, first, reports, everywhere=True)
     return summarize(samples, n, ks), samples
 
 
@@ -629,15 +638,31 @@ def shard_bounds(count: int, shard: int, shards: int) -> tuple[int, int]:
     return count * shard // shards, count * (shard + 1) // shards
 
 
-def gather_samples(samples: list[dict], start: int, reports: bool) -> list[dict] | None:
-    """Every shard's samples on rank 0, in problem order, indexed over the whole benchmark; None on other ranks.
-    One process: the samples themselves."""
+def gather_samples(samples: list[dict], start: int, reports: bool, everywhere: bool = False) -> list[dict] | None:
+    """Every shard's samples on rank 0 (on every rank if `everywhere`), in problem order, indexed over the whole
+    benchmark; None on other ranks. One process: the samples themselves."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return samples
     mine = [{**s, "index": s["index"] + start} for s in samples] if reports else []
-    parts = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
-    torch.distributed.gather_object(mine, parts, dst=0)
-    return [s for part in parts for s in part] if parts is not None else None
+    parts = [None] * torch.distributed.get_world_size()
+    if everywhere:
+        torch.distributed.all_gather_object(parts, mine)
+    else:  # a pass@1024 sweep's samples can take gigabytes: only rank 0 holds them all
+        torch.distributed.gather_object(mine, parts if torch.distributed.get_rank() == 0 else None, dst=0)
+        if torch.distributed.get_rank() != 0:
+            return None
+    return [s for part in parts for s in part]
+
+
+def engine_shard(engine) -> tuple[int, int, bool]:
+    """(shard, shards, reports) for a vLLM engine that torchrun's ranks share out (external_launcher): its data-
+    parallel rank and size, and whether this rank is the first of its tensor-parallel group. (0, 1, True) for an HF
+    model or a single process."""
+    if not (is_vllm(engine) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return 0, 1, True
+    config = engine.llm_engine.vllm_config.parallel_config
+    return config.data_parallel_rank, config.data_parallel_size, \
+        torch.distributed.get_rank() % config.tensor_parallel_size == 0
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -87,7 +89,40 @@ def test_two_ranks_sampled_pass_at_k_over_all_samples(tmp_path):
     assert toy["accuracy"] == pytest.approx(sum(counts) / 100)
 
 
+def evaluate_worker(output: str) -> None:
+    """What a training script does at evaluation under torchrun: every rank calls eval.evaluate with its own vLLM
+    engine (external_launcher); each engine must generate only its share, and every rank get all 25 results."""
+    evaluation.init_data_parallel()
+    path = evaluation.resolve_model_path("tiny")
+    engine, tokenizer = evaluation.vllm_engine(path, seed=0), AutoTokenizer.from_pretrained(path)
+    generated = []
+    real_generate = evaluation.generate
+    evaluation.generate = lambda engine, tokenizer, prompts, **kw: generated.extend(prompts) or \
+        real_generate(engine, tokenizer, prompts, **kw)
+    metrics, samples = evaluation.evaluate(engine, tokenizer, evaluation.load_benchmark("toy")[:25],
+                                           template="qwen-math-train", max_tokens=24, mode="boxed")
+    rank = torch.distributed.get_rank()
+    Path(f"{output}.rank{rank}").write_text(json.dumps({"metrics": metrics, "samples": samples,
+                                                        "generated": len(generated)}))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_training_time_evaluation_splits_the_set_between_engines(tmp_path):
+    one_process(*SMALL, "--engine", "vllm", "--output-dir", tmp_path / "one")
+    one, one_samples = read_run(tmp_path / "one")
+    torchrun(Path(__file__), "evaluate", tmp_path / "out", timeout=600)
+    for rank, share in ((0, 12), (1, 13)):
+        result = json.loads(Path(f"{tmp_path / 'out'}.rank{rank}").read_text())
+        assert result["generated"] == share, f"rank {rank} generated {result['generated']} prompts, not {share}"
+        assert result["samples"] == [{k: v for k, v in s.items() if k != "benchmark"} for s in one_samples]
+        assert result["metrics"]["accuracy"] == one["benchmarks"]["toy"]["accuracy"]
+
+
 def test_tensor_parallel_needs_vllm():
     out = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--engine", "hf", "--tensor-parallel-size", "2"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode != 0 and "--engine vllm" in out.stderr, out.stderr[-2000:]
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["evaluate"]:
+    evaluate_worker(sys.argv[2])
