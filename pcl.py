@@ -470,13 +470,27 @@ def select_prompts(values: torch.Tensor, m: int, tau: float) -> list[int]:
     return torch.sort((values - tau).abs(), stable=True).indices[:m].tolist()
 
 
-def select_informative(rewards: torch.Tensor, group_size: int, m: int) -> list[int]:
+def select_informative(rewards: torch.Tensor, group_size: int, m: int, world: int = 1) -> list[int]:
     """Dynamic sampling (DAPO): the first m groups, in candidate order, whose rewards are not all equal. Fewer than
     m survive when the pool has too few informative prompts; the step then trains on those alone (ours; DAPO draws
-    more batches until it has m, which makes the cost of a step unbounded)."""
+    more batches until it has m, which makes the cost of a step unbounded). Under torchrun the count is cut down to
+    a multiple of the world size, so that every rank trains on as many prompts."""
     groups = rewards.view(-1, group_size)
-    informative = (groups.max(dim=1).values != groups.min(dim=1).values).nonzero().flatten().tolist()
-    return informative[:m]
+    informative = (groups.max(dim=1).values != groups.min(dim=1).values).nonzero().flatten().tolist()[:m]
+    return informative[:len(informative) - len(informative) % world]
+
+
+def kept_rollouts_of_rank(pool_rollouts: list[dict], kept: list[int], group_size: int, rank: int,
+                          world: int) -> list[dict]:
+    """The rollouts of this rank's share of the kept prompts. Under torchrun each rank rolled out a contiguous share
+    of the pool (`pool_rollouts`), so a kept prompt's rollouts may sit on another rank: every rank sends the kept
+    groups it holds, and takes its own share. In one process: the kept prompts' rollouts."""
+    per_rank = len(pool_rollouts) // group_size  # pool prompts rolled out by each rank
+    first = rank * per_rank
+    held = {i: pool_rollouts[(i - first) * group_size:(i - first + 1) * group_size]
+            for i in kept if first <= i < first + per_rank}
+    groups = {i: group for part in gather_from_ranks([held]) for i, group in part.items()}
+    return [r for i in rank_share(kept, rank, world) for r in groups[i]]
 
 
 def value_loss(predicted: torch.Tensor, realised_accuracy: torch.Tensor) -> torch.Tensor:
@@ -824,8 +838,6 @@ def main(args: Args):
             raise SystemExit(message)
     rank, world, device = init_distributed()  # one process unless started by torchrun
     check_world_size(args, world)
-    if world > 1 and args.select == "dynamic-sampling":  # ranks would keep unequal numbers of prompts
-        raise SystemExit("--select dynamic-sampling is not supported under torchrun yet (use pcl or uniform)")
     random.seed(args.seed + rank)  # each rank samples its own responses; the data order is seeded apart
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
@@ -895,11 +907,14 @@ def main(args: Args):
             kept = select_prompts(values, m, args.tau)
             kept = gather_from_ranks([kept])[0]  # rank 0's: GPU rounding in V must not split the ranks' batches
             predicted = values[kept]
-        elif args.select == "dynamic-sampling":
-            pool_rollouts = generate(engine, model, tokenizer, [p["prompt_ids"] for p in candidates], args, step,
+        elif args.select == "dynamic-sampling":  # under torchrun each rank rolls out its share of the pool
+            pool_share = rank_share(candidates, rank, world)
+            pool_rollouts = generate(engine, model, tokenizer, [p["prompt_ids"] for p in pool_share], args, step,
                                      stops)
-            pool_correct, pool_rewards = score(pool_rollouts, candidates, tokenizer, args)
-            kept = select_informative(pool_rewards, n, m)
+            pool_correct, pool_rewards = score(pool_rollouts, pool_share, tokenizer, args)
+            pool_correct = gather_from_ranks(list(pool_correct))  # the filter sees the whole pool
+            pool_rewards = torch.tensor(gather_from_ranks(pool_rewards.tolist()))
+            kept = select_informative(pool_rewards, n, m, world)
             metrics["pool_accuracy"] = sum(pool_correct) / len(pool_correct)
         else:
             kept = list(range(m))
@@ -907,8 +922,8 @@ def main(args: Args):
         t1 = time.time()
         # 3. generate (dynamic sampling reuses the kept prompts' rollouts from its filter)
         if args.select == "dynamic-sampling":
-            rows = [i * n + j for i in kept for j in range(n)]
-            rollouts = [pool_rollouts[r] for r in rows]
+            rows = [i * n + j for i in rank_share(kept, rank, world) for j in range(n)]
+            rollouts = kept_rollouts_of_rank(pool_rollouts, kept, n, rank, world)
             correct, rewards = [pool_correct[r] for r in rows], pool_rewards[rows]
             t2 = t3 = time.time()
         else:

@@ -6,8 +6,6 @@ As in test_distributed.py, this file is also the worker that torchrun starts (`p
 test_distributed_forks.py hapo-step OUT`): fixed rollouts go through the real scoring and update path."""
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -210,7 +208,28 @@ def ppo_step() -> dict:
             "local_advantages": ppo.gather_from_ranks(local[mask].tolist())}
 
 
-WORKERS = {"hapo-step": hapo_step, "one-shot-step": one_shot_step, "pcl-step": pcl_step, "ppo-step": ppo_step}
+# ---- pcl.py --select dynamic-sampling: the worker --------------------------------------------------------------
+# A pool of 8 prompts x 4 responses, rolled out 4 by each rank (rank 0: prompts 0-3). Informative (mixed rewards)
+# prompts: 0, 1, 2, 5 in the first pool, so that rank 1's share of the kept (2 and 5) holds a group rank 0 rolled
+# out; 1, 3, 6 in the second, where one process keeps 3 prompts and 2 ranks keep 2.
+PCL_POOLS = {"four": (0, 1, 2, 5), "three": (1, 3, 6)}
+
+
+def pcl_dynamic_sampling() -> dict:
+    rank, world, _ = pcl.init_distributed()
+    out = {"rank": rank}
+    for name, informative in PCL_POOLS.items():
+        mine = pcl.rank_share(list(range(8)), rank, world)  # as main: each rank rolls out its share of the pool
+        rollouts = [{"prompt_ids": [i], "response_ids": [100 + i, j]} for i in mine for j in range(SAMPLES)]
+        rewards = [float(j % 2) if i in informative else 1.0 for i in mine for j in range(SAMPLES)]
+        kept = pcl.select_informative(torch.tensor(pcl.gather_from_ranks(rewards)), SAMPLES, 4, world)
+        out[name] = {"kept": kept, "rollouts": pcl.gather_from_ranks(
+            [pcl.kept_rollouts_of_rank(rollouts, kept, SAMPLES, rank, world)])}
+    return out
+
+
+WORKERS = {"hapo-step": hapo_step, "one-shot-step": one_shot_step, "pcl-step": pcl_step, "ppo-step": ppo_step,
+           "pcl-dynamic-sampling": pcl_dynamic_sampling}
 
 
 def worker(kind: str, output: str) -> None:
@@ -336,13 +355,28 @@ def test_pcl_two_rank_resume_equals_uninterrupted_run_with_value_model(tmp_path)
         assert torch.equal(straight["value_model"][k], resumed["value_model"][k]), f"V's {k} differs after resume"
 
 
-def test_pcl_dynamic_sampling_under_torchrun_fails_clearly(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(ROOT / "pcl.py"), "--select", "dynamic-sampling", "--rollout", "hf", "--prompts-per-step",
-                          "4", "--output-dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env,
-                         timeout=120)
-    assert out.returncode != 0 and "dynamic-sampling is not supported under torchrun" in out.stdout + out.stderr
+def test_pcl_dynamic_sampling_on_two_ranks_keeps_the_single_process_groups(tmp_path):
+    torchrun(Path(__file__), "pcl-dynamic-sampling", tmp_path / "two.pt")
+    two, one = torch.load(tmp_path / "two.pt", weights_only=False), pcl_dynamic_sampling()
+    group = lambda i: [{"prompt_ids": [i], "response_ids": [100 + i, j]} for j in range(SAMPLES)]  # noqa: E731
+    assert one["four"]["kept"] == two["four"]["kept"] == [0, 1, 2, 5]
+    # rank 0 trains on prompts 0 and 1, rank 1 on 2 (which rank 0 rolled out) and 5: together one process's batch
+    assert two["four"]["rollouts"] == [group(0) + group(1), group(2) + group(5)]
+    assert one["four"]["rollouts"] == [group(0) + group(1) + group(2) + group(5)]
+    # three informative prompts: one process keeps them all, 2 ranks the first two (one each)
+    assert one["three"]["kept"] == [1, 3, 6] and two["three"]["kept"] == [1, 3]
+    assert two["three"]["rollouts"] == [group(1), group(3)]
+
+
+def test_pcl_dynamic_sampling_runs_under_torchrun(tmp_path):
+    torchrun(ROOT / "pcl.py", "--select", "dynamic-sampling", "--rollout", "hf", "--prompts-per-step", "4",
+             "--mini-batch", "32", "--micro-batch", "8", "--total-steps", "2", "--eval-every", "0",
+             "--eval-max-problems", "4", "--output-dir", tmp_path)
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert len(metrics) == 2 and any(m["kept_prompts"] for m in metrics), metrics
+    for m in metrics:
+        assert m["kept_prompts"] in (0, 2, 4) and 0 <= m["pool_accuracy"] <= 1
+        assert m["effective_ratio"] == 1.0 or not m["kept_prompts"], "a kept group with all-equal rewards"
 
 
 def test_ppo_one_step_on_two_ranks_equals_one_process_policy_and_critic(tmp_path):

@@ -39,6 +39,9 @@ def test_dynamic_sampling_keeps_the_first_informative_groups():
     assert pcl.select_informative(rewards, 4, 2) == [1, 3]
     assert pcl.select_informative(rewards, 4, 10) == [1, 3, 4], "fewer than m informative: all of them, no more"
     assert pcl.select_informative(torch.ones(8), 4, 2) == []
+    # under torchrun (2 ranks) a multiple of the world size: every rank trains on as many prompts
+    assert pcl.select_informative(rewards, 4, 10, world=2) == [1, 3]
+    assert pcl.select_informative(rewards, 4, 2, world=2) == [1, 3]
 
 
 # ---- effective ratio and the value model's fit -------------------------------------------------------------------
