@@ -232,7 +232,7 @@ def response_logprobs(model, batch: dict, temperature: float, memory_mib: float)
     """Log-probs and entropies of the response tokens of a collated batch, flattened in row order.
 
     Only the hidden states that predict response tokens reach the LM head: the prompt's never do."""
-    if is_distributed():  # FSDP gathers weights in forward(), which this skips: gather the root's (embeddings, head)
+    if hasattr(model, "unshard"):  # an FSDP2 module gathers weights in forward(), which this skips: gather now
         model.unshard()
     decoder = getattr(model, model.base_model_prefix)
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state

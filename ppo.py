@@ -241,7 +241,7 @@ def response_logprobs(model, batch: dict, temperature: float, memory_mib: float)
     """Log-probs and entropies of the response tokens of a collated batch, flattened in row order.
 
     Only the hidden states that predict response tokens reach the LM head: the prompt's never do."""
-    if is_distributed():  # FSDP gathers weights in forward(), which this skips: gather the root's (embeddings, head)
+    if hasattr(model, "unshard"):  # an FSDP2 module gathers weights in forward(), which this skips: gather now
         model.unshard()
     decoder = getattr(model, model.base_model_prefix)
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -808,8 +808,6 @@ def main(args: Args):
     # setup: processes, seed, policy, reference, critic, optimizers, data, engine, output dir, resume
     rank, world, device = init_distributed()  # one process unless started by torchrun
     check_world_size(args, world)
-    if world > 1 and args.reference_on_cpu:
-        raise SystemExit("--reference-on-cpu is not supported under torchrun (the reference is sharded instead)")
     random.seed(args.seed + rank)  # each rank samples its own responses; the data order is seeded apart
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
@@ -826,9 +824,10 @@ def main(args: Args):
     critic = load_critic(critic_path, tokenizer, device)
     if args.gradient_checkpointing:
         use_gradient_checkpointing(model, critic)
-    if world > 1:  # policy, reference and critic: each an FSDP2 shard per rank
+    if world > 1:  # policy, reference and critic: each an FSDP2 shard per rank (a reference kept on the CPU: whole)
         model, critic = shard_model(model, device), shard_model(critic, device)
-        reference = shard_model(reference, device) if reference is not None else None
+        reference = shard_model(reference, device) if reference is not None and not args.reference_on_cpu \
+            else reference
     problems = load_prompts(args, tokenizer)
     eval_problems = load_eval_problems(args)
     batch_size = args.prompts_per_step * args.samples_per_prompt

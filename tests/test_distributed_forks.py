@@ -409,5 +409,20 @@ def test_ppo_two_rank_resume_equals_uninterrupted_run_with_critic(tmp_path):
         assert torch.equal(straight[k], resumed[k]), f"the critic's {k} differs after resume"
 
 
+def test_ppo_reference_on_cpu_under_torchrun_equals_the_sharded_reference(tmp_path):
+    """--reference-on-cpu on 2 ranks: each rank keeps a whole reference in CPU memory (not an FSDP shard) and moves
+    it to its device for the forward; the KL it measures is the sharded reference's, step for step."""
+    common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
+              "--eval-every", "0", "--eval-max-problems", "2", "--total-steps", "2", "--kl-coef", "0.05"]
+    torchrun(ROOT / "ppo.py", *common, "--output-dir", tmp_path / "sharded")
+    torchrun(ROOT / "ppo.py", *common, "--reference-on-cpu", "--output-dir", tmp_path / "cpu")
+    read = lambda run: [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]  # noqa: E731
+    sharded, cpu = read("sharded"), read("cpu")
+    assert [m["reward_mean"] for m in cpu] == [m["reward_mean"] for m in sharded]
+    assert abs(sharded[-1]["kl"]) > 1e-6, "the policy never left the reference: the KL comparison could not fail"
+    for a, b in zip(cpu, sharded):
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-5, abs=1e-9), (a["kl"], b["kl"])
+
+
 if __name__ == "__main__" and sys.argv[1:2] and sys.argv[1] in WORKERS:
     worker(sys.argv[1], sys.argv[2])
