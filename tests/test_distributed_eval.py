@@ -37,6 +37,20 @@ def without_timing(benchmark: dict) -> dict:
     return {k: v for k, v in benchmark.items() if k != "seconds"}
 
 
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """eval.py in one process on the 25 problems, per engine, run once and shared: (results, samples)."""
+    runs = {}
+
+    def run(engine: str):
+        if engine not in runs:
+            folder = tmp_path_factory.mktemp(f"one-{engine}")
+            one_process(*SMALL, "--engine", engine, "--output-dir", folder)
+            runs[engine] = read_run(folder)
+        return runs[engine]
+    return run
+
+
 def test_shards_cover_every_problem_once():
     for count in (0, 1, 5, 25, 181):
         for shards in (1, 2, 3, 8):
@@ -48,11 +62,10 @@ def test_shards_cover_every_problem_once():
 
 @pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None, reason="vllm is not installed"))])
-def test_two_ranks_greedy_equal_one_process(tmp_path, engine):
+def test_two_ranks_greedy_equal_one_process(tmp_path, engine, one_process_run):
     """Greedy decoding: the same samples, in the same order with the same indices, and the same metrics."""
-    one_process(*SMALL, "--engine", engine, "--output-dir", tmp_path / "one")
     torchrun(ROOT / "eval.py", *SMALL, "--engine", engine, "--output-dir", tmp_path / "two", timeout=600)
-    one, one_samples = read_run(tmp_path / "one")
+    one, one_samples = one_process_run(engine)
     two, two_samples = read_run(tmp_path / "two")
     assert two["data_parallel_shards"] == 2 and one["data_parallel_shards"] == 1
     assert [s["index"] for s in two_samples] == list(range(25))
@@ -63,13 +76,12 @@ def test_two_ranks_greedy_equal_one_process(tmp_path, engine):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
-def test_one_engine_over_two_ranks_equals_one_process(tmp_path):
+def test_one_engine_over_two_ranks_equals_one_process(tmp_path, one_process_run):
     """--tensor-parallel-size 2: one vLLM engine split over both ranks (each holds half of every layer) evaluates
     all 25 problems; greedy, it gives one process's samples."""
-    one_process(*SMALL, "--engine", "vllm", "--output-dir", tmp_path / "one")
     torchrun(ROOT / "eval.py", *SMALL, "--engine", "vllm", "--tensor-parallel-size", "2", "--output-dir",
              tmp_path / "tp", timeout=600)
-    one, one_samples = read_run(tmp_path / "one")
+    one, one_samples = one_process_run("vllm")
     split, split_samples = read_run(tmp_path / "tp")
     assert split["data_parallel_shards"] == 1
     assert split_samples == one_samples
@@ -107,9 +119,8 @@ def evaluate_worker(output: str) -> None:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
-def test_training_time_evaluation_splits_the_set_between_engines(tmp_path):
-    one_process(*SMALL, "--engine", "vllm", "--output-dir", tmp_path / "one")
-    one, one_samples = read_run(tmp_path / "one")
+def test_training_time_evaluation_splits_the_set_between_engines(tmp_path, one_process_run):
+    one, one_samples = one_process_run("vllm")
     torchrun(Path(__file__), "evaluate", tmp_path / "out", timeout=600)
     for rank, share in ((0, 12), (1, 13)):
         result = json.loads(Path(f"{tmp_path / 'out'}.rank{rank}").read_text())
