@@ -295,6 +295,7 @@ def generate(engine, model, tokenizer, prompt_ids: list[list[int]], args, step: 
 
 
 def generate_vllm(engine, prompt_ids: list[list[int]], args, step: int, stops: list[int]) -> list[dict]:
+    """The engine's n samples per prompt, with its log-probs of the sampled tokens (after temperature)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     params = SamplingParams(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
