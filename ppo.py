@@ -532,6 +532,20 @@ def summed_over_ranks(counts: list[int], device) -> list[int]:
     return total.tolist()
 
 
+def micro_batches(kept: list[int], filler: int, size: int, device) -> list[tuple[list[int], float]]:
+    """A mini-batch's kept rows in micro-batches of `size`, each with the factor its loss counts with (1 or 0).
+
+    Under torchrun every rank must run as many forward and backward passes as the others, because FSDP's
+    all-gathers and reduce-scatters are collectives. A rank left with fewer passes (--mask-truncated dropped more of
+    its rows) makes up the difference with passes over one row, `filler`, whose loss counts 0."""
+    chunks = [(kept[u:u + size], 1.0) for u in range(0, len(kept), size)]
+    if is_distributed():
+        most = torch.tensor(len(chunks), device=device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        chunks += [([filler], 0.0)] * (int(most) - len(chunks))
+    return chunks
+
+
 def clip_gradients(model, max_norm: float) -> torch.Tensor:
     """Clip to a global gradient norm; returns the norm before clipping (under FSDP over every rank's shards)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -1002,8 +1016,6 @@ def check_world_size(args, world: int) -> None:
     if args.prompts_per_step % world or args.mini_batch % world:
         raise SystemExit(f"torchrun with {world} ranks: --prompts-per-step ({args.prompts_per_step}) and "
                          f"--mini-batch ({args.mini_batch}) must be multiples of {world}")
-    if args.mask_truncated:  # a rank could be left with fewer micro-batches than the others and stall FSDP
-        raise SystemExit("--mask-truncated is not supported under torchrun yet")
     if world % args.vllm_tensor_parallel:
         raise SystemExit(f"--vllm-tensor-parallel {args.vllm_tensor_parallel} must divide the number of ranks "
                          f"({world})")
@@ -1087,15 +1099,15 @@ def update_critic(critic, rollouts, old_values, returns, optimizer, scheduler, a
     for _ in range(args.num_updates):
         order = torch.randperm(len(rollouts)).tolist()
         for m in range(0, len(rollouts), args.mini_batch):
-            mini = [i for i in order[m:m + args.mini_batch] if not rollouts[i].get("masked")]
-            if not mini:
-                continue
+            share = order[m:m + args.mini_batch]
+            mini = [i for i in share if not rollouts[i].get("masked")]
             # under torchrun: the counts of every rank's share, so the summed gradients are the whole batch's
             mini_tokens, mini_seqs = summed_over_ranks([sum(len(rollouts[i]["response_ids"]) for i in mini),
                                                         len(mini)], device)
+            if not mini_seqs:  # every response of the mini-batch masked (on every rank)
+                continue
             mini_loss = 0.0
-            for u in range(0, len(mini), args.micro_batch):
-                micro = mini[u:u + args.micro_batch]
+            for micro, counted in micro_batches(mini, share[0], args.micro_batch, device):
                 rows = [rollouts[i] for i in micro]
                 lengths = [len(r["response_ids"]) for r in rows]
                 with autocast:
@@ -1104,7 +1116,9 @@ def update_critic(critic, rollouts, old_values, returns, optimizer, scheduler, a
                 weights = token_weights(lengths, "token-mean", mini_tokens, mini_seqs, args.max_new_tokens)
                 loss, s = value_loss(values, per_token(old_values), per_token(returns), weights.to(device),
                                      args.value_clip)
-                loss.backward()
+                (loss * counted).backward()
+                if not counted:  # a filler pass only keeps this rank in step with the others
+                    continue
                 mini_loss += loss.item()  # the micro-batch's share of the mini-batch loss
                 stats["value_clip_frac"].append(s["value_clip_frac"])
             stats["value_loss"].append(mini_loss)
@@ -1131,15 +1145,15 @@ def update_policy(model, rollouts, advantages, old_logp, ref_logp, optimizer, sc
     for _ in range(args.num_updates):
         order = torch.randperm(len(rollouts)).tolist()
         for m in range(0, len(rollouts), args.mini_batch):
-            mini = [i for i in order[m:m + args.mini_batch] if not rollouts[i].get("masked")]
-            if not mini:
-                continue
+            share = order[m:m + args.mini_batch]
+            mini = [i for i in share if not rollouts[i].get("masked")]
             # under torchrun: the counts of every rank's share, so the summed gradients are the whole batch's
             mini_tokens, mini_seqs = summed_over_ranks([sum(len(rollouts[i]["response_ids"]) for i in mini),
                                                         len(mini)], device)
+            if not mini_seqs:  # every response of the mini-batch masked (on every rank)
+                continue
             mini_loss = 0.0
-            for u in range(0, len(mini), args.micro_batch):
-                micro = mini[u:u + args.micro_batch]
+            for micro, counted in micro_batches(mini, share[0], args.micro_batch, device):
                 rows = [rollouts[i] for i in micro]
                 lengths = [len(r["response_ids"]) for r in rows]
                 with autocast:
@@ -1150,7 +1164,9 @@ def update_policy(model, rollouts, advantages, old_logp, ref_logp, optimizer, sc
                 loss, s = policy_loss(logp, per_token(old_logp), per_token(advantages), weights.to(device), args,
                                       per_token(ref_logp) if ref_logp is not None else None,
                                       entropy if args.entropy_coef else None)
-                loss.backward()
+                (loss * counted).backward()
+                if not counted:  # a filler pass only keeps this rank in step with the others
+                    continue
                 mini_loss += loss.item()  # the micro-batch's share of the mini-batch loss
                 stats["clip_frac"].append(s["clip_frac"])
                 if "kl" in s:

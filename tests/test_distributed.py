@@ -23,10 +23,12 @@ import grpo  # noqa: E402
 HAS_GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
 pytestmark = pytest.mark.skipif(not HAS_GLOO, reason="torch.distributed with the gloo backend is not available")
 PROMPTS, SAMPLES = 4, 4
+# --mask-truncated's rows in the masked test: rank 0 keeps 7 responses (3 micro-batches of 3), rank 1 keeps 3 (1)
+MASKED = {2, 9, 10, 11, 12, 13}
 
 
 # ---- the worker ------------------------------------------------------------------------------------------------
-def fixed_batch(tokenizer):
+def fixed_batch(tokenizer, masked: bool = False):
     """4 prompts x 4 responses; the last two prompts' responses are much longer, so rank 1 holds most tokens and a
     rank that divided by its own token count would weigh its tokens differently from the single process."""
     g = torch.Generator().manual_seed(0)
@@ -36,13 +38,15 @@ def fixed_batch(tokenizer):
         for _ in range(SAMPLES):
             n = int(torch.randint(2, 6, (1,), generator=g)) + (12 if p >= PROMPTS // 2 else 0)
             rollouts.append({"prompt_ids": prompt, "response_ids": torch.randint(5, 300, (n,), generator=g).tolist(),
-                             "engine_logprobs": [0.0] * n, "truncated": False})
+                             "engine_logprobs": [0.0] * n, "truncated": False,
+                             "masked": masked and len(rollouts) in MASKED})
     rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1, 0, 1, 0, 0])
     return rollouts, grpo.group_advantages(rewards, SAMPLES)
 
 
-def one_training_step(local_counts: bool = False) -> dict:
-    """One optimizer step on the fixed batch, on however many ranks this process group has: full weights after it."""
+def one_training_step(local_counts: bool = False, masked: bool = False, drop_masked: bool = False) -> dict:
+    """One optimizer step on the fixed batch, on however many ranks this process group has: full weights after it.
+    drop_masked: the masked responses are left out of the batch instead (what masking must amount to)."""
     rank, world, device = grpo.init_distributed()
     # float64: the comparison is about the distribution, not float32 summation order (AdamW's first step is
     # about lr * sign(gradient), which turns rounding in a near-zero gradient into a visible weight difference)
@@ -54,7 +58,10 @@ def one_training_step(local_counts: bool = False) -> dict:
     if local_counts:  # the mistake the comparison must catch: each rank normalises by its own token count
         grpo.summed_over_ranks = lambda counts, device: counts
     optimizer, scheduler = grpo.make_optimizer(model, args, 1)
-    rollouts, advantages = fixed_batch(tokenizer)
+    rollouts, advantages = fixed_batch(tokenizer, masked)
+    if drop_masked:
+        kept = [i for i, r in enumerate(rollouts) if not r["masked"]]
+        rollouts, advantages = [rollouts[i] for i in kept], advantages[kept]
     mine = grpo.rank_share(list(range(len(rollouts))), rank, world)  # whole groups: rank 0 the first prompts
     torch.manual_seed(rank)
     stats = grpo.update_policy(model, reference, [rollouts[i] for i in mine], advantages[mine], optimizer, scheduler,
@@ -65,10 +72,11 @@ def one_training_step(local_counts: bool = False) -> dict:
             "rank": rank}
 
 
-def worker(output: str, local_counts: bool) -> None:
-    result = one_training_step(local_counts)
+def worker(output: str, local_counts: bool, masked: bool) -> None:
+    result = one_training_step(local_counts, masked)
     if result["rank"] == 0:
         torch.save(result, output)
+    torch.distributed.barrier()  # no rank tears gloo down while the other still talks to it
     torch.distributed.destroy_process_group()
 
 
@@ -88,11 +96,18 @@ def tensor_parallel_worker(output: str) -> None:
 
 # ---- the tests -------------------------------------------------------------------------------------------------
 def torchrun(*args, timeout=300):
+    """2 ranks; a run that hangs (mismatched collectives) is killed with its workers and fails the test."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+    with subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                          env=env) as run:
+        try:
+            stdout, stderr = run.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            run.terminate()  # torchrun stops its workers on SIGTERM (they run in sessions of their own)
+            stdout, stderr = run.communicate(timeout=60)
+            pytest.fail(f"torchrun ran past {timeout} s: {stdout[-2000:]}{stderr[-2000:]}")
+    assert run.returncode == 0, stdout[-3000:] + stderr[-3000:]
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -116,6 +131,22 @@ def test_one_step_on_two_ranks_equals_one_step_in_one_process(tmp_path):
     assert gap < 1e-9, f"2 ranks differ from 1 process by {gap} (the step moved weights by {moved})"
     assert local["stats"]["grad_norm"] != pytest.approx(one["stats"]["grad_norm"], rel=1e-3)
     assert wrong > 100 * max(gap, 1e-8), f"per-rank token counts went unnoticed: {wrong} vs {gap}"
+
+
+def test_masked_responses_on_two_ranks_equal_one_process(tmp_path):
+    """--mask-truncated drops 5 of rank 1's 8 responses and 1 of rank 0's: rank 1 has one micro-batch to rank 0's
+    three, and runs two filler passes (loss counted 0) to stay in step with FSDP's collectives."""
+    torchrun(Path(__file__), "one-step", tmp_path / "two.pt", "--masked", timeout=180)
+    two, one, unmasked = torch.load(tmp_path / "two.pt"), one_training_step(masked=True), one_training_step()
+    changed = max_difference(one["weights"], unmasked["weights"])
+    assert changed > 1e-4, f"masking changed the step by only {changed}: the comparison could not fail"
+    assert two["stats"]["grad_norm"] == pytest.approx(one["stats"]["grad_norm"], rel=1e-9)
+    gap = max_difference(two["weights"], one["weights"])
+    assert gap < 1e-9, f"2 ranks differ from 1 process by {gap} with masked responses"
+    dropped = max_difference(one_training_step(masked=True, drop_masked=True)["weights"], one["weights"])
+    print(f"masked: 2 ranks vs 1 process {gap:.3g}; masked vs left out {dropped:.3g}; masking changed the step "
+          f"by {changed:.3g}")
+    assert dropped < 1e-9, f"masked responses still move the weights ({dropped}) in one process"
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +234,6 @@ def test_tensor_parallel_needs_torchrun():
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["one-step"]:
-    worker(sys.argv[2], "--local-counts" in sys.argv)
+    worker(sys.argv[2], "--local-counts" in sys.argv, "--masked" in sys.argv)
 if __name__ == "__main__" and sys.argv[1:2] == ["tensor-parallel"]:
     tensor_parallel_worker(sys.argv[2])

@@ -162,7 +162,9 @@ def pcl_step() -> dict:
 # ---- ppo.py: the worker ----------------------------------------------------------------------------------------
 def ppo_step() -> dict:
     """PPO's steps 4-5 on fixed rollouts (rank 1's responses are the longer ones, so its tokens' advantages have
-    other statistics than rank 0's): values, GAE per response, whitening, the critic's and the policy's step."""
+    other statistics than rank 0's): values, GAE per response, whitening, the critic's and the policy's step.
+    --mask-truncated's mark on 5 of rank 1's 8 responses leaves it one micro-batch to rank 0's three: it runs
+    filler passes in both updates to stay in step with FSDP's collectives."""
     rank, world, device = ppo.init_distributed()
     model, tokenizer = evaluation.load_model("tiny", dtype=torch.float64)
     torch.manual_seed(0)  # the critic's fresh value head: the same on every rank and in one process
@@ -179,7 +181,8 @@ def ppo_step() -> dict:
         for _ in range(SAMPLES):
             n = int(torch.randint(2, 6, (1,), generator=g)) + (12 if p >= 2 else 0)
             rollouts.append({"prompt_ids": tokenizer.encode(problem["problem"]), "engine_logprobs": [0.0] * n,
-                             "response_ids": torch.randint(5, 300, (n,), generator=g).tolist(), "truncated": False})
+                             "response_ids": torch.randint(5, 300, (n,), generator=g).tolist(), "truncated": False,
+                             "masked": 9 <= len(rollouts) <= 13})
     mine = ppo.rank_share(list(range(len(rollouts))), rank, world)
     rollouts, rewards = [rollouts[i] for i in mine], torch.tensor(PCL_REWARDS)[mine]
     rank_args, pad_id = dataclasses.replace(args, mini_batch=args.mini_batch // world), tokenizer.pad_token_id
@@ -236,6 +239,7 @@ def worker(kind: str, output: str) -> None:
     result = WORKERS[kind]()
     if result["rank"] == 0:
         torch.save(result, output)
+    torch.distributed.barrier()  # no rank tears gloo down while the other still talks to it
     torch.distributed.destroy_process_group()
 
 
