@@ -7,6 +7,7 @@ weight (tied embeddings are trained). Methods, each one forward+backward:
   naive           log_softmax((hidden @ weight.T).float() / T) over the full [tokens x vocab] tensor, same loss
   GEMM floor      the three matmuls alone: hidden @ W.T, grad @ W, grad.T @ hidden
   Liger FLCE      liger_kernel's LigerFusedLinearCrossEntropyLoss(reduction="none"), log-prob only (if installed)
+  candidate       bench/logprob_candidate.py (the lse shift inside the backward GEMM), with and without entropy
 Time: median of --reps runs after a warm-up (on CPU the warm-up is a 64-token run: a full one costs as much as a
 rep). Memory: peak growth over the inputs (grads included): CUDA max_memory_allocated; CPU peak RSS (ru_maxrss) in
 a fresh subprocess per case. Exactness: max |logp - reference| and max |entropy - reference|, the reference being
@@ -31,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grpo import logprobs_and_entropy  # noqa: E402
+from logprob_candidate import logprobs_and_entropy as candidate_logprobs_and_entropy  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 HIDDEN, VOCAB, T = 1536, 151936, 0.6
@@ -45,6 +47,18 @@ def ours(h, w, t, g1, g2, memory_mib):
 
 def ours_logp_only(h, w, t, g1, g2, memory_mib):
     logp, entropy = logprobs_and_entropy(h, w, t, T, memory_mib)
+    (logp * g1).sum().backward()
+    return logp, entropy
+
+
+def candidate(h, w, t, g1, g2, memory_mib):
+    logp, entropy = candidate_logprobs_and_entropy(h, w, t, T, memory_mib)
+    (logp * g1 + entropy * g2).sum().backward()
+    return logp, entropy
+
+
+def candidate_logp_only(h, w, t, g1, g2, memory_mib):
+    logp, entropy = candidate_logprobs_and_entropy(h, w, t, T, memory_mib)
     (logp * g1).sum().backward()
     return logp, entropy
 
@@ -72,9 +86,9 @@ def liger(h, w, t, g1, g2, memory_mib):
     return logp, None
 
 
-CASES = {"ours": ours, "ours (logp only)": ours_logp_only, "naive": naive, "GEMM floor": gemm_floor,
-         "Liger FLCE": liger}
-CHECKED = {"ours", "Liger FLCE"}  # rows that report the exactness column
+CASES = {"ours": ours, "ours (logp only)": ours_logp_only, "candidate": candidate,
+         "candidate (logp only)": candidate_logp_only, "naive": naive, "GEMM floor": gemm_floor, "Liger FLCE": liger}
+CHECKED = {"ours", "candidate", "Liger FLCE"}  # rows that report the exactness column
 
 
 @torch.no_grad()
@@ -189,11 +203,12 @@ def count_passes(args):
     print(f"tokens {n}, vocab {VOCAB}, fp32 on CPU (on a GPU under bf16 autocast dL/dz is written in bf16: half)\n")
     print("| method | phase | reads | writes | GEMM output writes |")
     print("|---|---|---:|---:|---:|")
-    for name in ("ours", "ours (logp only)"):
+    functions = {"ours": logprobs_and_entropy, "candidate": candidate_logprobs_and_entropy}
+    for name in ("ours", "ours (logp only)", "candidate", "candidate (logp only)"):
         h.grad = w.grad = None
         with CountPasses(big=2**20) as fwd:
-            logp, entropy = logprobs_and_entropy(h, w, t, T, args.memory_mib)
-            loss = (logp * g1).sum() + ((entropy * g2).sum() if name == "ours" else 0)
+            logp, entropy = functions[name.split()[0]](h, w, t, T, args.memory_mib)
+            loss = (logp * g1).sum() + ((entropy * g2).sum() if "logp only" not in name else 0)
         with CountPasses(big=2**20) as bwd:
             loss.backward()
         for phase, c in (("forward", fwd), ("backward", bwd)):

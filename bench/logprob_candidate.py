@@ -1,0 +1,121 @@
+"""A candidate for issue #9, measured beside grpo.py's ChunkedLogprobEntropy by bench/logprob.py. Not a test.
+
+One change against grpo.py's function, in backward only. grpo.py recomputes a block of logits with a GEMM and then
+makes log p = z / T - lse with a broadcast add: a read and a write of fp32 [tokens x block] per block, in a kernel
+that the H200 profile showed running slower than a plain copy (the per-token lse is broadcast). Here the GEMM writes
+log p itself:
+- the contraction gets 8 more columns: the hidden states carry -lse * T, split into 3 parts of the GEMM's dtype
+  (bf16 has 8 mantissa bits; 3 parts carry fp32's 24), the weight block carries 1 in those columns, and 0 pads the
+  width to a multiple of 8 (tensor-core alignment). fp32 accumulation adds them to h . w exactly enough;
+- 1/T is the GEMM's alpha (torch.addmm with beta=0 and out_dtype=fp32 on CUDA).
+So backward reads and writes one fp32 pass less per block (4 reads + 2.5 writes instead of 5 + 3.5; `python
+bench/logprob.py --passes` counts 4.00 + 3.02 against 5.00 + 4.00 in fp32 on CPU). Forward, the weight gradient,
+the hidden-state gradient and the target's entry are grpo.py's. On CPU against grpo.py's function (300 tokens,
+vocab 1000, T=0.6): log-probs and entropies identical; gradients (largest ~14) within 1.2e-13 in float64 and
+1.2e-4 in float32.
+Not yet timed on a GPU.
+
+If it wins on the GPU, it replaces ChunkedLogprobEntropy in every script (the shared-block test
+keeps the copies identical) and this file goes."""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from grpo import ChunkedLogprobEntropy, chunk_length, matmul  # noqa: E402
+
+ALPHA_FAILED = False  # set when torch.addmm cannot take out_dtype with alpha (then one more pass)
+EXTRA = 8  # extra contraction columns: 3 carry -lse * T, 5 are zero (width stays a multiple of 8)
+
+
+def split_into_parts(x: torch.Tensor, dtype, parts: int = 3) -> torch.Tensor:
+    """[n] wide values as [n x parts] of `dtype` whose sum (in fp32 or wider) is x to about parts x mantissa bits."""
+    out, rest = [], x
+    for _ in range(parts):
+        out.append(rest.to(dtype))
+        rest = rest - out[-1].to(x.dtype)
+    return torch.stack(out, 1)
+
+
+def scaled_matmul(a, b, scale: float, out_dtype, out=None):
+    """scale * (a @ b) in out_dtype with the scale as the GEMM's alpha (no extra pass): addmm with beta=0, and on
+    CUDA with out_dtype=fp32 for bf16 inputs. Half-precision inputs off CUDA: matmul, then an in-place scale."""
+    global ALPHA_FAILED
+    zero = torch.zeros((1, 1), dtype=a.dtype, device=a.device)  # beta=0: addmm's input is ignored
+    if out is None:
+        out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
+    if a.dtype == out_dtype:
+        return torch.addmm(zero, a, b, beta=0, alpha=scale, out=out)
+    if a.is_cuda and not ALPHA_FAILED:
+        try:
+            return torch.addmm(zero, a, b, beta=0, alpha=scale, out_dtype=out_dtype, out=out)
+        except (RuntimeError, TypeError) as e:  # this torch lacks addmm's out_dtype: say so, scale in a pass
+            ALPHA_FAILED = True
+            print(f"logprob_candidate: addmm(out_dtype=fp32, alpha) failed ({str(e)[:100]}); scaling in a pass",
+                  file=sys.stderr)
+    return matmul(a, b, out_dtype, out=out).mul_(scale)
+
+
+class ShiftInGemmLogprobEntropy(ChunkedLogprobEntropy):
+    """grpo.py's forward; a backward whose GEMM writes log p (see the module's docstring)."""
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, logp, entropy, lse = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None
+        inv_t, stats = ctx.inv_temperature, lse.dtype
+        g1 = grad_logp if grad_logp is not None else torch.zeros_like(lse)
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
+            n, vocab = h.shape[0], w.shape[0]
+            if grad_entropy is None:
+                a, b = -inv_t * g1, None
+                at_target = (1 - logp.exp()) * inv_t * g1
+            else:
+                a, b = -inv_t * (g1 + grad_entropy * entropy), -inv_t * grad_entropy
+                at_target = logp.exp() * (a + b * logp) + inv_t * g1
+            at_target = at_target.to(ctx.dtype)
+            grad_hidden = torch.empty(hidden.shape, dtype=stats, device=h.device) if ctx.needs_input_grad[0] else None
+            grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+            width = w.shape[1] + EXTRA  # the weight block's copy with the extra columns is part of the budget
+            bytes_per_column = n * (2 * stats.itemsize + ctx.dtype.itemsize) + width * w.element_size()
+            cols = chunk_length(ctx.memory_mib, bytes_per_column)
+            if cols > 128:
+                cols -= cols % 128
+            # h | -lse*T in 3 parts | 0 ... : times [w | 1 1 1 | 0 ...] and alpha = 1/T gives z / T - lse = log p
+            shift = split_into_parts(-lse / inv_t, ctx.dtype)
+            h_shifted = torch.cat([h, shift, h.new_zeros(n, EXTRA - shift.shape[1])], 1)
+            w_shifted = w.new_zeros(min(cols, vocab), width)
+            w_shifted[:, w.shape[1]:w.shape[1] + shift.shape[1]] = 1
+            token = torch.arange(n, device=h.device)
+            for v in range(0, vocab, cols):
+                w_block = w[v:v + cols]
+                w_aug = w_shifted[:w_block.shape[0]]
+                w_aug[:, :w.shape[1]] = w_block
+                log_p = scaled_matmul(h_shifted, w_aug.T, inv_t, stats)
+                grad_z = torch.empty(log_p.shape, dtype=ctx.dtype, device=h.device)
+                if b is None:
+                    torch.mul(log_p.exp_(), a[:, None], out=grad_z)
+                else:
+                    p = torch.exp(log_p)
+                    torch.mul(p, torch.addcmul(a[:, None], log_p, b[:, None], out=log_p), out=grad_z)
+                col = targets - v
+                hit = (col >= 0) & (col < grad_z.shape[1])
+                col = col.clamp_(0, grad_z.shape[1] - 1)
+                grad_z[token, col] = torch.where(hit, at_target, grad_z[token, col])
+                if grad_weight is not None:
+                    matmul(grad_z.T, h, weight.dtype, out=grad_weight[v:v + cols])
+                if grad_hidden is not None:
+                    if v == 0:
+                        matmul(grad_z, w_block, stats, out=grad_hidden)
+                    else:
+                        grad_hidden += matmul(grad_z, w_block, stats)
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.to(hidden.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def logprobs_and_entropy(hidden, weight, targets, temperature: float = 1.0, memory_mib: float = 1024):
+    return ShiftInGemmLogprobEntropy.apply(hidden, weight, targets, 1.0 / temperature, memory_mib)
