@@ -8,6 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grpo import logprobs_and_entropy  # noqa: E402
+from logprob_candidate import logprobs_and_entropy as candidate  # noqa: E402
 
 N, D, V, T = 32768, 1536, 151936, 0.6
 
@@ -29,16 +30,18 @@ def main():
     t = torch.randint(V, (N,), device="cuda")
     g1, g2 = torch.randn(N, device="cuda"), torch.randn(N, device="cuda")
 
-    def step():
-        logp, entropy = logprobs_and_entropy(h, w, t, T)
-        (logp * g1 + entropy * g2).sum().backward()
-        h.grad = w.grad = None
-    step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    for name, function in (("ours", logprobs_and_entropy), ("candidate", candidate)):
+        def step():
+            logp, entropy = function(h, w, t, T)
+            (logp * g1 + entropy * g2).sum().backward()
+            h.grad = w.grad = None
         step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(f"## {name}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
 
     rows, cols = 883, 3276
     z = torch.randn(rows, V, device="cuda")
@@ -47,6 +50,16 @@ def main():
     timed("dot via bmm", lambda: torch.bmm(e[:, None, :], z[:, :, None]))
     timed("dot via (e*y).sum", lambda: (e * z).sum(1))
     timed("dot via linalg.vecdot", lambda: torch.linalg.vecdot(e, z))
+    timed("dot via bmm, 16 segments per row", lambda: torch.bmm(e.view(rows * 16, 1, V // 16),
+                                                              z.view(rows * 16, V // 16, 1)).view(rows, 16).sum(1))
+    shift = z.amax(1, keepdim=True)
+    timed("broadcast add in place (the shift)", lambda: torch.add(shift, z, alpha=1 / T, out=z))
+    timed("scalar mul in place", lambda: z.mul_(1.0))
+    timed("max with indices", lambda: z.max(1))
+    timed("softmax", lambda: torch.softmax(z, 1))
+    timed("log_softmax", lambda: torch.log_softmax(z, 1))
+    e_bf16 = torch.empty(rows, V, device="cuda", dtype=torch.bfloat16)
+    timed("exp fp32 -> bf16 out", lambda: torch.exp(z, out=e_bf16))
     timed("amax", lambda: z.amax(1))
     timed("exp", lambda: torch.exp(z))
     timed("sum", lambda: z.sum(1))
@@ -57,6 +70,19 @@ def main():
     hc, wc = h.detach(), w.detach()[:cols]
     timed("mm bf16 out [N x 3276]", lambda: hc @ wc.T)
     timed("mm fp32 out [N x 3276]", lambda: torch.mm(hc, wc.T, out_dtype=torch.float32))
+    cols = 3200
+    h_aug, w_aug = torch.randn(N, D + 8, device="cuda").bfloat16(), torch.randn(cols, D + 8, device="cuda").bfloat16()
+    zero = torch.zeros(1, 1, device="cuda", dtype=torch.bfloat16)
+    timed("mm fp32 out [N x 3200], K=1536", lambda: torch.mm(hc, wc[:cols].T, out_dtype=torch.float32))
+    timed("addmm alpha fp32 out [N x 3200], K=1544 (candidate)",
+          lambda: torch.addmm(zero, h_aug, w_aug.T, beta=0, alpha=1 / T, out_dtype=torch.float32))
+    zb, lse = torch.randn(N, cols, device="cuda"), torch.randn(N, device="cuda")
+    a, b = torch.randn(N, 1, device="cuda"), torch.randn(N, 1, device="cuda")
+    timed("backward broadcast add [N x 3200] (lse)", lambda: torch.add(-lse[:, None], zb, alpha=1 / T, out=zb))
+    timed("backward exp [N x 3200]", lambda: torch.exp(zb))
+    timed("backward addcmul broadcast [N x 3200]", lambda: torch.addcmul(a, zb, b))
+    gzb = torch.empty(N, cols, device="cuda", dtype=torch.bfloat16)
+    timed("backward mul -> bf16 [N x 3200]", lambda: torch.mul(zb, zb, out=gzb))
     gz = torch.randn(N, cols, device="cuda").bfloat16()
     timed("grad_W block gz.T @ h [3276 x D]", lambda: gz.T @ hc)
     timed("grad_h block gz @ w_b fp32 out", lambda: torch.mm(gz, wc, out_dtype=torch.float32))
