@@ -15,9 +15,9 @@ which is in this script as a baseline (`--select dynamic-sampling`), as is plain
 Differs from grpo.py in: prompt selection (candidates, value model, `--select`), the value model and its update
 (and its state in checkpoints), GRPO without KL and without std normalisation with `seq-mean-token-mean` loss and
 one optimizer step per batch by default, and the metrics (effective ratio, selection vs generation time, V's fit).
-Under torchrun (grpo.py's scale-out blocks) V is replicated: every rank scores the same candidates with it, keeps
-the same prompts (rank 0's choice), rolls out its share of them, and regresses V on all kept prompts with their
-realised accuracies gathered from every rank, so every rank holds the single-process V.
+Under torchrun (grpo.py's scale-out blocks) V is sharded like the policy: every rank scores the same candidates
+with it, keeps the same prompts (rank 0's choice), rolls out its share of them, and regresses V on its share of the
+kept prompts with the whole batch's normaliser; FSDP sums the gradients, so V takes the single-process step.
 No code of the paper is public: the value model's architecture (the policy's backbone + a scalar sigmoid head on
 the last prompt token), its initialisation, optimizer and learning rate, the tie rule and what dynamic sampling does
 when fewer than m prompts survive are our choices; the README section lists them.
@@ -501,8 +501,13 @@ def value_loss(predicted: torch.Tensor, realised_accuracy: torch.Tensor) -> torc
 
 
 def update_value_model(value_model, optimizer, prompt_ids, realised_accuracy, args, pad_id, device, autocast):
-    """One AdamW step of V on this step's kept prompts: V lags the policy by one step, as in the paper."""
+    """One AdamW step of V on this step's kept prompts: V lags the policy by one step, as in the paper.
+
+    Under torchrun V is sharded (FSDP sums the ranks' gradients): each rank regresses on its share of the prompts,
+    its loss divided by the whole batch's count, so the summed gradient is the single-process one."""
     total = len(prompt_ids)
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
+    prompt_ids, realised_accuracy = rank_share(prompt_ids, rank, world), rank_share(realised_accuracy, rank, world)
     loss_sum = 0.0
     for u, batch in prompt_batches(prompt_ids, args.micro_batch, pad_id, device):
         with autocast:
@@ -511,11 +516,49 @@ def update_value_model(value_model, optimizer, prompt_ids, realised_accuracy, ar
         loss = value_loss(predicted, target) * len(predicted) / total  # micro-batches sum to the batch mean
         loss.backward()
         loss_sum += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
+    grad_norm = clip_gradients(value_model, args.max_grad_norm)
     if torch.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"value_loss": loss_sum, "value_grad_norm": grad_norm.item()}
+    return {"value_loss": sum(gather_from_ranks([loss_sum])), "value_grad_norm": grad_norm.item()}
+
+
+def shard_value_model(value_model, device):
+    """V under torchrun, sharded like the policy (FSDP2: each decoder layer one unit, the root holds the embeddings,
+    the final norm and the head), so that a V as large as the policy fits beside it. Every rank still scores every
+    candidate (the forwards are collectives; prompts only, no generation)."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in value_model.backbone.layers:
+        fully_shard(layer, mp_policy=mixed)
+    fully_shard(value_model, mp_policy=mixed)
+    for module in value_model.modules():
+        if isinstance(module, FSDPModule):  # each rank's loss is divided by the whole batch's count: sum
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return value_model
+
+
+def save_sharded_value_optimizer(folder: Path, value_model, optimizer) -> dict:
+    """Every rank writes its shard of V's optimizer state (value_optimizer/, torch.distributed.checkpoint); returns
+    V's gathered weights (a collective), which rank 0 writes into trainer_state.pt as one process does."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    value_model.reshard()
+    full = lambda t: t.full_tensor().cpu() if hasattr(t, "full_tensor") else t.cpu()  # noqa: E731
+    weights = {name: full(t) for name, t in value_model.state_dict().items()}
+    dcp.save({"optimizer": get_optimizer_state_dict(value_model, optimizer)}, checkpoint_id=folder / "value_optimizer")
+    return weights
+
+
+def load_sharded_value_optimizer(folder: Path, value_model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    value_model.reshard()
+    sharded = {"optimizer": get_optimizer_state_dict(value_model, optimizer)}
+    dcp.load(sharded, checkpoint_id=folder / "value_optimizer")
+    set_optimizer_state_dict(value_model, optimizer, sharded["optimizer"])
 
 
 def realised_accuracy_over_ranks(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -874,9 +917,14 @@ def main(args: Args):
         value_lm = evaluation.load_model(resolve_on_rank0_first(args.value_model or args.model))[0]
     except (OSError, ValueError) as e:
         raise SystemExit(f"--value-model {args.value_model!r}: {e}") from None
-    value_model = ValueModel(value_lm).to(device).train()  # under torchrun: a whole copy on every rank
+    value_model = ValueModel(value_lm).to(device).train()
+    if args.resume:  # V's own weights, before sharding (the checkpoint holds them whole)
+        value_model.load_state_dict(torch.load(Path(args.resume) / "trainer_state.pt",
+                                               weights_only=False)["value_model"])
     if args.gradient_checkpointing:
         value_lm.gradient_checkpointing_enable()
+    if world > 1:
+        value_model = shard_value_model(value_model, device)
     value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=args.value_lr,
                                         weight_decay=args.value_weight_decay)
     problems = load_prompts(args, tokenizer)
@@ -896,8 +944,10 @@ def main(args: Args):
     if args.resume:
         state = load_trainer_state_for_world(Path(args.resume), model, optimizer, scheduler, world)  # every rank
         start_step = state["step"]
-        value_model.load_state_dict(state["value_model"])
-        value_optimizer.load_state_dict(state["value_optimizer"])
+        if world > 1:
+            load_sharded_value_optimizer(Path(args.resume), value_model, value_optimizer)
+        else:
+            value_optimizer.load_state_dict(state["value_optimizer"])
         print(f"resumed from {args.resume} at step {start_step}")
     engine = make_rollout_engine(args, model_path, model, device)
     push_weights(engine, model)  # the engine loaded fp32 files from disk; from here on it tracks the policy
@@ -996,10 +1046,12 @@ def main(args: Args):
             metrics.update(run_evaluation(engine or model, tokenizer, eval_problems, args))
         if last or (args.save_every and (step + 1) % args.save_every == 0):
             folder = output_dir / f"checkpoint-{step + 1}"
-            value_state = {"value_model": value_model.state_dict(), "value_optimizer": value_optimizer.state_dict()}
-            if world > 1:  # V is the same on every rank: rank 0 writes it
+            if world > 1:  # V's gathered weights go into trainer_state.pt, its optimizer's shards beside it
+                value_state = {"value_model": save_sharded_value_optimizer(folder, value_model, value_optimizer)}
                 save_sharded_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra=value_state)
             else:
+                value_state = {"value_model": value_model.state_dict(),
+                               "value_optimizer": value_optimizer.state_dict()}
                 save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra=value_state)
         if rank == 0:
             logger.log(metrics, line_keys=("reward_mean", "accuracy", "effective_ratio", "value_corr", "value_loss",

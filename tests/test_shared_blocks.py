@@ -25,9 +25,9 @@ MEANT_TO_DIFFER: dict[tuple[str, str], str] = {
     ("one_shot.py", "save_sharded_checkpoint"): "rank 0 also writes the accuracy history, the phase, the best "
                                                 "evaluation and the examples (the same on every rank) into "
                                                 "trainer_state.pt, as save_checkpoint's `extra` does in one process",
-    ("pcl.py", "save_sharded_checkpoint"): "rank 0 also writes the value model and its optimizer (replicated: the "
-                                           "same on every rank) into trainer_state.pt, as save_checkpoint's `extra` "
-                                           "does in one process",
+    ("pcl.py", "save_sharded_checkpoint"): "rank 0 also writes the value model's gathered weights into "
+                                           "trainer_state.pt, as save_checkpoint's `extra` does in one process (its "
+                                           "optimizer's shards go next to it: save_sharded_value_optimizer)",
     ("ppo.py", "save_sharded_checkpoint"): "rank 0 also writes the critic's scheduler into trainer_state.pt, as "
                                            "save_checkpoint's `extra` does in one process (the critic's weights and "
                                            "sharded optimizer go next to it: save_sharded_critic)",
