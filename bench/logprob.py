@@ -7,7 +7,8 @@ weight (tied embeddings are trained). Methods, each one forward+backward:
   naive           log_softmax((hidden @ weight.T).float() / T) over the full [tokens x vocab] tensor, same loss
   GEMM floor      the three matmuls alone: hidden @ W.T, grad @ W, grad.T @ hidden
   Liger FLCE      liger_kernel's LigerFusedLinearCrossEntropyLoss(reduction="none"), log-prob only (if installed)
-  candidate       bench/logprob_candidate.py (the lse shift inside the backward GEMM), with and without entropy
+  candidate A     bench/logprob_candidate.py (the lse shift inside the backward GEMM), with and without entropy
+  candidate B     A with a forward built on torch's softmax kernel
 Time: median of --reps runs after a warm-up (on CPU the warm-up is a 64-token run: a full one costs as much as a
 rep). Memory: peak growth over the inputs (grads included): CUDA max_memory_allocated; CPU peak RSS (ru_maxrss) in
 a fresh subprocess per case. Exactness: max |logp - reference| and max |entropy - reference|, the reference being
@@ -33,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grpo import logprobs_and_entropy  # noqa: E402
 from logprob_candidate import logprobs_and_entropy as candidate_logprobs_and_entropy  # noqa: E402
+from logprob_candidate import logprobs_and_entropy_b as candidate_b_logprobs_and_entropy  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 HIDDEN, VOCAB, T = 1536, 151936, 0.6
@@ -63,6 +65,12 @@ def candidate_logp_only(h, w, t, g1, g2, memory_mib):
     return logp, entropy
 
 
+def candidate_b(h, w, t, g1, g2, memory_mib):
+    logp, entropy = candidate_b_logprobs_and_entropy(h, w, t, T, memory_mib)
+    (logp * g1 + entropy * g2).sum().backward()
+    return logp, entropy
+
+
 def naive(h, w, t, g1, g2, memory_mib):
     logp_all = torch.log_softmax((h @ w.T).float() / T, -1)
     logp = logp_all.gather(1, t[:, None]).squeeze(1)
@@ -86,9 +94,10 @@ def liger(h, w, t, g1, g2, memory_mib):
     return logp, None
 
 
-CASES = {"ours": ours, "ours (logp only)": ours_logp_only, "candidate": candidate,
-         "candidate (logp only)": candidate_logp_only, "naive": naive, "GEMM floor": gemm_floor, "Liger FLCE": liger}
-CHECKED = {"ours", "candidate", "Liger FLCE"}  # rows that report the exactness column
+CASES = {"ours": ours, "ours (logp only)": ours_logp_only, "candidate A": candidate,
+         "candidate A (logp only)": candidate_logp_only, "candidate B": candidate_b, "naive": naive,
+         "GEMM floor": gemm_floor, "Liger FLCE": liger}
+CHECKED = {"ours", "candidate A", "candidate B", "Liger FLCE"}  # rows that report the exactness column
 
 
 @torch.no_grad()
@@ -203,11 +212,12 @@ def count_passes(args):
     print(f"tokens {n}, vocab {VOCAB}, fp32 on CPU (on a GPU under bf16 autocast dL/dz is written in bf16: half)\n")
     print("| method | phase | reads | writes | GEMM output writes |")
     print("|---|---|---:|---:|---:|")
-    functions = {"ours": logprobs_and_entropy, "candidate": candidate_logprobs_and_entropy}
-    for name in ("ours", "ours (logp only)", "candidate", "candidate (logp only)"):
+    functions = {"ours": logprobs_and_entropy, "candidate A": candidate_logprobs_and_entropy,
+                 "candidate B": candidate_b_logprobs_and_entropy}
+    for name in ("ours", "ours (logp only)", "candidate A", "candidate A (logp only)", "candidate B"):
         h.grad = w.grad = None
         with CountPasses(big=2**20) as fwd:
-            logp, entropy = functions[name.split()[0]](h, w, t, T, args.memory_mib)
+            logp, entropy = functions[name.replace(" (logp only)", "")](h, w, t, T, args.memory_mib)
             loss = (logp * g1).sum() + ((entropy * g2).sum() if "logp only" not in name else 0)
         with CountPasses(big=2**20) as bwd:
             loss.backward()
