@@ -41,34 +41,14 @@ HIDDEN, VOCAB, T = 1536, 151936, 0.6
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def ours(h, w, t, g1, g2, memory_mib):
-    logp, entropy = logprobs_and_entropy(h, w, t, T, memory_mib)
-    (logp * g1 + entropy * g2).sum().backward()
-    return logp, entropy
-
-
-def ours_logp_only(h, w, t, g1, g2, memory_mib):
-    logp, entropy = logprobs_and_entropy(h, w, t, T, memory_mib)
-    (logp * g1).sum().backward()
-    return logp, entropy
-
-
-def candidate(h, w, t, g1, g2, memory_mib):
-    logp, entropy = candidate_logprobs_and_entropy(h, w, t, T, memory_mib)
-    (logp * g1 + entropy * g2).sum().backward()
-    return logp, entropy
-
-
-def candidate_logp_only(h, w, t, g1, g2, memory_mib):
-    logp, entropy = candidate_logprobs_and_entropy(h, w, t, T, memory_mib)
-    (logp * g1).sum().backward()
-    return logp, entropy
-
-
-def candidate_b(h, w, t, g1, g2, memory_mib):
-    logp, entropy = candidate_b_logprobs_and_entropy(h, w, t, T, memory_mib)
-    (logp * g1 + entropy * g2).sum().backward()
-    return logp, entropy
+def fused(function, entropy_in_loss: bool):
+    """A case for a fused function: loss = (logp * g1 + entropy * g2).sum(), or (logp * g1).sum() when the entropy
+    is only logged (its backward terms are then skipped)."""
+    def case(h, w, t, g1, g2, memory_mib):
+        logp, entropy = function(h, w, t, T, memory_mib)
+        ((logp * g1).sum() + ((entropy * g2).sum() if entropy_in_loss else 0)).backward()
+        return logp, entropy
+    return case
 
 
 def naive(h, w, t, g1, g2, memory_mib):
@@ -94,9 +74,11 @@ def liger(h, w, t, g1, g2, memory_mib):
     return logp, None
 
 
-CASES = {"ours": ours, "ours (logp only)": ours_logp_only, "candidate A": candidate,
-         "candidate A (logp only)": candidate_logp_only, "candidate B": candidate_b, "naive": naive,
-         "GEMM floor": gemm_floor, "Liger FLCE": liger}
+CASES = {"ours": fused(logprobs_and_entropy, True), "ours (logp only)": fused(logprobs_and_entropy, False),
+         "candidate A": fused(candidate_logprobs_and_entropy, True),
+         "candidate A (logp only)": fused(candidate_logprobs_and_entropy, False),
+         "candidate B": fused(candidate_b_logprobs_and_entropy, True), "naive": naive, "GEMM floor": gemm_floor,
+         "Liger FLCE": liger}
 CHECKED = {"ours", "candidate A", "candidate B", "Liger FLCE"}  # rows that report the exactness column
 
 
