@@ -515,6 +515,11 @@ def is_vllm(engine) -> bool:
     return hasattr(engine, "llm_engine")
 
 
+def is_sharded(model) -> bool:
+    """An HF model sharded by FSDP over torchrun's ranks: its forwards are collectives that every rank joins."""
+    return hasattr(model, "unshard") and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
 @torch.no_grad()
 def generate(engine, tokenizer, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
              max_tokens: int = 512, seed: int = 0, batch_size: int = 64, progress: bool = False) -> list[list[dict]]:
@@ -535,15 +540,20 @@ def generate(engine, tokenizer, prompts: list[str], n: int = 1, temperature: flo
     results = []
     from tqdm import tqdm
     bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
+    starts = batch_starts(len(prompts), batch_size, is_sharded(model))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for start in range(0, len(prompts), batch_size):
-            batch = [p for p in prompts[start:start + batch_size] for _ in range(n)]
+        for start in starts:
+            filler = start is None  # a sharded model's rank with no batch left joins the others' forwards
+            batch = [(prompts or ["0"])[0]] if filler else \
+                [p for p in prompts[start:start + batch_size] for _ in range(n)]
             enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left").to(model.device)
             sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
                 dict(do_sample=False, temperature=None, top_p=None, top_k=None)
             out = model.generate(**enc, max_new_tokens=max_tokens, eos_token_id=stops,
-                                 pad_token_id=tokenizer.pad_token_id, **sampling)
+                                 pad_token_id=tokenizer.pad_token_id, synced_gpus=is_sharded(model), **sampling)
+            if filler:
+                continue
             rows = [completion_record(tokenizer, ids.tolist(), stops, max_tokens)
                     for ids in out[:, enc.input_ids.shape[1]:]]
             results += [rows[i:i + n] for i in range(0, len(rows), n)]
@@ -551,6 +561,17 @@ def generate(engine, tokenizer, prompts: list[str], n: int = 1, temperature: flo
     bar.close()
     model.train(was_training)
     return results
+
+
+def batch_starts(count: int, batch_size: int, sharded: bool) -> list[int | None]:
+    """The first prompt of each generate() call. A sharded model's ranks must make as many calls as each other (its
+    forwards are collectives): a rank with fewer batches adds filler calls (None), whose outputs are dropped."""
+    starts = list(range(0, count, batch_size))
+    if sharded:
+        most = torch.tensor(len(starts))
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        starts += [None] * (int(most) - len(starts))
+    return starts
 
 
 def completion_record(tokenizer, token_ids: list[int], stops: list[int], max_tokens: int) -> dict:
@@ -567,10 +588,10 @@ def evaluate(engine, tokenizer, problems: list[dict], template: str = "qwen25-ma
     """Accuracy (avg@n; greedy accuracy at n=1, temperature 0), pass@k for each k in `ks` up to n, response lengths
     (mean, p90), truncation share and the count of unparseable golds on `problems`; returns (metrics, samples).
 
-    Under torchrun with a vLLM engine per rank (or per tensor-parallel group), as the training scripts have, every
-    rank must call this: each engine evaluates a contiguous share of the problems, and every rank gets the samples
-    and metrics of all of them. An HF model under FSDP evaluates all problems on every rank (its forwards are
-    collectives that every rank must join alike)."""
+    Under torchrun, as the training scripts run it, every rank must call this: each vLLM engine (one per rank or per
+    tensor-parallel group), or each rank of an HF model sharded by FSDP, evaluates a contiguous share of the
+    problems, and every rank gets the samples and metrics of all of them. (FSDP's forwards are collectives: its
+    ranks generate with synced_gpus and make as many generate calls as each other.)"""
     shard, shards, reports = engine_shard(engine)
     first, end = shard_bounds(len(problems), shard, shards)
     samples = sample_and_grade(engine, tokenizer, problems[first:end], template, n, temperature, top_p, max_tokens,
@@ -584,8 +605,8 @@ def sample_and_grade(engine, tokenizer, problems: list[dict], template: str, n: 
                      top_p: float, max_tokens: int, seed: int, mode: str, batch_size: int,
                      progress: bool) -> list[dict]:
     """n graded samples per problem, problem by problem (see grade)."""
-    if not problems:  # a data-parallel shard can be empty when there are more ranks than problems
-        return []
+    if not problems and not is_sharded(engine):  # a shard can be empty when there are more ranks than problems;
+        return []                                   # a sharded model's rank still joins the others' forwards
     prompts = [build_prompt(p["problem"], tokenizer, template) for p in problems]
     completions = generate(engine, tokenizer, prompts, n=n, temperature=temperature, top_p=top_p,
                            max_tokens=max_tokens, seed=seed, batch_size=batch_size, progress=progress)
@@ -655,9 +676,11 @@ def gather_samples(samples: list[dict], start: int, reports: bool, everywhere: b
 
 
 def engine_shard(engine) -> tuple[int, int, bool]:
-    """(shard, shards, reports) for a vLLM engine that torchrun's ranks share out (external_launcher): its data-
-    parallel rank and size, and whether this rank is the first of its tensor-parallel group. (0, 1, True) for an HF
-    model or a single process."""
+    """(shard, shards, reports) for an engine that torchrun's ranks share out. A vLLM engine (external_launcher): its
+    data-parallel rank and size, and whether this rank is the first of its tensor-parallel group. An HF model sharded
+    by FSDP: one shard per rank. (0, 1, True) for a single process."""
+    if is_sharded(engine):
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), True
     if not (is_vllm(engine) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
         return 0, 1, True
     config = engine.llm_engine.vllm_config.parallel_config

@@ -801,7 +801,7 @@ def main(args: Args):
                        tokens_per_s=sum(lengths) / max(t1 - t0, 1e-9), lr=scheduler.get_last_lr()[0], **train_stats)
         last = step + 1 == args.total_steps
         if last or (args.eval_every and (step + 1) % args.eval_every == 0):
-            # every rank evaluates: vLLM engines split the set (eval.evaluate), HF under FSDP runs it all; rank 0 logs
+            # every rank evaluates its share of the set (eval.evaluate) and gets all results; rank 0 logs
             metrics.update(run_evaluation(engine or model, tokenizer, eval_problems, args))
         if last or (args.save_every and (step + 1) % args.save_every == 0):
             folder = output_dir / f"checkpoint-{step + 1}"

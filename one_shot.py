@@ -1000,7 +1000,7 @@ def train(args, phase, problems, model, output_dir, state, reference, engine, to
         last = step + 1 == steps
         saving = last or (args.save_every and (step + 1) % args.save_every == 0)
         if last or (args.eval_every and (step + 1) % args.eval_every == 0):
-            # every rank evaluates: vLLM engines split each set (eval.evaluate), HF under FSDP runs all; rank 0 logs
+            # every rank evaluates its share of each set (eval.evaluate) and gets all results; rank 0 logs
             metrics.update(run_evaluation(engine or model, tokenizer, eval_sets, args))
             if best is None or metrics["eval/average"] > best["average"]:  # the paper reports its best checkpoint
                 best = {"step": step + 1, "average": metrics["eval/average"],

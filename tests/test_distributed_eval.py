@@ -118,6 +118,35 @@ def evaluate_worker(output: str) -> None:
                                                         "generated": len(generated)}))
 
 
+def evaluate_sharded_worker(output: str) -> None:
+    """The same with --rollout hf: the policy sharded by FSDP on both ranks. Batches of 4 give rank 0 (12 prompts)
+    3 generate calls to rank 1's 4, so rank 0 must add a filler call to stay in the collectives."""
+    import grpo
+    rank, world, device = grpo.init_distributed()
+    model, tokenizer = evaluation.load_model("tiny")
+    model = grpo.shard_model(model, device)
+    generated = []
+    real_generate = evaluation.generate
+    evaluation.generate = lambda engine, tokenizer, prompts, **kw: generated.extend(prompts) or \
+        real_generate(engine, tokenizer, prompts, **kw)
+    metrics, samples = evaluation.evaluate(model, tokenizer, evaluation.load_benchmark("toy")[:25],
+                                           template="qwen-math-train", max_tokens=24, mode="boxed", batch_size=4)
+    Path(f"{output}.rank{rank}").write_text(json.dumps({"metrics": metrics, "samples": samples,
+                                                        "generated": len(generated)}))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_training_time_evaluation_splits_the_set_between_fsdp_ranks(tmp_path, one_process_run):
+    one, one_samples = one_process_run("hf")
+    torchrun(Path(__file__), "evaluate-sharded", tmp_path / "out", timeout=600)
+    for rank, share in ((0, 12), (1, 13)):
+        result = json.loads(Path(f"{tmp_path / 'out'}.rank{rank}").read_text())
+        assert result["generated"] == share, f"rank {rank} generated {result['generated']} prompts, not {share}"
+        assert result["samples"] == [{k: v for k, v in s.items() if k != "benchmark"} for s in one_samples]
+        assert result["metrics"]["accuracy"] == one["benchmarks"]["toy"]["accuracy"]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_training_time_evaluation_splits_the_set_between_engines(tmp_path, one_process_run):
     one, one_samples = one_process_run("vllm")
@@ -137,3 +166,5 @@ def test_tensor_parallel_needs_vllm():
 
 if __name__ == "__main__" and sys.argv[1:2] == ["evaluate"]:
     evaluate_worker(sys.argv[2])
+if __name__ == "__main__" and sys.argv[1:2] == ["evaluate-sharded"]:
+    evaluate_sharded_worker(sys.argv[2])
