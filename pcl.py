@@ -900,6 +900,8 @@ def main(args: Args):
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if args.resume and not (Path(args.resume) / "trainer_state.pt").is_file():
+        raise SystemExit(f"--resume {args.resume}: no trainer_state.pt there (give a checkpoint-<step> folder)")
     model_path = args.resume or resolve_on_rank0_first(args.model)
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
     model.to(device).train()
@@ -919,8 +921,10 @@ def main(args: Args):
         raise SystemExit(f"--value-model {args.value_model!r}: {e}") from None
     value_model = ValueModel(value_lm).to(device).train()
     if args.resume:  # V's own weights, before sharding (the checkpoint holds them whole)
-        value_model.load_state_dict(torch.load(Path(args.resume) / "trainer_state.pt",
-                                               weights_only=False)["value_model"])
+        value_weights = torch.load(Path(args.resume) / "trainer_state.pt", weights_only=False).get("value_model")
+        if value_weights is None:
+            raise SystemExit(f"--resume {args.resume}: no value model in trainer_state.pt (not a pcl.py checkpoint)")
+        value_model.load_state_dict(value_weights)
     if args.gradient_checkpointing:
         value_lm.gradient_checkpointing_enable()
     if world > 1:

@@ -828,6 +828,8 @@ def main(args: Args):
     torch.manual_seed(args.seed + rank)
     check_args(args)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if args.resume and not (Path(args.resume) / "trainer_state.pt").is_file():
+        raise SystemExit(f"--resume {args.resume}: no trainer_state.pt there (give a checkpoint-<step> folder)")
     model_path = args.resume or resolve_on_rank0_first(args.model)
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
     with_own_memory(model).to(device).train()

@@ -231,6 +231,9 @@ def test_bad_arguments_fail_clearly(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--train-data", str(bad), "--rollout", "hf"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode != 0 and "problem" in out.stderr and "--problem-key" in out.stderr
+    out = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--resume", str(tmp_path / "checkpoint-2")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode != 0 and "no trainer_state.pt" in out.stderr and "Traceback" not in out.stderr
 
 
 # ---- vLLM weight sync ------------------------------------------------------------------------------------------

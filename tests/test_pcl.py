@@ -216,6 +216,7 @@ def test_resumed_run_equals_uninterrupted_run_policy_and_value_model(tmp_path):
     (["--tau", "1.5"], "--tau"),
     (["--samples-per-prompt", "1"], "--samples-per-prompt"),
     (["--rollout", "hf", "--value-model", "/nonexistent/value"], "--value-model"),
+    (["--rollout", "hf", "--resume", "/nonexistent/checkpoint-2"], "no trainer_state.pt"),
 ])
 def test_bad_arguments_fail_clearly(flags, needle):
     out = subprocess.run(script(*flags), capture_output=True, text=True, cwd=ROOT, timeout=120)
