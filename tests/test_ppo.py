@@ -381,5 +381,6 @@ def test_resume_from_a_checkpoint_without_critic_fails_clearly(tmp_path):
     model, tokenizer = evaluation.load_model("tiny")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    torch.save({"step": 2}, folder / "trainer_state.pt")  # a checkpoint of another script: everything but critic/
     with pytest.raises(SystemExit, match="critic"):
         ppo.main(ppo.parse_args([*SHORT, "--resume", str(folder), "--output-dir", str(tmp_path / "run")]))
