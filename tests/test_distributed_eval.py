@@ -101,56 +101,39 @@ def test_two_ranks_sampled_pass_at_k_over_all_samples(tmp_path):
     assert toy["accuracy"] == pytest.approx(sum(counts) / 100)
 
 
-def evaluate_worker(output: str) -> None:
-    """What a training script does at evaluation under torchrun: every rank calls eval.evaluate with its own vLLM
-    engine (external_launcher); each engine must generate only its share, and every rank get all 25 results."""
-    evaluation.init_data_parallel()
-    path = evaluation.resolve_model_path("tiny")
-    engine, tokenizer = evaluation.vllm_engine(path, seed=0), AutoTokenizer.from_pretrained(path)
+def evaluate_worker(kind: str, output: str) -> None:
+    """What a training script does at evaluation under torchrun: every rank calls eval.evaluate, each must generate
+    only its share, and every rank get all 25 results. kind "vllm": a vLLM engine per rank (external_launcher).
+    kind "hf" (--rollout hf): the policy sharded by FSDP on both ranks; batches of 4 give rank 0 (12 prompts) 3
+    generate calls to rank 1's 4, so rank 0 must add a filler call to stay in the collectives."""
+    if kind == "vllm":
+        evaluation.init_data_parallel()
+        path = evaluation.resolve_model_path("tiny")
+        engine, tokenizer = evaluation.vllm_engine(path, seed=0), AutoTokenizer.from_pretrained(path)
+    else:
+        import grpo
+        _, _, device = grpo.init_distributed()
+        engine, tokenizer = evaluation.load_model("tiny")
+        engine = grpo.shard_model(engine, device)
     generated = []
     real_generate = evaluation.generate
     evaluation.generate = lambda engine, tokenizer, prompts, **kw: generated.extend(prompts) or \
         real_generate(engine, tokenizer, prompts, **kw)
     metrics, samples = evaluation.evaluate(engine, tokenizer, evaluation.load_benchmark("toy")[:25],
-                                           template="qwen-math-train", max_tokens=24, mode="boxed")
+                                           template="qwen-math-train", max_tokens=24, mode="boxed", batch_size=4)
     rank = torch.distributed.get_rank()
     Path(f"{output}.rank{rank}").write_text(json.dumps({"metrics": metrics, "samples": samples,
                                                         "generated": len(generated)}))
+    if kind == "hf":  # a vLLM engine tears the process group down itself
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
-def evaluate_sharded_worker(output: str) -> None:
-    """The same with --rollout hf: the policy sharded by FSDP on both ranks. Batches of 4 give rank 0 (12 prompts)
-    3 generate calls to rank 1's 4, so rank 0 must add a filler call to stay in the collectives."""
-    import grpo
-    rank, world, device = grpo.init_distributed()
-    model, tokenizer = evaluation.load_model("tiny")
-    model = grpo.shard_model(model, device)
-    generated = []
-    real_generate = evaluation.generate
-    evaluation.generate = lambda engine, tokenizer, prompts, **kw: generated.extend(prompts) or \
-        real_generate(engine, tokenizer, prompts, **kw)
-    metrics, samples = evaluation.evaluate(model, tokenizer, evaluation.load_benchmark("toy")[:25],
-                                           template="qwen-math-train", max_tokens=24, mode="boxed", batch_size=4)
-    Path(f"{output}.rank{rank}").write_text(json.dumps({"metrics": metrics, "samples": samples,
-                                                        "generated": len(generated)}))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-
-
-def test_training_time_evaluation_splits_the_set_between_fsdp_ranks(tmp_path, one_process_run):
-    one, one_samples = one_process_run("hf")
-    torchrun(Path(__file__), "evaluate-sharded", tmp_path / "out", timeout=600)
-    for rank, share in ((0, 12), (1, 13)):
-        result = json.loads(Path(f"{tmp_path / 'out'}.rank{rank}").read_text())
-        assert result["generated"] == share, f"rank {rank} generated {result['generated']} prompts, not {share}"
-        assert result["samples"] == [{k: v for k, v in s.items() if k != "benchmark"} for s in one_samples]
-        assert result["metrics"]["accuracy"] == one["benchmarks"]["toy"]["accuracy"]
-
-
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
-def test_training_time_evaluation_splits_the_set_between_engines(tmp_path, one_process_run):
-    one, one_samples = one_process_run("vllm")
-    torchrun(Path(__file__), "evaluate", tmp_path / "out", timeout=600)
+@pytest.mark.parametrize("kind", ["hf", pytest.param("vllm", marks=pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vllm is not installed"))])
+def test_training_time_evaluation_splits_the_set_between_ranks(tmp_path, one_process_run, kind):
+    one, one_samples = one_process_run(kind)
+    torchrun(Path(__file__), "evaluate", kind, tmp_path / "out", timeout=600)
     for rank, share in ((0, 12), (1, 13)):
         result = json.loads(Path(f"{tmp_path / 'out'}.rank{rank}").read_text())
         assert result["generated"] == share, f"rank {rank} generated {result['generated']} prompts, not {share}"
@@ -165,6 +148,4 @@ def test_tensor_parallel_needs_vllm():
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["evaluate"]:
-    evaluate_worker(sys.argv[2])
-if __name__ == "__main__" and sys.argv[1:2] == ["evaluate-sharded"]:
-    evaluate_sharded_worker(sys.argv[2])
+    evaluate_worker(sys.argv[2], sys.argv[3])
