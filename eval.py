@@ -540,7 +540,7 @@ def generate(engine, tokenizer, prompts: list[str], n: int = 1, temperature: flo
     results = []
     from tqdm import tqdm
     bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
-    starts = batch_starts(len(prompts), batch_size, is_sharded(model))
+    starts = batch_starts(len(prompts), batch_size, is_sharded(model), model.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for start in starts:
@@ -563,12 +563,12 @@ def generate(engine, tokenizer, prompts: list[str], n: int = 1, temperature: flo
     return results
 
 
-def batch_starts(count: int, batch_size: int, sharded: bool) -> list[int | None]:
+def batch_starts(count: int, batch_size: int, sharded: bool, device) -> list[int | None]:
     """The first prompt of each generate() call. A sharded model's ranks must make as many calls as each other (its
     forwards are collectives): a rank with fewer batches adds filler calls (None), whose outputs are dropped."""
     starts = list(range(0, count, batch_size))
     if sharded:
-        most = torch.tensor(len(starts))
+        most = torch.tensor(len(starts), device=device)  # NCCL reduces only GPU tensors
         torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
         starts += [None] * (int(most) - len(starts))
     return starts
