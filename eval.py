@@ -46,6 +46,7 @@ TEMPLATES = ("qwen25-math-cot", "qwen-math-train", "chat", "plain")
 
 def build_prompt(problem: str, tokenizer, template: str = "qwen25-math-cot") -> str:
     """The text the model continues. `chat` uses the tokenizer's own chat template (instruct and R1-distill models)."""
+    problem = problem.strip()  # as Qwen2.5-Math's evaluation reads its questions
     if template == "qwen25-math-cot":
         return QWEN25_MATH_COT.format(problem=problem)
     if template == "qwen-math-train":
@@ -146,6 +147,8 @@ def load_model(name: str = TINY_NAME, dtype=torch.float32, seed: int = 0):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = resolve_model_path(name, seed)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:  # e.g. Llama's base models; padding is always masked, so any token will do
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model, tokenizer
 
@@ -165,11 +168,15 @@ def tiny_model_path(seed: int = 0, name: str = TINY_NAME) -> str:
         return wait_for_tiny_model(path)
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache, prefix=".building-"))
-    build_tiny_model(staging, seed, **TINY_MODELS[name])
+    with torch.random.fork_rng(devices=[]):  # the build seeds torch: a run draws the same, cached model or not
+        build_tiny_model(staging, seed, **TINY_MODELS[name])
     if not (staging / "config.json").exists():  # transformers writes a model on global rank 0 only
         shutil.rmtree(staging, ignore_errors=True)
         raise SystemExit(f"the {name} model is not in {cache} and only global rank 0 can build it: build it once "
                          f"before this multi-node run: python -c 'import eval; eval.tiny_model_path(0, \"{name}\")'")
+    if (path / "config.json").exists():  # another process finished its build first: keep that one
+        shutil.rmtree(staging, ignore_errors=True)
+        return str(path)
     if path.exists():  # a folder without config.json is a broken build: replace it
         shutil.rmtree(path, ignore_errors=True)
     try:
@@ -304,18 +311,25 @@ def read_rows(path: str) -> list[dict]:
             raise SystemExit(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to jsonl")
         return pq.read_table(path).to_pylist()
     if path.suffix == ".json":
-        rows = json.loads(path.read_text())
+        try:
+            rows = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(rows, list):
             raise ValueError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
-        return rows
-    rows = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    else:
+        rows = []
+        with open(path) as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    not_objects = [i for i, row in enumerate(rows) if not isinstance(row, dict)]
+    if not_objects:
+        raise ValueError(f"{path}: row {not_objects[0]} is a {type(rows[not_objects[0]]).__name__}, not an object "
+                         "with named columns")
     return rows
 
 
@@ -339,7 +353,6 @@ def load_problems(path: str, problem_key: str = "problem", answer_key: str = "an
     if not problems:
         raise ValueError(f"{path}: no row has both a {problem_key!r} and an {answer_key!r}")
     return problems
-
 
 
 # The six benchmarks of the 1-shot RLVR paper; its "Avg." column is their unweighted mean.
@@ -526,14 +539,18 @@ def generate(engine, tokenizer, prompts: list[str], n: int = 1, temperature: flo
     """n completions per prompt from a vLLM `LLM` or an HF model: [[{text, token_ids, truncated}, ...], ...].
     `progress` draws a progress bar on stderr (tqdm, which transformers already depends on)."""
     stops = stop_token_ids(tokenizer, engine if not is_vllm(engine) else None)
+    # Sampling draws from torch's generator (vLLM's too: its requests carry no seed, since per-request seeds would give
+    # the k samples of every problem the same k random streams), seeded here and restored afterwards, on the GPU too.
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     if is_vllm(engine):
         from vllm import SamplingParams
-        # per-request seeds fail in vLLM's CPU build ("CPU Generator does not use offset"): the engine's seed then
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                seed=seed if torch.cuda.is_available() else None, stop_token_ids=stops)
-        outputs = engine.generate(prompts, params, use_tqdm=progress)
-        return [[completion_record(tokenizer, list(c.token_ids), stops, max_tokens) for c in o.outputs]
-                for o in outputs]
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop_token_ids=stops)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            outputs = engine.generate(prompts, params, use_tqdm=progress)
+        # vLLM also stops at the end-of-sequence ids of the model's generation config, which `stops` may lack
+        return [[dict(completion_record(tokenizer, list(c.token_ids), stops, max_tokens),
+                      truncated=c.finish_reason == "length") for c in o.outputs] for o in outputs]
     model = engine
     was_training = model.training
     model.eval()
@@ -541,7 +558,7 @@ def generate(engine, tokenizer, prompts: list[str], n: int = 1, temperature: flo
     from tqdm import tqdm
     bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
     starts = batch_starts(len(prompts), batch_size, is_sharded(model), model.device)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for start in starts:
             filler = start is None  # a sharded model's rank with no batch left joins the others' forwards
@@ -605,8 +622,10 @@ def sample_and_grade(engine, tokenizer, problems: list[dict], template: str, n: 
                      top_p: float, max_tokens: int, seed: int, mode: str, batch_size: int,
                      progress: bool) -> list[dict]:
     """n graded samples per problem, problem by problem (see grade)."""
-    if not problems and not is_sharded(engine):  # a shard can be empty when there are more ranks than problems;
-        return []                                   # a sharded model's rank still joins the others' forwards
+    if not problems:  # more ranks than problems: an empty share still joins the others' collectives (FSDP's
+        if engine_shard(engine)[1] > 1:  # forwards, a data-parallel vLLM engine's steps), with a prompt of its own
+            generate(engine, tokenizer, ["0"], max_tokens=1, batch_size=batch_size)
+        return []
     prompts = [build_prompt(p["problem"], tokenizer, template) for p in problems]
     completions = generate(engine, tokenizer, prompts, n=n, temperature=temperature, top_p=top_p,
                            max_tokens=max_tokens, seed=seed, batch_size=batch_size, progress=progress)
@@ -741,8 +760,14 @@ def main(args: argparse.Namespace) -> dict:
         raise SystemExit("eval.py: --n > 1 at --temperature 0 samples the same greedy response n times")
     if args.subset and "math_beyond" not in names:
         raise SystemExit("eval.py: --subset selects rows of math_beyond, which --benchmarks does not include")
-    if args.tensor_parallel_size < 1:
-        raise SystemExit(f"eval.py: --tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")
+    for flag, value, lowest in (("--n", args.n, 1), ("--max-tokens", args.max_tokens, 1), ("--limit", args.limit, 0),
+                                ("--batch-size", args.batch_size, 1), ("--tensor-parallel-size",
+                                                                       args.tensor_parallel_size, 1)):
+        if value is not None and value < lowest:
+            raise SystemExit(f"eval.py: {flag} must be at least {lowest}, got {value}")
+    if args.temperature is not None and args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise SystemExit(f"eval.py: --temperature must be >= 0 and --top-p in (0, 1]; got {args.temperature}, "
+                         f"{args.top_p}")
     if args.tensor_parallel_size > 1 and args.engine != "vllm":
         raise SystemExit("eval.py: --tensor-parallel-size splits a vLLM engine over ranks: add --engine vllm")
     problems = {name: load_for_cli(name, args) for name in names}  # before the model: bad data fails in a second

@@ -95,7 +95,7 @@ class Args:
     # optimisation
     lr: float = 2e-4  # policy AdamW learning rate (paper: not in our notes; the tiny model needs far more than 1e-6)
     weight_decay: float = 0.01  # policy AdamW weight decay
-    lr_schedule: str = "constant"  # "constant" (paper) or "cosine" (after warmup)
+    lr_schedule: str = "constant"  # "constant" (paper), "cosine" or "linear" (to 0; both after warmup)
     warmup_steps: int = 0  # linear warmup, in optimizer steps
     max_grad_norm: float = 1.0  # global gradient-norm clip, policy and V (paper: not in our notes)
     gradient_checkpointing: bool = False  # recompute activations in backward (real runs: on)
@@ -295,17 +295,29 @@ def generate(engine, model, tokenizer, prompt_ids: list[list[int]], args, step: 
 
 
 def generate_vllm(engine, prompt_ids: list[list[int]], args, step: int, stops: list[int]) -> list[dict]:
-    """The engine's n samples per prompt, with its log-probs of the sampled tokens (after temperature)."""
+    """The engine's n samples per prompt, with its log-probs of the sampled tokens (after temperature).
+
+    Requests carry no seed: vLLM then samples from torch's generator, seeded here per step and engine, so every
+    sample is drawn independently (with per-request seeds the n samples of each prompt would use the same n streams
+    for every prompt, and copies of one prompt, as in 1-shot RLVR, would get identical responses), a resumed run
+    draws what the uninterrupted one drew, and the trainer's own random stream is left as it was."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     params = SamplingParams(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
-                            max_tokens=args.max_new_tokens, stop_token_ids=stops, logprobs=0,
-                            # per-request seeds fail in the CPU build ("CPU Generator does not use offset")
-                            seed=args.seed * 100_003 + step if torch.cuda.is_available() else None)
-    outputs = engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+                            max_tokens=args.max_new_tokens, stop_token_ids=stops, logprobs=0)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(rollout_seed(args, step))
+        outputs = engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
     return [{"prompt_ids": ids, "response_ids": list(c.token_ids), "truncated": c.finish_reason == "length",
              "engine_logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]}
             for ids, o in zip(prompt_ids, outputs) for c in o.outputs]
+
+
+def rollout_seed(args, step: int) -> int:
+    """The seed of one engine's sampling at one step: distinct for every step and every engine (under torchrun one
+    per rank, or one per tensor-parallel group, whose ranks must draw the same samples)."""
+    engine_index = torch.distributed.get_rank() // args.vllm_tensor_parallel if is_distributed() else 0
+    return (args.seed * 1_000_003 + step) * 4096 + engine_index
 
 
 def generate_tensor_parallel(engine, prompt_ids: list[list[int]], args, step: int, stops: list[int]) -> list[dict]:
@@ -316,10 +328,7 @@ def generate_tensor_parallel(engine, prompt_ids: list[list[int]], args, step: in
     torch.distributed.all_gather_object(parts, prompt_ids)
     first = rank - rank % tp
     group_prompts = [ids for part in parts[first:first + tp] for ids in part]
-    with torch.random.fork_rng(devices=[]):
-        if not torch.cuda.is_available():  # CPU: no per-request seeds; one seed per step keeps the ranks in step
-            torch.manual_seed(args.seed * 100_003 + step)
-        rollouts = generate_vllm(engine, group_prompts, args, step, stops)
+    rollouts = generate_vllm(engine, group_prompts, args, step, stops)
     start = args.samples_per_prompt * sum(len(part) for part in parts[first:rank])
     return rollouts[start:start + args.samples_per_prompt * len(prompt_ids)]
 
@@ -327,22 +336,23 @@ def generate_tensor_parallel(engine, prompt_ids: list[list[int]], args, step: in
 @torch.no_grad()
 def generate_hf(model, tokenizer, prompt_ids, args, stops):
     """The fallback: transformers `generate` on the policy itself, left-padded, sampling from the torch RNG."""
+    from transformers import LogitsProcessorList
     model.eval()
     model.config.use_cache = True
     rows = [ids for ids in prompt_ids for _ in range(args.samples_per_prompt)]
     width = max(map(len, rows))
     input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=model.device)
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
-    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0) \
-        if args.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    recorder = SampledLogprobs(args.temperature, args.top_p)  # applies temperature and top-p: generate must not
+    sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if args.temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
-                         eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, output_scores=True,
-                         return_dict_in_generate=True,
+                         eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
+                         logits_processor=LogitsProcessorList([recorder]),
                          synced_gpus=is_distributed(),  # FSDP: ranks done early keep joining the all-gathers
                          **sampling)
     generated = out.sequences[:, width:]
-    scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # processed: after temperature and top-p
-    token_logprobs = scores.gather(-1, generated[..., None]).squeeze(-1)
+    token_logprobs = recorder.logprobs(generated)
     rollouts = []
     for prompt, ids, lps in zip(rows, generated.tolist(), token_logprobs.tolist()):
         response = evaluation.completion_record(tokenizer, ids, stops, args.max_new_tokens)  # cut after a stop
@@ -352,6 +362,35 @@ def generate_hf(model, tokenizer, prompt_ids, args, stops):
     model.train()
     model.config.use_cache = not args.gradient_checkpointing
     return rollouts
+
+
+class SampledLogprobs:
+    """generate()'s logits processor for sampling at a temperature with top-p, which records log p of each sampled
+    token under them: one number per row and step. (generate's own output_scores keeps a [rows x vocab] fp32 tensor
+    per generated token: 1.9 GB per row at 3k tokens of a 152k vocabulary.) The token sampled from one step's
+    distribution is known at the next call, as the last of input_ids, or at the end, as the last generated one."""
+
+    def __init__(self, temperature: float, top_p: float):
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+        self.warpers = [] if temperature <= 0 else [TemperatureLogitsWarper(temperature)] + \
+            ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+        self.previous, self.steps = None, []
+
+    def __call__(self, input_ids, scores):
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        self.record(input_ids[:, -1])
+        self.previous = scores.float().log_softmax(-1)
+        return scores
+
+    def record(self, sampled):
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, sampled[:, None]).squeeze(-1))
+
+    def logprobs(self, generated) -> torch.Tensor:
+        """[rows x generated tokens]: log p of every generated token (padding after a row's stop included)."""
+        self.record(generated[:, -1])
+        return torch.stack(self.steps, dim=1).cpu()
 
 
 def push_weights(engine, model) -> None:
@@ -632,6 +671,12 @@ def full_weights(model) -> dict:
     return state
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """rank, world size and this rank's device. Under torchrun (WORLD_SIZE > 1) join its process group: NCCL on
     GPUs, gloo on CPUs; a single process starts no process group at all."""
@@ -771,15 +816,35 @@ def parse_args(argv=None, args_class=Args) -> Args:
     return args_class(**vars(parser.parse_args(argv)))
 
 
+def check_choices(args) -> None:
+    """The flags with a fixed set of values, and the sampling settings the trainer needs, checked before anything
+    loads (a typo would otherwise fail after the first batch, or fall back silently)."""
+    choices = {"rollout": ("auto", "vllm", "hf"), "template": evaluation.TEMPLATES, "answer_mode": verify.MODES,
+               "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+               "lr_schedule": ("constant", "cosine", "linear")}
+    for name, allowed in choices.items():
+        if getattr(args, name) not in allowed:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)!r}: choose one of {', '.join(allowed)}")
+    if not args.temperature > 0:
+        raise SystemExit(f"--temperature {args.temperature}: training samples, so it must be > 0 (the trainer also "
+                         "divides its logits by it)")
+    if not 0 < args.top_p <= 1:
+        raise SystemExit(f"--top-p {args.top_p}: must be in (0, 1]")
+
+
 def load_prompts(args, tokenizer) -> list[dict]:
     """Training problems with their tokenized prompts; prompts over the length limit are dropped and counted."""
     try:
         problems = evaluation.load_problems(args.train_data, args.problem_key, args.answer_key)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--train-data: {e}") from None
+    try:
+        prompts = [evaluation.build_prompt(p["problem"], tokenizer, args.template) for p in problems]
+    except ValueError as e:  # a chat template the tokenizer lacks
+        raise SystemExit(f"--template: {e}") from None
     kept = []
-    for p in problems:
-        ids = tokenizer.encode(evaluation.build_prompt(p["problem"], tokenizer, args.template))
+    for p, prompt in zip(problems, prompts):
+        ids = tokenizer.encode(prompt)
         if len(ids) <= args.max_prompt_tokens:
             kept.append({**p, "prompt_ids": ids})
     if len(kept) < len(problems):
@@ -821,9 +886,11 @@ def make_optimizer(model, args, total_updates: int):
     def lr_factor(update: int) -> float:
         if update < args.warmup_steps:
             return (update + 1) / args.warmup_steps
+        progress = min(1.0, (update - args.warmup_steps) / max(1, total_updates - args.warmup_steps))
         if args.lr_schedule == "cosine":
-            progress = (update - args.warmup_steps) / max(1, total_updates - args.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if args.lr_schedule == "linear":  # to 0 at the end, as transformers' default schedule
+            return 1.0 - progress
         return 1.0
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
@@ -896,9 +963,8 @@ def main(args: Args):
             raise SystemExit(message)
     rank, world, device = init_distributed()  # one process unless started by torchrun
     check_world_size(args, world)
-    random.seed(args.seed + rank)  # each rank samples its own responses; the data order is seeded apart
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
+    check_choices(args)
+    seed_everything(args.seed + rank)  # each rank samples its own responses; the data order is seeded apart
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     if args.resume and not (Path(args.resume) / "trainer_state.pt").is_file():
         raise SystemExit(f"--resume {args.resume}: no trainer_state.pt there (give a checkpoint-<step> folder)")
@@ -944,6 +1010,10 @@ def main(args: Args):
     output_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    engine = make_rollout_engine(args, model_path, model, device)
+    if engine is not None:  # vLLM's start seeded every generator with args.seed: each rank's stream again
+        seed_everything(args.seed + rank)
+    push_weights(engine, model)  # the engine loaded fp32 files from disk; from here on it tracks the policy
     start_step = 0
     if args.resume:
         state = load_trainer_state_for_world(Path(args.resume), model, optimizer, scheduler, world)  # every rank
@@ -953,8 +1023,6 @@ def main(args: Args):
         else:
             value_optimizer.load_state_dict(state["value_optimizer"])
         print(f"resumed from {args.resume} at step {start_step}")
-    engine = make_rollout_engine(args, model_path, model, device)
-    push_weights(engine, model)  # the engine loaded fp32 files from disk; from here on it tracks the policy
     stops = evaluation.stop_token_ids(tokenizer, model)
     logger = Logger(output_dir, args) if rank == 0 else None
     rank_args = dataclasses.replace(args, mini_batch=args.mini_batch // world)  # each rank's share of a mini-batch

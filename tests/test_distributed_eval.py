@@ -121,9 +121,14 @@ def evaluate_worker(kind: str, output: str) -> None:
         real_generate(engine, tokenizer, prompts, **kw)
     metrics, samples = evaluation.evaluate(engine, tokenizer, evaluation.load_benchmark("toy")[:25],
                                            template="qwen-math-train", max_tokens=24, mode="boxed", batch_size=4)
+    share = len(generated)
+    # one problem for two ranks: rank 0's share is empty, yet it must join rank 1's collectives (a vLLM engine's
+    # data-parallel steps, FSDP's forwards) or rank 1 waits for ever
+    _, one_sample = evaluation.evaluate(engine, tokenizer, evaluation.load_benchmark("toy")[:1],
+                                        template="qwen-math-train", max_tokens=24, mode="boxed", batch_size=4)
     rank = torch.distributed.get_rank()
-    Path(f"{output}.rank{rank}").write_text(json.dumps({"metrics": metrics, "samples": samples,
-                                                        "generated": len(generated)}))
+    Path(f"{output}.rank{rank}").write_text(json.dumps({"metrics": metrics, "samples": samples, "generated": share,
+                                                        "one_sample": one_sample}))
     if kind == "hf":  # a vLLM engine tears the process group down itself
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -138,6 +143,7 @@ def test_training_time_evaluation_splits_the_set_between_ranks(tmp_path, one_pro
         result = json.loads(Path(f"{tmp_path / 'out'}.rank{rank}").read_text())
         assert result["generated"] == share, f"rank {rank} generated {result['generated']} prompts, not {share}"
         assert result["samples"] == [{k: v for k, v in s.items() if k != "benchmark"} for s in one_samples]
+        assert result["one_sample"] == result["samples"][:1]
         assert result["metrics"]["accuracy"] == one["benchmarks"]["toy"]["accuracy"]
 
 

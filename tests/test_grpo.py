@@ -174,6 +174,56 @@ def test_response_logprobs_skip_the_prompt(tiny):
     torch.testing.assert_close(logp, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature, top_p", [(0.7, 0.9), (1.0, 1.0)])
+def test_hf_rollout_logprobs_equal_generates_own_scores(tiny, temperature, top_p):
+    """generate_hf records each sampled token's log-prob as it goes; generate's output_scores, which keeps a
+    [rows x vocab] tensor per token, must give the same tokens and the same log-probs."""
+    model, tokenizer = tiny
+    args = grpo.Args(temperature=temperature, top_p=top_p, samples_per_prompt=4, max_new_tokens=30)
+    prompts = [tokenizer.encode(evaluation.build_prompt(p["problem"], tokenizer, args.template))
+               for p in evaluation.toy_problems(3, seed=5)]
+    stops = evaluation.stop_token_ids(tokenizer, model)
+    torch.manual_seed(0)
+    rollouts = grpo.generate_hf(model, tokenizer, prompts, args, stops)
+    rows = [ids for ids in prompts for _ in range(4)]
+    width = max(map(len, rows))
+    torch.manual_seed(0)
+    out = model.generate(input_ids=torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows]),
+                         attention_mask=torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+                         max_new_tokens=30, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, do_sample=True,
+                         temperature=temperature, top_p=top_p, top_k=0, output_scores=True,
+                         return_dict_in_generate=True)
+    generated = out.sequences[:, width:]
+    scores = torch.stack(out.scores, dim=1).float().log_softmax(-1).gather(-1, generated[..., None]).squeeze(-1)
+    assert len({tuple(r["response_ids"]) for r in rollouts}) > 1
+    for r, ids, lps in zip(rollouts, generated.tolist(), scores.tolist()):
+        n = len(r["response_ids"])
+        assert r["response_ids"] == ids[:n]
+        assert r["engine_logprobs"] == pytest.approx(lps[:n], abs=1e-6)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--temperature", "0", "must be > 0"), ("--top-p", "1.5", "(0, 1]"), ("--lr-schedule", "linaer", "linear"),
+    ("--loss-agg", "mean", "token-mean"), ("--answer-mode", "strict", "boxed"), ("--template", "qwen", "plain"),
+    ("--rollout", "sglang", "hf"), ("--samples-per-prompt", "1", "at least 2")])
+def test_bad_choices_fail_before_anything_loads(flag, value, message):
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        grpo.main(grpo.parse_args([flag, value]))
+
+
+def test_linear_schedule_decays_to_zero_as_transformers_does():
+    model = torch.nn.Linear(2, 2)
+    args = grpo.Args(lr=1.0, lr_schedule="linear", warmup_steps=2)
+    optimizer, scheduler = grpo.make_optimizer(model, args, total_updates=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    # transformers' get_linear_schedule_with_warmup: (step + 1) / warmup, then (total - step) / (total - warmup)
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
+
+
 # ---- whole runs ------------------------------------------------------------------------------------------------
 def run_script(*args, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -207,8 +257,11 @@ def test_default_run_learns(tmp_path):
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
-              "--eval-every", "0", "--eval-max-problems", "4"]
+    """With vLLM (the default where installed) too: the engine samples each step from its own seed, and the trainer's
+    random streams are restored after the engine has started (its start seeds them all). The other scripts' resume
+    tests use HF rollouts."""
+    common = ["--rollout", "vllm" if HAS_VLLM else "hf", "--prompts-per-step", "4", "--mini-batch", "16",
+              "--micro-batch", "8", "--eval-every", "0", "--eval-max-problems", "4"]
     run_script(*common, "--total-steps", "4", "--output-dir", str(tmp_path / "straight"))
     run_script(*common, "--total-steps", "2", "--output-dir", str(tmp_path / "first"))
     run_script(*common, "--total-steps", "4", "--resume", str(tmp_path / "first" / "checkpoint-2"),
@@ -234,6 +287,31 @@ def test_bad_arguments_fail_clearly(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--resume", str(tmp_path / "checkpoint-2")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode != 0 and "no trainer_state.pt" in out.stderr and "Traceback" not in out.stderr
+
+
+# ---- vLLM rollouts ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed")
+def test_vllm_sampling_is_seeded_per_step_and_leaves_the_trainers_stream_alone(tiny):
+    """Requests carry no seed (on a GPU, per-request seeds gave copies of one prompt the same n responses): the
+    engine samples from torch's generator, seeded per step inside generate_vllm, then restored."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    model, tokenizer = tiny
+    args = grpo.Args(rollout="vllm", samples_per_prompt=8)
+    engine = grpo.make_rollout_engine(args, evaluation.resolve_model_path("tiny"), model, torch.device("cpu"))
+    prompt = tokenizer.encode(evaluation.build_prompt(evaluation.toy_problems(1, seed=6)[0]["problem"], tokenizer,
+                                                      args.template))
+    stops = evaluation.stop_token_ids(tokenizer, model)
+    responses = lambda step: [tuple(r["response_ids"]) for r in grpo.generate_vllm(engine, [prompt] * 3, args, step,
+                                                                                   stops)]
+    torch.manual_seed(123)
+    trainer_stream = torch.get_rng_state()
+    step_5 = responses(5)
+    assert torch.equal(torch.get_rng_state(), trainer_stream), "sampling moved the trainer's random stream"
+    assert responses(5) == step_5, "the same step must draw the same samples (a resumed run redraws them)"
+    assert responses(6) != step_5
+    groups = [step_5[i:i + 8] for i in range(0, 24, 8)]
+    assert groups[0] != groups[1] and groups[1] != groups[2], "copies of one prompt drew the same responses"
 
 
 # ---- vLLM weight sync ------------------------------------------------------------------------------------------
