@@ -873,20 +873,23 @@ def main(args: Args):
     if args.resume and not (Path(args.resume) / "trainer_state.pt").is_file():
         raise SystemExit(f"--resume {args.resume}: no trainer_state.pt there (give a checkpoint-<step> folder)")
     model_path = args.resume or resolve_on_rank0_first(args.model)
+    # each model is loaded into CPU memory and put on the device (under torchrun: sharded) before the next one loads
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
-    with_own_memory(model).to(device).train()
-    reference = load_reference(args, device)
+    with_own_memory(model).train()
+    if args.gradient_checkpointing:
+        use_gradient_checkpointing(model)
+    model = on_device(model, device, world)
+    reference = load_reference(args)
+    if reference is not None and not args.reference_on_cpu:  # a reference kept on the CPU stays whole there
+        reference = on_device(reference, device, world)
     if args.resume and not (Path(args.resume) / "critic").is_dir():
         raise SystemExit(f"--resume {args.resume}: no critic/ folder in it, so not a ppo.py checkpoint")
     critic_path = str(Path(args.resume) / "critic") if args.resume else \
         resolve_on_rank0_first(args.critic_model or args.model)
-    critic = load_critic(critic_path, tokenizer, device)
+    critic = load_critic(critic_path, tokenizer)
     if args.gradient_checkpointing:
-        use_gradient_checkpointing(model, critic)
-    if world > 1:  # policy, reference and critic: each an FSDP2 shard per rank (a reference kept on the CPU: whole)
-        model, critic = shard_model(model, device), shard_model(critic, device)
-        reference = shard_model(reference, device) if reference is not None and not args.reference_on_cpu \
-            else reference
+        use_gradient_checkpointing(critic)
+    critic = on_device(critic, device, world)
     problems = load_prompts(args, tokenizer)
     eval_problems = load_eval_problems(args)
     batch_size = args.prompts_per_step * args.samples_per_prompt
@@ -1078,9 +1081,10 @@ def check_args(args: Args) -> None:
                          f"got {args.critic_warmup_steps}")
 
 
-def load_critic(path: str, tokenizer, device):
-    """The critic: the transformer of `path` under a scalar value head (transformers' ForTokenClassification with
-    one label, the form verl uses), freshly initialised for a base model, restored for a saved critic."""
+def load_critic(path: str, tokenizer):
+    """The critic, in CPU memory: the transformer of `path` under a scalar value head (transformers'
+    ForTokenClassification with one label, the form verl uses), freshly initialised for a base model, restored for a
+    saved critic."""
     from transformers import AutoModelForTokenClassification
     if path.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
         raise SystemExit(f"critic {path}: no such folder")
@@ -1093,17 +1097,23 @@ def load_critic(path: str, tokenizer, device):
     if critic.get_input_embeddings().num_embeddings < len(tokenizer):
         raise SystemExit(f"critic {path}: its vocabulary ({critic.get_input_embeddings().num_embeddings}) is smaller "
                          f"than the policy tokenizer's ({len(tokenizer)}); the critic must read the policy's tokens")
-    return with_own_memory(critic).to(device).train()
+    return with_own_memory(critic).train()
 
 
-def load_reference(args: Args, device):
-    """The frozen reference for the KL term, or None when kl_coef is 0: then nothing is loaded, which saves a third
-    model's weights (6 GB for a 1.5B model in fp32). With --reference-on-cpu it waits in CPU memory."""
+def load_reference(args: Args):
+    """The frozen reference for the KL term (in CPU memory), or None when kl_coef is 0: then nothing is loaded, which
+    saves a third model's weights (6 GB for a 1.5B model in fp32). With --reference-on-cpu it stays there."""
     if args.kl_coef == 0:
         return None
     reference = evaluation.load_model(evaluation.resolve_model_path(args.model))[0].eval()
-    reference.requires_grad_(False)
-    return reference.to("cpu" if args.reference_on_cpu else device)
+    return reference.requires_grad_(False)
+
+
+def on_device(model, device, world: int):
+    """One process: the model on the device. Under torchrun: this rank's FSDP2 shard of a model still in CPU memory;
+    fully_shard moves each layer to the GPU as it shards it, so no GPU ever holds a whole fp32 model (a 7B policy,
+    critic and reference moved whole would take 84 GB of each GPU before sharding)."""
+    return shard_model(model, device) if world > 1 else model.to(device)
 
 
 def use_gradient_checkpointing(*models) -> None:

@@ -172,7 +172,7 @@ def ppo_step() -> dict:
     rank, world, device = ppo.init_distributed()
     model, tokenizer = evaluation.load_model("tiny", dtype=torch.float64)
     torch.manual_seed(0)  # the critic's fresh value head: the same on every rank and in one process
-    critic = ppo.load_critic(evaluation.resolve_model_path("tiny"), tokenizer, device).double()
+    critic = ppo.load_critic(evaluation.resolve_model_path("tiny"), tokenizer).double()
     args = ppo.Args(mini_batch=16, micro_batch=3, lr=1e-3, critic_lr=1e-3)
     assert args.whiten_advantages
     if world > 1:

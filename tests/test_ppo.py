@@ -191,7 +191,7 @@ def test_explained_variance():
 def tiny():
     model, tokenizer = evaluation.load_model("tiny")
     torch.manual_seed(0)
-    critic = ppo.load_critic(evaluation.resolve_model_path("tiny"), tokenizer, torch.device("cpu"))
+    critic = ppo.load_critic(evaluation.resolve_model_path("tiny"), tokenizer)
     return model, tokenizer, critic
 
 
@@ -285,10 +285,10 @@ def test_no_reference_model_exists_when_kl_coef_is_0(monkeypatch):
     loaded = []
     real_load = evaluation.load_model
     monkeypatch.setattr(evaluation, "load_model", lambda path: loaded.append(path) or real_load(path))
-    assert ppo.load_reference(ppo.Args(kl_coef=0.0), torch.device("cpu")) is None
-    assert ppo.load_reference(ppo.Args(kl_coef=0.0, kl_in_loss=True), torch.device("cpu")) is None
+    assert ppo.load_reference(ppo.Args(kl_coef=0.0)) is None
+    assert ppo.load_reference(ppo.Args(kl_coef=0.0, kl_in_loss=True)) is None
     assert not loaded, "a reference model was loaded although no KL term uses it"
-    reference = ppo.load_reference(ppo.Args(kl_coef=0.05, reference_on_cpu=True), torch.device("cpu"))
+    reference = ppo.load_reference(ppo.Args(kl_coef=0.05, reference_on_cpu=True))
     assert len(loaded) == 1 and not reference.training
     assert not any(p.requires_grad for p in reference.parameters()), "the reference must be frozen"
     assert all(p.device.type == "cpu" for p in reference.parameters())
