@@ -16,10 +16,11 @@ command.
 Differs from grpo.py in: the critic (a second model with its own AdamW, optional warm-up steps, saved in every
 checkpoint and restored on resume); per-token rewards with the KL penalty folded in (or, with --kl-in-loss, GRPO's
 k3 KL in the loss); GAE advantages and returns instead of group-normalised rewards, whitened over the batch's
-tokens; the clipped value loss and its own update loop; old and reference log-probs computed before the update
-(the rewards need them); the reference may live on the CPU between its forwards. Under torchrun (grpo.py's
-scale-out blocks) the critic is sharded like the policy, GAE runs on each rank's own responses, and the
-advantages are whitened with the whole batch's mean and variance (sums and counts all-reduced).
+tokens (with --mask-truncated, the kept responses' tokens only); the clipped value loss and its own update loop;
+old and reference log-probs computed before the update (the rewards need them); the reference may live on the CPU
+between its forwards. Under torchrun (grpo.py's scale-out blocks) the critic is sharded like the policy, GAE runs
+on each rank's own responses, and the advantages are whitened with the whole batch's mean and variance (sums and
+counts all-reduced).
 
 Choices and simplifications, all flags:
 - gamma = lambda = 1 by default: the outcome reward arrives only at the end, so any discount would only shrink the
@@ -82,7 +83,7 @@ class Args:
     vllm_tensor_parallel: int = 1  # under torchrun: ranks (GPUs) per vLLM engine, for models too big for one GPU
     # algorithm
     answer_mode: str = "boxed"  # verify.py mode for the reward: "boxed" (paper) or "flex"
-    mask_truncated: bool = False  # drop truncated responses from the policy and value losses
+    mask_truncated: bool = False  # drop truncated responses from the losses and the advantages' whitening
     gamma: float = 1.0  # GAE discount (paper: 1.0, verl's default; outcome rewards want no discount)
     lam: float = 1.0  # GAE lambda; 1: Monte-Carlo returns minus values (paper: 1.0, verl's default)
     whiten_advantages: bool = True  # advantages (A - mean) / std over the batch's response tokens (paper: on)
@@ -479,25 +480,66 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8):
-    """(x - mean) / std over the valid tokens of the whole batch; padding stays 0."""
+    """(x - mean) / std over the valid tokens of the whole batch; padding stays 0 (everything, when none is valid)."""
     valid = x[mask]
+    if not valid.numel():
+        return torch.zeros_like(x)
     var = valid.var() if valid.numel() > 1 else torch.zeros((), dtype=x.dtype)
     return (x - valid.mean()) * torch.rsqrt(var + eps) * mask
 
 
-def whiten_over_ranks(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8):
+def whiten_over_ranks(x: torch.Tensor, mask: torch.Tensor, device, eps: float = 1e-8):
     """whiten with the mean and variance of every rank's valid tokens (sums and counts all-reduced, two passes as
     torch's var): each rank's share is whitened as the whole batch would be in one process."""
     if not is_distributed():
         return whiten(x, mask, eps)
     valid = x[mask].double()
-    total = torch.stack([valid.sum(), torch.tensor(valid.numel(), dtype=torch.float64)])
-    torch.distributed.all_reduce(total)
-    mean = total[0] / total[1]
-    squares = ((valid - mean) ** 2).sum()
-    torch.distributed.all_reduce(squares)
-    var = squares / (total[1] - 1) if total[1] > 1 else torch.zeros((), dtype=torch.float64)
-    return ((x - mean.to(x.dtype)) * torch.rsqrt(var + eps).to(x.dtype)) * mask
+    total, count = sums_over_ranks([valid.sum().item(), valid.numel()], device)
+    if not count:
+        return torch.zeros_like(x)
+    mean = total / count
+    squares, = sums_over_ranks([((valid - mean) ** 2).sum().item()], device)
+    var = squares / (count - 1) if count > 1 else 0.0
+    return (x - mean) * (1 / math.sqrt(var + eps)) * mask
+
+
+def sums_over_ranks(sums: list[float], device) -> list[float]:
+    """Float64 sums over every rank, all-reduced on this rank's device: NCCL reduces only GPU tensors."""
+    total = torch.tensor(sums, dtype=torch.float64, device=device)
+    if is_distributed():
+        torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
+def advantages_and_returns(rollouts, scores: list[float], old_values, kl, args, device):
+    """Step 4 after the no-gradient passes: per-token rewards, GAE on each response (under torchrun: this rank's),
+    and the advantages whitened over the kept responses' tokens of the whole batch. --mask-truncated drops the
+    truncated responses from both losses, so they must not set the mean and variance either: long, failed and
+    negative, they would shift every kept token's whitened advantage up. The logged value statistics cover the same
+    tokens. Returns per-response advantages and returns, and the statistics."""
+    lengths = [len(r["response_ids"]) for r in rollouts]
+    pad = lambda rows: torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # noqa: E731
+    mask = pad([torch.ones(n, dtype=torch.bool) for n in lengths])
+    kept = pad([torch.full((n,), not r.get("masked", False)) for r, n in zip(rollouts, lengths)])
+    values = pad(old_values)
+    advantages, returns = gae(pad(token_rewards(scores, lengths, kl, args.kl_coef)), values, mask, args.gamma,
+                              args.lam)
+    stats = value_statistics(values[kept], returns[kept])
+    if args.whiten_advantages:
+        advantages = whiten_over_ranks(advantages, kept, device)
+    return [a[:n] for a, n in zip(advantages, lengths)], [r[:n] for r, n in zip(returns, lengths)], stats
+
+
+def value_statistics(values: torch.Tensor, returns: torch.Tensor) -> dict:
+    """The critic's values against the returns over every rank's tokens given (for logging)."""
+    values = torch.tensor(gather_from_ranks(values.tolist()), dtype=values.dtype)
+    returns = torch.tensor(gather_from_ranks(returns.tolist()), dtype=returns.dtype)
+    if not returns.numel():  # every response masked
+        return {}
+    stats = dict(value_mean=values.mean().item(), return_mean=returns.mean().item(), return_var=returns.var().item())
+    if stats["return_var"] > 0:  # undefined when every return is the same (e.g. all responses right)
+        stats["explained_var"] = explained_variance(values, returns)
+    return stats
 
 
 def token_weights(lengths: list[int], mode: str, minibatch_tokens: int, minibatch_seqs: int, max_len: int):
@@ -897,20 +939,23 @@ def main(args: Args):
     if args.resume and not (Path(args.resume) / "trainer_state.pt").is_file():
         raise SystemExit(f"--resume {args.resume}: no trainer_state.pt there (give a checkpoint-<step> folder)")
     model_path = args.resume or resolve_on_rank0_first(args.model)
+    # each model is loaded into CPU memory and put on the device (under torchrun: sharded) before the next one loads
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
-    with_own_memory(model).to(device).train()
-    reference = load_reference(args, device)
+    with_own_memory(model).train()
+    if args.gradient_checkpointing:
+        use_gradient_checkpointing(model)
+    model = on_device(model, device, world)
+    reference = load_reference(args)
+    if reference is not None and not args.reference_on_cpu:  # a reference kept on the CPU stays whole there
+        reference = on_device(reference, device, world)
     if args.resume and not (Path(args.resume) / "critic").is_dir():
         raise SystemExit(f"--resume {args.resume}: no critic/ folder in it, so not a ppo.py checkpoint")
     critic_path = str(Path(args.resume) / "critic") if args.resume else \
         resolve_on_rank0_first(args.critic_model or args.model)
-    critic = load_critic(critic_path, tokenizer, device)
+    critic = load_critic(critic_path, tokenizer)
     if args.gradient_checkpointing:
-        use_gradient_checkpointing(model, critic)
-    if world > 1:  # policy, reference and critic: each an FSDP2 shard per rank (a reference kept on the CPU: whole)
-        model, critic = shard_model(model, device), shard_model(critic, device)
-        reference = shard_model(reference, device) if reference is not None and not args.reference_on_cpu \
-            else reference
+        use_gradient_checkpointing(critic)
+    critic = on_device(critic, device, world)
     problems = load_prompts(args, tokenizer)
     eval_problems = load_eval_problems(args)
     batch_size = args.prompts_per_step * args.samples_per_prompt
@@ -944,7 +989,6 @@ def main(args: Args):
     logger = Logger(output_dir, args) if rank == 0 else None
     rank_args = dataclasses.replace(args, mini_batch=args.mini_batch // world)  # each rank's share of a mini-batch
     pad_id = tokenizer.pad_token_id
-    pad = lambda rows: torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # noqa: E731
     bad_steps = 0
 
     for step in range(start_step, args.total_steps):
@@ -963,7 +1007,7 @@ def main(args: Args):
         rewards = torch.tensor([0.0 if r["truncated"] else c for r, c in zip(rollouts, correct)])
         t2 = time.time()
         # 4. values, per-token rewards (outcome + KL penalty), GAE advantages and returns (under torchrun: GAE on
-        #    this rank's responses, whitening with the whole batch's statistics)
+        #    this rank's responses, whitening with the whole batch's statistics; never the masked responses')
         if args.mask_truncated:
             rollouts = [dict(r, masked=r["truncated"]) for r in rollouts]
         sleep_engine(engine, args)
@@ -973,25 +1017,14 @@ def main(args: Args):
             ref_logp = reference_logprobs(reference, rollouts, args, pad_id, device) if reference is not None else None
             old_values = [v.cpu() for v in token_values(critic, rollouts, args, pad_id, device)]
         engine_lp = torch.tensor([lp for r in rollouts for lp in r["engine_logprobs"]])
-        metrics["logprob_gap"] = mean_over_ranks((engine_lp - torch.cat(old_logp).cpu()).abs())
+        metrics["logprob_gap"] = mean_over_ranks((engine_lp - torch.cat(old_logp).cpu()).abs(), device)
         kl = None
         if ref_logp is not None and not args.kl_in_loss:  # k1 = log pi - log pi_ref per token, as in PPO-RLHF
             kl = [(lp - ref).float().cpu() for lp, ref in zip(old_logp, ref_logp)]
-            metrics["kl"] = mean_over_ranks(torch.cat(kl))
-        mask = pad([torch.ones(n, dtype=torch.bool) for n in lengths])
-        values = pad(old_values)
-        advantages, returns = gae(pad(token_rewards(rewards.tolist(), lengths, kl, args.kl_coef)), values, mask,
-                                  args.gamma, args.lam)
-        valid_values = torch.tensor(gather_from_ranks(values[mask].tolist()), dtype=values.dtype)
-        valid_returns = torch.tensor(gather_from_ranks(returns[mask].tolist()), dtype=returns.dtype)
-        metrics.update(value_mean=valid_values.mean().item(), return_mean=valid_returns.mean().item(),
-                       return_var=valid_returns.var().item())
-        if metrics["return_var"] > 0:  # undefined when every return is the same (e.g. all responses right)
-            metrics["explained_var"] = explained_variance(valid_values, valid_returns)
-        if args.whiten_advantages:
-            advantages = whiten_over_ranks(advantages, mask)
-        advantages = [a[:n] for a, n in zip(advantages, lengths)]
-        returns = [r[:n] for r, n in zip(returns, lengths)]
+            metrics["kl"] = mean_over_ranks(torch.cat(kl), device)
+        advantages, returns, value_stats = advantages_and_returns(rollouts, rewards.tolist(), old_values, kl, args,
+                                                                  device)
+        metrics.update(value_stats)
         # 5. update: the critic, then (after its warm-up) the policy, num_updates passes over mini-batches each
         train_stats = update_critic(critic, rollouts, old_values, returns, critic_optimizer, critic_scheduler,
                                     rank_args, autocast, pad_id, device)
@@ -1045,12 +1078,12 @@ def main(args: Args):
     return output_dir
 
 
-def mean_over_ranks(values: torch.Tensor) -> float:
+def mean_over_ranks(values: torch.Tensor, device) -> float:
     """The mean of a per-token statistic over every rank's tokens (for logging)."""
-    total = torch.tensor([values.double().sum().item(), values.numel()], dtype=torch.float64)
-    if is_distributed():
-        torch.distributed.all_reduce(total)
-    return (total[0] / total[1]).item() if is_distributed() else values.mean().item()
+    if not is_distributed():
+        return values.mean().item()
+    total, count = sums_over_ranks([values.double().sum().item(), values.numel()], device)
+    return total / count if count else float("nan")
 
 
 def save_sharded_critic(folder: Path, critic, tokenizer, optimizer) -> None:
@@ -1116,9 +1149,10 @@ def check_args(args: Args) -> None:
                          f"got {args.critic_warmup_steps}")
 
 
-def load_critic(path: str, tokenizer, device):
-    """The critic: the transformer of `path` under a scalar value head (transformers' ForTokenClassification with
-    one label, the form verl uses), freshly initialised for a base model, restored for a saved critic."""
+def load_critic(path: str, tokenizer):
+    """The critic, in CPU memory: the transformer of `path` under a scalar value head (transformers'
+    ForTokenClassification with one label, the form verl uses), freshly initialised for a base model, restored for a
+    saved critic."""
     from transformers import AutoModelForTokenClassification
     if path.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
         raise SystemExit(f"critic {path}: no such folder")
@@ -1131,17 +1165,23 @@ def load_critic(path: str, tokenizer, device):
     if critic.get_input_embeddings().num_embeddings < len(tokenizer):
         raise SystemExit(f"critic {path}: its vocabulary ({critic.get_input_embeddings().num_embeddings}) is smaller "
                          f"than the policy tokenizer's ({len(tokenizer)}); the critic must read the policy's tokens")
-    return with_own_memory(critic).to(device).train()
+    return with_own_memory(critic).train()
 
 
-def load_reference(args: Args, device):
-    """The frozen reference for the KL term, or None when kl_coef is 0: then nothing is loaded, which saves a third
-    model's weights (6 GB for a 1.5B model in fp32). With --reference-on-cpu it waits in CPU memory."""
+def load_reference(args: Args):
+    """The frozen reference for the KL term (in CPU memory), or None when kl_coef is 0: then nothing is loaded, which
+    saves a third model's weights (6 GB for a 1.5B model in fp32). With --reference-on-cpu it stays there."""
     if args.kl_coef == 0:
         return None
     reference = evaluation.load_model(evaluation.resolve_model_path(args.model))[0].eval()
-    reference.requires_grad_(False)
-    return reference.to("cpu" if args.reference_on_cpu else device)
+    return reference.requires_grad_(False)
+
+
+def on_device(model, device, world: int):
+    """One process: the model on the device. Under torchrun: this rank's FSDP2 shard of a model still in CPU memory;
+    fully_shard moves each layer to the GPU as it shards it, so no GPU ever holds a whole fp32 model (a 7B policy,
+    critic and reference moved whole would take 84 GB of each GPU before sharding)."""
+    return shard_model(model, device) if world > 1 else model.to(device)
 
 
 def use_gradient_checkpointing(*models) -> None:

@@ -172,7 +172,7 @@ def ppo_step() -> dict:
     rank, world, device = ppo.init_distributed()
     model, tokenizer = evaluation.load_model("tiny", dtype=torch.float64)
     torch.manual_seed(0)  # the critic's fresh value head: the same on every rank and in one process
-    critic = ppo.load_critic(evaluation.resolve_model_path("tiny"), tokenizer, device).double()
+    critic = ppo.load_critic(evaluation.resolve_model_path("tiny"), tokenizer).double()
     args = ppo.Args(mini_batch=16, micro_batch=3, lr=1e-3, critic_lr=1e-3)
     assert args.whiten_advantages
     if world > 1:
@@ -192,16 +192,15 @@ def ppo_step() -> dict:
     rank_args, pad_id = dataclasses.replace(args, mini_batch=args.mini_batch // world), tokenizer.pad_token_id
     with torch.no_grad():
         old_logp = ppo.token_logprobs(model, rollouts, args, pad_id, device)
-        old_values = [v.cpu() for v in ppo.token_values(critic, rollouts, args, pad_id, device)]
-    lengths = [len(r["response_ids"]) for r in rollouts]
-    pad = lambda rows: torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # noqa: E731
-    mask = pad([torch.ones(n, dtype=torch.bool) for n in lengths])
-    advantages, returns = ppo.gae(pad(ppo.token_rewards(rewards.tolist(), lengths)), pad(old_values), mask,
-                                  args.gamma, args.lam)
-    local = ppo.whiten(advantages, mask)  # the mistake the comparison must catch: each rank's own statistics
-    advantages = ppo.whiten_over_ranks(advantages, mask)
-    advantages = [a[:n] for a, n in zip(advantages, lengths)]
-    returns = [r[:n] for r, n in zip(returns, lengths)]
+        # float64 (the critic's values are float32): one process whitens with float32 statistics, 2 ranks with
+        # float64 sums, and an advantage one float32 ulp apart moves AdamW's first step by ~lr
+        old_values = [v.cpu().double() for v in ppo.token_values(critic, rollouts, args, pad_id, device)]
+    advantages, returns, value_stats = ppo.advantages_and_returns(rollouts, rewards.tolist(), old_values, None, args,
+                                                                  device)
+    raw = ppo.advantages_and_returns(rollouts, rewards.tolist(), old_values, None,
+                                     dataclasses.replace(args, whiten_advantages=False), device)[0]
+    kept = torch.cat([a for a, r in zip(raw, rollouts) if not r["masked"]])
+    local = (kept - kept.mean()) / kept.std()  # the mistake the comparison must catch: each rank's own statistics
     torch.manual_seed(rank)
     critic_stats = ppo.update_critic(critic, rollouts, old_values, returns, critic_optimizer, critic_scheduler,
                                      rank_args, torch.autocast("cpu", enabled=False), pad_id, device)
@@ -211,8 +210,10 @@ def ppo_step() -> dict:
                       for k, v in m.state_dict().items()}
     return {"weights": {k: v.detach().clone() for k, v in ppo.full_weights(model).items()}, "critic": full(critic),
             "stats": ppo.train_stats_over_ranks({**critic_stats, **stats}), "rank": rank,
-            "advantages": ppo.gather_from_ranks(torch.cat(advantages).tolist()),
-            "local_advantages": ppo.gather_from_ranks(local[mask].tolist())}
+            "advantages": ppo.gather_from_ranks([a.tolist() for a in advantages]), "value_stats": value_stats,
+            "raw_advantages": ppo.gather_from_ranks([a.tolist() for a in raw]),
+            "masked": ppo.gather_from_ranks([r["masked"] for r in rollouts]),
+            "local_advantages": ppo.gather_from_ranks(local.tolist())}
 
 
 # ---- pcl.py --select dynamic-sampling: the worker --------------------------------------------------------------
@@ -394,10 +395,24 @@ def test_ppo_one_step_on_two_ranks_equals_one_process_policy_and_critic(tmp_path
     torchrun(Path(__file__), "ppo-step", tmp_path / "two.pt")
     two, one = torch.load(tmp_path / "two.pt", weights_only=False), ppo_step()
     # whitening with the whole batch's statistics: the single-process advantages, not each rank's own whitening
-    advantages, local = torch.tensor(two["advantages"]), torch.tensor(two["local_advantages"])
-    reference = torch.tensor(one["advantages"])
+    kept_tokens = lambda rows: torch.tensor([a for row, m in zip(rows, one["masked"]) if not m for a in row])
+    advantages, local = kept_tokens(two["advantages"]), torch.tensor(two["local_advantages"])
+    reference = kept_tokens(one["advantages"])
+    assert two["masked"] == one["masked"] and sum(one["masked"]) == 5
     assert (advantages - reference).abs().max() < 1e-5
     assert (local - reference).abs().max() > 0.1, "per-rank whitening would pass too: the check could not fail"
+    # --mask-truncated: over the kept responses' tokens only (every rank's), as for the batch without the masked
+    raw = kept_tokens(two["raw_advantages"])
+    assert (advantages - (raw - raw.mean()) / raw.std()).abs().max() < 1e-5
+    every_token = torch.tensor([a for row in two["raw_advantages"] for a in row])
+    assert ((raw - every_token.mean()) / every_token.std() - reference).abs().max() > 0.1, \
+        "whitening over the masked responses' tokens too would pass: the check could not fail"
+    assert two["value_stats"] == pytest.approx(one["value_stats"], rel=1e-9)
+    # gamma = lambda = 1, no KL: every token's return is its response's reward; the mean is over kept tokens only
+    kept_rows = [(len(row), PCL_REWARDS[i]) for i, (row, m) in enumerate(zip(one["raw_advantages"], one["masked"]))
+                 if not m]
+    assert one["value_stats"]["return_mean"] == pytest.approx(sum(n * r for n, r in kept_rows) /
+                                                              sum(n for n, _ in kept_rows), rel=1e-12)
     before = ppo.full_weights(evaluation.load_model("tiny", dtype=torch.float64)[0])
     moved, gap = max_difference(one["weights"], before), max_difference(two["weights"], one["weights"])
     critic_gap = max_difference(two["critic"], one["critic"])

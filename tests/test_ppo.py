@@ -99,6 +99,58 @@ def test_whiten_over_valid_tokens():
     torch.testing.assert_close(w[mask], (valid - 2.5) / valid.std(), rtol=1e-7, atol=1e-7)
     assert torch.all(w[~mask] == 0)
     assert torch.all(ppo.whiten(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool)) == 0), "constant -> 0, no nan"
+    assert torch.all(ppo.whiten(x, torch.zeros(2, 3, dtype=torch.bool)) == 0), "no valid token -> 0, no nan"
+
+
+def test_mask_truncated_whitens_over_the_kept_responses_only():
+    """--mask-truncated drops the truncated responses from both losses, so they must not set the whitening's mean
+    and variance, nor the logged value statistics: the kept responses get the advantages and statistics of the batch
+    without the masked ones. (Truncated responses are long, failed and negative: left in, they shift every kept
+    token's whitened advantage up.)"""
+    g = torch.Generator().manual_seed(0)
+    lengths, masked = [3, 5, 12, 2, 12, 4], [False, False, True, False, True, False]
+    scores = [1.0, 0.0, 0.0, 1.0, 0.0, 1.0]
+    rollouts = [{"response_ids": [7] * n, "masked": m} for n, m in zip(lengths, masked)]
+    old_values = [torch.rand(n, generator=g) for n in lengths]
+    args, cpu = ppo.Args(mask_truncated=True), torch.device("cpu")
+    advantages, returns, stats = ppo.advantages_and_returns(rollouts, scores, old_values, None, args, cpu)
+    keep = [i for i, m in enumerate(masked) if not m]
+    alone, alone_returns, alone_stats = ppo.advantages_and_returns(
+        [rollouts[i] for i in keep], [scores[i] for i in keep], [old_values[i] for i in keep], None, args, cpu)
+    for j, i in enumerate(keep):
+        torch.testing.assert_close(advantages[i], alone[j], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(returns[i], alone_returns[j], rtol=0, atol=0)
+    assert set(stats) == {"value_mean", "return_mean", "return_var", "explained_var"}, stats
+    assert stats == pytest.approx(alone_stats, rel=1e-6)
+    assert all(torch.isfinite(advantages[i]).all() for i in range(len(lengths))), "a filler row must stay finite"
+    raw = ppo.advantages_and_returns(rollouts, scores, old_values, None, ppo.Args(whiten_advantages=False), cpu)[0]
+    every_token = torch.cat(raw)
+    shift = max(((a - every_token.mean()) / every_token.std() - alone[j]).abs().max().item()
+                for j, a in enumerate(raw[i] for i in keep))
+    assert shift > 0.1, f"whitening over every token gives nearly the same advantages ({shift}): the test is vacuous"
+
+
+class ReachedTheCollective(Exception):
+    pass
+
+
+def test_collectives_reduce_tensors_on_the_ranks_device(monkeypatch):
+    """Under torchrun on GPUs the process group is NCCL's, which reduces only GPU tensors ("No backend type
+    associated with device type cpu"). A stand-in all_reduce that refuses CPU tensors as NCCL does, and a rank whose
+    device is "meta" (the only non-CPU device a CPU machine has): the first collective of each function must get a
+    tensor on that device. (Meta tensors hold no data, so the stand-in stops the function there.)"""
+    def nccl_like_all_reduce(tensor, *args, **kwargs):
+        if tensor.device.type == "cpu":
+            raise RuntimeError("No backend type associated with device type cpu")
+        raise ReachedTheCollective(tensor.device)
+    monkeypatch.setattr(ppo, "is_distributed", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", nccl_like_all_reduce)
+    x, mask, meta = torch.randn(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.device("meta")
+    for name, call in (("whiten_over_ranks", lambda: ppo.whiten_over_ranks(x, mask, meta)),
+                       ("mean_over_ranks", lambda: ppo.mean_over_ranks(x.flatten(), meta)),
+                       ("sums_over_ranks", lambda: ppo.sums_over_ranks([1.0, 2.0], meta))):
+        with pytest.raises(ReachedTheCollective, match="meta"):
+            call()
 
 
 def test_token_rewards_put_the_outcome_on_the_last_token_and_the_kl_penalty_on_every_token():
@@ -139,7 +191,7 @@ def test_explained_variance():
 def tiny():
     model, tokenizer = evaluation.load_model("tiny")
     torch.manual_seed(0)
-    critic = ppo.load_critic(evaluation.resolve_model_path("tiny"), tokenizer, torch.device("cpu"))
+    critic = ppo.load_critic(evaluation.resolve_model_path("tiny"), tokenizer)
     return model, tokenizer, critic
 
 
@@ -233,10 +285,10 @@ def test_no_reference_model_exists_when_kl_coef_is_0(monkeypatch):
     loaded = []
     real_load = evaluation.load_model
     monkeypatch.setattr(evaluation, "load_model", lambda path: loaded.append(path) or real_load(path))
-    assert ppo.load_reference(ppo.Args(kl_coef=0.0), torch.device("cpu")) is None
-    assert ppo.load_reference(ppo.Args(kl_coef=0.0, kl_in_loss=True), torch.device("cpu")) is None
+    assert ppo.load_reference(ppo.Args(kl_coef=0.0)) is None
+    assert ppo.load_reference(ppo.Args(kl_coef=0.0, kl_in_loss=True)) is None
     assert not loaded, "a reference model was loaded although no KL term uses it"
-    reference = ppo.load_reference(ppo.Args(kl_coef=0.05, reference_on_cpu=True), torch.device("cpu"))
+    reference = ppo.load_reference(ppo.Args(kl_coef=0.05, reference_on_cpu=True))
     assert len(loaded) == 1 and not reference.training
     assert not any(p.requires_grad for p in reference.parameters()), "the reference must be frozen"
     assert all(p.device.type == "cpu" for p in reference.parameters())
