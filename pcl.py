@@ -937,7 +937,8 @@ def main(args: Args):
                          (args.prompts_per_step < 1, f"--prompts-per-step must be >= 1, not {args.prompts_per_step}"),
                          (args.samples_per_prompt < 2, "--samples-per-prompt must be >= 2 (a group of one has no "
                                                        f"advantage), not {args.samples_per_prompt}"),
-                         (args.mini_batch < 0, f"--mini-batch must be >= 0 (0: the whole batch), not {args.mini_batch}")):
+                         (args.mini_batch < 0, f"--mini-batch must be >= 0 (0: the whole batch), not "
+                                               f"{args.mini_batch}")):
         if bad:
             raise SystemExit(message)
     batch_size = args.prompts_per_step * args.samples_per_prompt
