@@ -90,7 +90,7 @@ class Args:
     entropy_coef: float = 0.0  # entropy bonus: loss -= coef * entropy (paper: none)
     loss_agg: str = "seq-mean-token-mean"  # per-sequence token mean, then mean over sequences (paper)
     num_updates: int = 1  # passes over each rollout batch (paper: 1, on-policy)
-    mini_batch: int = 128  # responses per optimizer step (paper: the whole batch m*n, one step per batch)
+    mini_batch: int = 0  # responses per optimizer step; 0: the whole batch m*n, one step per batch (paper)
     micro_batch: int = 32  # responses (or prompts, for V) per forward/backward; gradients accumulate
     # optimisation
     lr: float = 2e-4  # policy AdamW learning rate (paper: not in our notes; the tiny model needs far more than 1e-6)
@@ -472,7 +472,9 @@ class ValueModel(torch.nn.Module):
 
     Our choice of architecture (the paper gives none in code): an LM backbone, a linear head on the hidden state of
     the last prompt token, a sigmoid. The head starts at zero, so V starts at 0.5 everywhere: until it has learnt
-    something every candidate ties, and the tie rule makes the first steps uniform sampling."""
+    something every candidate ties, and the tie rule makes the first steps uniform sampling. Only the backbone of
+    `lm` is kept: V never reads the LM head, so once `lm` is gone so is its head (with tied embeddings, after
+    sharding, a dead full copy of the embeddings)."""
 
     def __init__(self, lm):
         super().__init__()
@@ -562,6 +564,44 @@ def update_value_model(value_model, optimizer, prompt_ids, realised_accuracy, ar
     return {"value_loss": sum(gather_from_ranks([loss_sum])), "value_grad_norm": grad_norm.item()}
 
 
+def check_value_tokenizer(args, model_path: str) -> None:
+    """V reads the policy's token ids: a --value-model with another vocabulary would silently read other tokens
+    (or, with a smaller one, index past its embeddings)."""
+    if not args.value_model:  # V is the policy's base checkpoint: its tokenizer
+        return
+    from transformers import AutoTokenizer
+    try:
+        value_vocab = AutoTokenizer.from_pretrained(resolve_on_rank0_first(args.value_model)).get_vocab()
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--value-model {args.value_model!r}: {e}") from None
+    policy_vocab = AutoTokenizer.from_pretrained(model_path).get_vocab()
+    if value_vocab != policy_vocab:
+        differ = sorted(set(value_vocab.items()) ^ set(policy_vocab.items()), key=lambda kv: kv[1])
+        raise SystemExit(f"--value-model {args.value_model!r}: its tokenizer's vocabulary ({len(value_vocab)} "
+                         f"tokens) is not the policy's ({len(policy_vocab)} tokens; e.g. {differ[:3]} differ): V "
+                         "reads the policy's token ids, so it needs a model of the same tokenizer")
+
+
+def load_value_model(args, device) -> ValueModel:
+    """V from --value-model, by default the policy's base checkpoint (not a resumed policy); a resumed run restores
+    V's own weights, read whole from trainer_state.pt before sharding. Nothing but V outlives this function: not the
+    LM head V drops, not the checkpoint's copy of its weights."""
+    try:
+        lm = evaluation.load_model(resolve_on_rank0_first(args.value_model or args.model))[0]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--value-model {args.value_model!r}: {e}") from None
+    value_model = ValueModel(lm).to(device).train()
+    if args.resume:  # mmap, CPU: read only V's weights, not the optimizer state beside them, and not onto a GPU
+        weights = torch.load(Path(args.resume) / "trainer_state.pt", map_location="cpu", mmap=True,
+                             weights_only=False).get("value_model")
+        if weights is None:
+            raise SystemExit(f"--resume {args.resume}: no value model in trainer_state.pt (not a pcl.py checkpoint)")
+        value_model.load_state_dict(weights)
+    if args.gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+    return value_model
+
+
 def shard_value_model(value_model, device):
     """V under torchrun, sharded like the policy (FSDP2: each decoder layer one unit, the root holds the embeddings,
     the final norm and the head), so that a V as large as the policy fits beside it. Every rank still scores every
@@ -581,12 +621,17 @@ def shard_value_model(value_model, device):
 
 def save_sharded_value_optimizer(folder: Path, value_model, optimizer) -> dict:
     """Every rank writes its shard of V's optimizer state (value_optimizer/, torch.distributed.checkpoint); returns
-    V's gathered weights (a collective), which rank 0 writes into trainer_state.pt as one process does."""
+    V's gathered weights on rank 0, which writes them into trainer_state.pt as one process does (an empty dict on
+    the other ranks: each joins every gather, a collective, and drops the result at once)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    rank = torch.distributed.get_rank()
     value_model.reshard()
-    full = lambda t: t.full_tensor().cpu() if hasattr(t, "full_tensor") else t.cpu()  # noqa: E731
-    weights = {name: full(t) for name, t in value_model.state_dict().items()}
+    weights = {}
+    for name, t in value_model.state_dict().items():
+        whole = t.full_tensor() if hasattr(t, "full_tensor") else t
+        if rank == 0:
+            weights[name] = whole.cpu()
     dcp.save({"optimizer": get_optimizer_state_dict(value_model, optimizer)}, checkpoint_id=folder / "value_optimizer")
     return weights
 
@@ -958,9 +1003,13 @@ def main(args: Args):
                          (not 0.0 <= args.tau <= 1.0, f"--tau is a target accuracy in [0, 1], not {args.tau}"),
                          (args.prompts_per_step < 1, f"--prompts-per-step must be >= 1, not {args.prompts_per_step}"),
                          (args.samples_per_prompt < 2, "--samples-per-prompt must be >= 2 (a group of one has no "
-                                                       f"advantage), not {args.samples_per_prompt}")):
+                                                       f"advantage), not {args.samples_per_prompt}"),
+                         (args.mini_batch < 0, f"--mini-batch must be >= 0 (0: the whole batch), not "
+                                               f"{args.mini_batch}")):
         if bad:
             raise SystemExit(message)
+    batch_size = args.prompts_per_step * args.samples_per_prompt
+    args = dataclasses.replace(args, mini_batch=args.mini_batch or batch_size)  # 0: one optimizer step per batch
     rank, world, device = init_distributed()  # one process unless started by torchrun
     check_world_size(args, world)
     check_choices(args)
@@ -969,6 +1018,7 @@ def main(args: Args):
     if args.resume and not (Path(args.resume) / "trainer_state.pt").is_file():
         raise SystemExit(f"--resume {args.resume}: no trainer_state.pt there (give a checkpoint-<step> folder)")
     model_path = args.resume or resolve_on_rank0_first(args.model)
+    check_value_tokenizer(args, model_path)  # before any model loads
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
     model.to(device).train()
     if args.gradient_checkpointing:
@@ -981,25 +1031,13 @@ def main(args: Args):
     if world > 1:
         model = shard_model(model, device)
         reference = shard_model(reference, device) if reference is not None else None
-    try:  # V starts from the policy's base checkpoint (not from a resumed policy): its own weights are restored
-        value_lm = evaluation.load_model(resolve_on_rank0_first(args.value_model or args.model))[0]
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--value-model {args.value_model!r}: {e}") from None
-    value_model = ValueModel(value_lm).to(device).train()
-    if args.resume:  # V's own weights, before sharding (the checkpoint holds them whole)
-        value_weights = torch.load(Path(args.resume) / "trainer_state.pt", weights_only=False).get("value_model")
-        if value_weights is None:
-            raise SystemExit(f"--resume {args.resume}: no value model in trainer_state.pt (not a pcl.py checkpoint)")
-        value_model.load_state_dict(value_weights)
-    if args.gradient_checkpointing:
-        value_lm.gradient_checkpointing_enable()
+    value_model = load_value_model(args, device)
     if world > 1:
         value_model = shard_value_model(value_model, device)
     value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=args.value_lr,
                                         weight_decay=args.value_weight_decay)
     problems = load_prompts(args, tokenizer)
     eval_problems = load_eval_problems(args)
-    batch_size = args.prompts_per_step * args.samples_per_prompt
     if batch_size % args.mini_batch or args.mini_batch % args.micro_batch:
         raise SystemExit(f"need mini_batch | prompts_per_step*samples_per_prompt ({batch_size}) and "
                          f"micro_batch | mini_batch; got mini_batch={args.mini_batch}, micro_batch={args.micro_batch}")
@@ -1022,6 +1060,7 @@ def main(args: Args):
             load_sharded_value_optimizer(Path(args.resume), value_model, value_optimizer)
         else:
             value_optimizer.load_state_dict(state["value_optimizer"])
+        del state  # it holds a copy of V's weights, loaded already: not kept for the whole run
         print(f"resumed from {args.resume} at step {start_step}")
     stops = evaluation.stop_token_ids(tokenizer, model)
     logger = Logger(output_dir, args) if rank == 0 else None
@@ -1073,31 +1112,35 @@ def main(args: Args):
         advantages = group_advantages(rewards, n, args.std_normalize)
         if args.mask_truncated:
             rollouts = [dict(r, masked=r["truncated"]) for r in rollouts]
-        # 6. update the policy on-policy (one optimizer step per batch by default), push weights into the engine
+        # the kept prompts' realised accuracy, V's target (under torchrun: every rank's kept prompts, gathered)
+        realised = realised_accuracy_over_ranks(rewards, n) if batch else torch.zeros(0)
+        whole_batch = gather_from_ranks(batch)
         train_stats = {"skipped": False}
+        t4 = t5 = time.time()
         if batch:  # dynamic sampling can find no informative prompt at all: nothing to train on
+            # steps 6 and 7 both run while vLLM sleeps: the policy and V each hold their AdamW state and gradients
             sleep_engine(engine, args)
+            # 6. update the policy on-policy (one optimizer step per batch by default)
             train_stats = update_policy(model, reference, rollouts, advantages, optimizer, scheduler, rank_args,
                                         autocast, pad_id, device)
             train_stats = train_stats_over_ranks(train_stats)
-            wake_engine(engine, model, args)
-        t4 = time.time()
-        bad_steps = bad_steps + 1 if train_stats.pop("skipped") else 0
-        if bad_steps >= args.max_bad_steps:
-            raise SystemExit(f"stopping: {bad_steps} updates in a row had a non-finite loss or gradient "
-                             "(lower --lr, check the data, or use fp32)")
-        # 7. regress V on the kept prompts' realised accuracy: the V used at the next step lags by one update
-        #    (under torchrun: every rank's kept prompts, with the accuracies gathered from every rank)
-        realised = realised_accuracy_over_ranks(rewards, n) if batch else torch.zeros(0)
-        whole_batch = gather_from_ranks(batch)
-        if batch:
+            t4 = time.time()
+            # 7. regress V on the kept prompts' realised accuracy: the V used at the next step lags by one update
             if predicted is None:  # uniform / dynamic sampling: V is not used to select, but still fitted and scored
                 predicted = predict_values(value_model, [p["prompt_ids"] for p in whole_batch], args, pad_id, device,
                                            autocast)
             metrics.update(value_fit(predicted, realised))
             metrics.update(update_value_model(value_model, value_optimizer, [p["prompt_ids"] for p in whole_batch],
                                               realised, args, pad_id, device, autocast))
-        t5 = time.time()
+            t5 = time.time()
+            if device.type == "cuda":  # two models' activations stay cached by torch unless handed back before vLLM
+                torch.cuda.empty_cache()  # wakes up and allocates its weights and KV cache again
+            wake_engine(engine, model, args)  # pushes the policy's new weights into the engine
+        t6 = time.time()
+        bad_steps = bad_steps + 1 if train_stats.pop("skipped") else 0
+        if bad_steps >= args.max_bad_steps:
+            raise SystemExit(f"stopping: {bad_steps} updates in a row had a non-finite loss or gradient "
+                             "(lower --lr, check the data, or use fp32)")
         # 8. log / evaluate / checkpoint (under torchrun: the whole batch, gathered from every rank)
         lengths = gather_from_ranks([len(r["response_ids"]) for r in rollouts]) or [0]
         rewards, correct = torch.tensor(gather_from_ranks(rewards.tolist())), gather_from_ranks(list(correct))
@@ -1110,7 +1153,7 @@ def main(args: Args):
                        value_pred_mean=predicted.mean().item() if predicted is not None else float("nan"),
                        response_len_mean=sum(lengths) / len(lengths),
                        truncated_share=sum(truncated) / max(1, len(truncated)),
-                       time_select=t1 - t0, time_generate=t2 - t1, time_score=t3 - t2, time_train=t4 - t3,
+                       time_select=t1 - t0, time_generate=t2 - t1, time_score=t3 - t2, time_train=t4 - t3 + t6 - t5,
                        time_value=t5 - t4, lr=scheduler.get_last_lr()[0], **train_stats)
         last = step + 1 == args.total_steps
         if last or (args.eval_every and (step + 1) % args.eval_every == 0):
@@ -1118,13 +1161,12 @@ def main(args: Args):
             metrics.update(run_evaluation(engine or model, tokenizer, eval_problems, args))
         if last or (args.save_every and (step + 1) % args.save_every == 0):
             folder = output_dir / f"checkpoint-{step + 1}"
-            if world > 1:  # V's gathered weights go into trainer_state.pt, its optimizer's shards beside it
-                value_state = {"value_model": save_sharded_value_optimizer(folder, value_model, value_optimizer)}
-                save_sharded_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra=value_state)
+            if world > 1:  # V's gathered weights (rank 0's) go into trainer_state.pt, its optimizer's shards beside it
+                save_sharded_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra={
+                    "value_model": save_sharded_value_optimizer(folder, value_model, value_optimizer)})
             else:
-                value_state = {"value_model": value_model.state_dict(),
-                               "value_optimizer": value_optimizer.state_dict()}
-                save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra=value_state)
+                save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra={
+                    "value_model": value_model.state_dict(), "value_optimizer": value_optimizer.state_dict()})
         if rank == 0:
             logger.log(metrics, line_keys=("reward_mean", "accuracy", "effective_ratio", "value_corr", "value_loss",
                                            "kept_prompts", "time_select", "time_generate", "time_train"))

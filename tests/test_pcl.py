@@ -1,8 +1,10 @@
 """pcl.py: prompt selection by V(x), the value model's loss and update, the effective ratio, whole runs, resume."""
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -215,6 +217,7 @@ def test_resumed_run_equals_uninterrupted_run_policy_and_value_model(tmp_path):
     (["--candidates-factor", "0"], "--candidates-factor"),
     (["--tau", "1.5"], "--tau"),
     (["--samples-per-prompt", "1"], "--samples-per-prompt"),
+    (["--mini-batch", "-1"], "--mini-batch"),
     (["--rollout", "hf", "--value-model", "/nonexistent/value"], "--value-model"),
     (["--rollout", "hf", "--resume", "/nonexistent/checkpoint-2"], "no trainer_state.pt"),
 ])
@@ -231,3 +234,86 @@ def test_dynamic_sampling_trains_only_on_informative_prompts(tmp_path):
     for m in read_metrics(tmp_path):
         assert m["effective_ratio"] == 1.0, "a kept group with all-equal rewards: the filter let it through"
         assert 0 < m["kept_prompts"] <= 4 and m["time_generate"] < m["time_select"]
+
+
+# ---- main in this process: the order of the updates, what stays in memory, the defaults --------------------------
+def small_run(output_dir, **changes):
+    """A 2-prompt x 4-sample run with HF rollouts and the default --mini-batch."""
+    return pcl.Args(rollout="hf", prompts_per_step=2, samples_per_prompt=4, candidates_factor=2, micro_batch=4,
+                    eval_every=0, eval_max_problems=2, value_lr=1e-2, output_dir=str(output_dir), **changes)
+
+
+@pytest.fixture(scope="module")
+def recorded_runs(tmp_path_factory):
+    """A 2-step run, then a resumed third step, in this process, recording the order of the engine's sleep and wake
+    and the two updates, and (at each update of V) whether the LM V was built from or a copy of V's weights loaded
+    from the checkpoint is still alive."""
+    folder = tmp_path_factory.mktemp("recorded")
+    events, lms, loaded = [], [], []
+
+    def record(name, function):
+        def wrapper(*a, **k):
+            events.append(name)
+            if name == "update_value_model":
+                gc.collect()
+                events.append(("alive", sum(r() is not None for r in lms), sum(r() is not None for r in loaded)))
+            return function(*a, **k)
+        return wrapper
+
+    class RecordedValueModel(pcl.ValueModel):
+        def __init__(self, lm):
+            lms.append(weakref.ref(lm))
+            super().__init__(lm)
+
+    def recorded_load(*a, **k):
+        state = torch_load(*a, **k)
+        if isinstance(state, dict) and "value_model" in state:
+            loaded.extend(weakref.ref(t) for t in state["value_model"].values())
+        return state
+
+    torch_load = torch.load
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("sleep_engine", "update_policy", "update_value_model", "wake_engine"):
+            patch.setattr(pcl, name, record(name, getattr(pcl, name)))
+        patch.setattr(pcl, "ValueModel", RecordedValueModel)
+        patch.setattr(torch, "load", recorded_load)
+        pcl.main(small_run(folder / "first", total_steps=2))
+        first = list(events)
+        events.clear()
+        pcl.main(small_run(folder / "resumed", total_steps=3, resume=str(folder / "first" / "checkpoint-2")))
+    assert loaded, "the resumed run loaded no value model: the memory check could not fail"
+    return {"first": first, "resumed": list(events), "folder": folder}
+
+
+def test_value_model_is_updated_while_the_engine_sleeps(recorded_runs):
+    updates = [e for e in recorded_runs["first"] if isinstance(e, str)]
+    assert updates == ["sleep_engine", "update_policy", "update_value_model", "wake_engine"] * 2, \
+        "V must train inside the sleep window: on one GPU the policy, V and their AdamW states leave vLLM no room"
+
+
+def test_no_copy_of_the_value_model_outlives_loading_it(recorded_runs):
+    alive = [e for run in ("first", "resumed") for e in recorded_runs[run] if isinstance(e, tuple)]
+    assert len(alive) == 3
+    assert all(lms == 0 for _, lms, _ in alive), \
+        "the LM V was built from is alive: its LM head (after sharding a dead full copy of the embeddings) with it"
+    assert all(copies == 0 for _, _, copies in alive), \
+        "V's weights loaded from trainer_state.pt are still referenced after --resume restored them"
+
+
+def test_default_mini_batch_is_the_whole_batch(recorded_runs):
+    folder = recorded_runs["folder"]
+    assert json.loads((folder / "first" / "args.json").read_text())["mini_batch"] == 2 * 4
+    state = torch.load(folder / "resumed" / "checkpoint-3" / "trainer_state.pt", weights_only=False)
+    assert state["scheduler"]["last_epoch"] == 3, "one optimizer step per rollout batch, the paper's setting"
+
+
+def test_value_model_with_another_vocabulary_is_refused(tiny, tmp_path):
+    from transformers import AutoTokenizer
+    path = evaluation.resolve_model_path("tiny")
+    pcl.check_value_tokenizer(pcl.Args(value_model=path), path)  # the same tokenizer: accepted
+    other = AutoTokenizer.from_pretrained(path)
+    other.add_tokens(["<another-family>"])
+    tiny[0].save_pretrained(tmp_path / "other")
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit, match="--value-model .*vocabulary"):
+        pcl.main(small_run(tmp_path / "run", total_steps=1, value_model=str(tmp_path / "other")))
