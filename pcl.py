@@ -826,7 +826,7 @@ def load_sharded_trainer_state(folder: Path, model, optimizer, scheduler) -> dic
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
+    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False, map_location="cpu")
     if state.get("world_size") != world:
         raise SystemExit(f"--resume {folder}: written by {state.get('world_size', 'a single process (1)')} "
                          f"rank(s); resume it with that many (this run has {world})")
@@ -952,7 +952,7 @@ def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, schedu
 
 
 def load_trainer_state(folder: Path, optimizer, scheduler) -> dict:
-    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
+    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["rng"]["python"])
@@ -1196,7 +1196,7 @@ def load_trainer_state_for_world(folder: Path, model, optimizer, scheduler, worl
     if world > 1:
         return load_sharded_trainer_state(folder, model, optimizer, scheduler)
     if sharded:
-        world_then = torch.load(folder / "trainer_state.pt", weights_only=False)["world_size"]
+        world_then = torch.load(folder / "trainer_state.pt", weights_only=False, map_location="cpu")["world_size"]
         raise SystemExit(f"--resume {folder}: written by torchrun with {world_then} ranks; resume it with "
                          f"torchrun --nproc_per_node {world_then} (its optimizer state is sharded)")
     return load_trainer_state(folder, optimizer, scheduler)
