@@ -15,8 +15,9 @@ built-in tiny model on the toy task on a CPU in a few minutes; the README gives 
     torchrun --nproc_per_node 8 hapo.py --model ...  # several GPUs: FSDP2, one vLLM engine per rank
 
 Differs from grpo.py in: the reward (correctness + history-relative length reward, `length_reward`,
-`history_length_rewards`), the history state (kept per training problem, saved in checkpoints and restored on
-resume), `--train-problems` (train on the first N problems, so that problems are revisited and have a history),
+`history_length_rewards`), the history state (kept per training problem, saved in checkpoints with a fingerprint
+of the problem list and restored on resume over the same list only), `--train-problems` (train on the first N
+problems, so that problems are revisited and have a history; the toy default takes 320, a data file is used whole),
 and the length metrics it logs (mean and p90 of all and of correct responses, history coverage and mean h_i).
 Choices, all flags: `--history-mode mean` (h_i = running mean of correct lengths), `--length-reward linear`
 (piecewise linear with a 10% tolerance, from the paper's code), `--length-weight` w in [0, 1]. Lengths for the
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -52,7 +54,7 @@ class Args:
     # experiment
     seed: int = 1  # seeds python, numpy, torch and the rollout sampler
     output_dir: str = ""  # default runs/hapo-<time>
-    total_steps: int = 100  # rollout batches (paper: 5 epochs over its 2,000 problems)
+    total_steps: int = 100  # rollout batches (paper: 1,250 = 5 epochs over its 2,000 problems at 8 per step)
     eval_every: int = 25  # evaluate every this many steps (and at the end); 0: only at the end
     save_every: int = 0  # checkpoint every this many steps (and at the end); 0: only at the end
     resume: str = ""  # a checkpoint folder to continue from (the history comes back with it)
@@ -62,16 +64,16 @@ class Args:
     # model whose answers trail longer idle sentences, so that the length reward has something to cut
     model: str = "tiny-verbose"
     train_data: str = "toy"  # jsonl/json/parquet with problem and answer columns (paper: 2,000 DeepScaleR); "toy"
-    train_problems: int = 320  # train on the first this many problems, so each is revisited; 0: all (paper: all)
+    train_problems: int = -1  # train on the first N, revisited; 0: all (paper); -1: 320 of the toy task, all else
     problem_key: str = "problem"  # column holding the problem text
     answer_key: str = "answer"  # column holding the gold answer
     eval_data: str = "auto"  # toy (held-out split), a benchmark (math500, ...) or a file; auto: toy or math500
     eval_max_problems: int = 0  # evaluate on the first this many problems; 0: all
     template: str = "qwen-math-train"  # prompt template: qwen-math-train, qwen25-math-cot, chat (paper), plain
-    max_prompt_tokens: int = 1024  # longer prompts are dropped, with a count printed
+    max_prompt_tokens: int = 1024  # longer prompts are dropped, with a count printed (paper's code: cut to 512)
     # rollout
     rollout: str = "auto"  # "vllm", "hf" (transformers generate) or "auto" (vllm when installed)
-    prompts_per_step: int = 16  # prompts per rollout batch
+    prompts_per_step: int = 16  # prompts per rollout batch (paper: 8)
     samples_per_prompt: int = 8  # group size n (paper: 2)
     temperature: float = 1.0  # sampling temperature, also divides the trainer's logits (paper: 0.7)
     top_p: float = 1.0  # nucleus sampling
@@ -93,12 +95,12 @@ class Args:
     entropy_coef: float = 0.0  # entropy bonus: loss -= coef * entropy
     loss_agg: str = "token-mean"  # token-mean, seq-mean-token-mean (paper), seq-mean-token-sum-norm (Dr. GRPO)
     num_updates: int = 1  # passes over each rollout batch
-    mini_batch: int = 128  # responses per optimizer step
+    mini_batch: int = 128  # responses per optimizer step (paper: 16, one step per rollout batch)
     micro_batch: int = 32  # responses per forward/backward; gradients accumulate over a mini-batch
     # optimisation
     lr: float = 2e-4  # AdamW learning rate (paper: 1e-6; the tiny model needs far more)
-    weight_decay: float = 0.01  # AdamW weight decay
-    lr_schedule: str = "constant"  # "constant", "cosine" or "linear" (to 0; both after warmup)
+    weight_decay: float = 0.01  # AdamW weight decay (paper: 0)
+    lr_schedule: str = "constant"  # "constant", "cosine" or "linear" (to 0; both after warmup; paper: linear)
     warmup_steps: int = 0  # linear warmup, in optimizer steps
     max_grad_norm: float = 1.0  # global gradient-norm clip
     gradient_checkpointing: bool = False  # recompute activations in backward (real runs: on)
@@ -550,8 +552,51 @@ def check_hapo_args(args) -> None:
         raise SystemExit(f"--length-reward must be cosine or linear, not {args.length_reward!r}")
     if args.history_mode not in ("min", "mean"):
         raise SystemExit(f"--history-mode must be min or mean, not {args.history_mode!r}")
-    if args.train_problems < 0:
-        raise SystemExit(f"--train-problems must be >= 0 (0: all), got {args.train_problems}")
+    if args.train_problems < -1:
+        raise SystemExit(f"--train-problems must be >= 0 (0: all; -1: 320 of the toy task, all of a file), got "
+                         f"{args.train_problems}")
+
+
+TOY_TRAIN_PROBLEMS = 320  # 100 steps of 16 prompts visit each 5 times: the paper's 5 epochs, at the toy's scale
+
+
+def training_problems(problems: list[dict], args) -> list[dict]:
+    """The first --train-problems problems, so that each is revisited and builds a history. The toy default (-1)
+    cuts the toy task to 320; a --train-data file is used whole unless asked otherwise, and any cut is printed."""
+    n = args.train_problems
+    if n == -1:
+        n = TOY_TRAIN_PROBLEMS if args.train_data == "toy" else 0
+    if n > len(problems):
+        print(f"--train-problems {n}: there are only {len(problems)} problems, training on all of them")
+    elif 0 < n < len(problems):
+        print(f"training on the first {n} of {len(problems)} problems (--train-problems {n}; 0: all)")
+        return problems[:n]
+    return problems
+
+
+def problems_fingerprint(problems: list[dict]) -> dict:
+    """What the history's indices point at: the count and a hash of the problems' texts and answers, in order. A
+    resume over another list (another file, --train-problems, or a --template / --max-prompt-tokens that drops
+    other prompts and so shifts the indices) would hand one problem's h_i to another."""
+    texts = json.dumps([[p["problem"], p["answer"]] for p in problems])
+    return {"count": len(problems), "sha256": hashlib.sha256(texts.encode()).hexdigest()}
+
+
+def check_same_problems(state: dict, problems: list[dict], folder: str) -> None:
+    """Refuse to resume a history over other training problems than the checkpoint's."""
+    saved, now = state.get("train_problems"), problems_fingerprint(problems)
+    history = state.get("history", {})
+    if saved is None:  # a checkpoint from before fingerprints: only a history past the end can be caught
+        if history and max(history) >= len(problems):
+            raise SystemExit(f"the checkpoint's history covers problem {max(history)}, but there are "
+                             f"{len(problems)} training problems: resume with the same --train-data and "
+                             "--train-problems")
+        return
+    if saved != now:
+        raise SystemExit(f"--resume {folder}: the checkpoint's history is over other training problems "
+                         f"({saved['count']} problems, hash {saved['sha256'][:12]}) than this run's ({now['count']}, "
+                         f"hash {now['sha256'][:12]}): resume with the same --train-data, --train-problems, "
+                         "--problem-key / --answer-key, --template and --max-prompt-tokens")
 
 
 # ---- scale-out: torchrun + FSDP2 (idle in a single process) ---------------------------------------------------
@@ -906,7 +951,7 @@ def main(args: Args):
     if world > 1:
         model = shard_model(model, device)
         reference = shard_model(reference, device) if reference is not None else None
-    problems = load_prompts(args, tokenizer)[:args.train_problems or None]
+    problems = training_problems(load_prompts(args, tokenizer), args)
     history: dict[int, tuple[float, int]] = {}  # problem index -> (h_i, correct responses seen); HAPO's state
     eval_problems = load_eval_problems(args)
     batch_size = args.prompts_per_step * args.samples_per_prompt
@@ -930,9 +975,7 @@ def main(args: Args):
         start_step, history = state["step"], state.get("history", {})
         if "history" not in state:
             print(f"{args.resume} holds no HAPO history (not a hapo.py checkpoint): starting with none")
-        if history and max(history) >= len(problems):
-            raise SystemExit(f"the checkpoint's history covers problem {max(history)}, but there are {len(problems)} "
-                             "training problems: resume with the same --train-data and --train-problems")
+        check_same_problems(state, problems, args.resume)
         print(f"resumed from {args.resume} at step {start_step}, history of {len(history)} problems")
     stops = evaluation.stop_token_ids(tokenizer, model)
     logger = Logger(output_dir, args) if rank == 0 else None
@@ -981,11 +1024,12 @@ def main(args: Args):
         # 7. log / evaluate / checkpoint (under torchrun: the whole batch, gathered from every rank)
         lengths = gather_from_ranks([len(r["response_ids"]) for r in rollouts])
         rewards, correct = torch.tensor(gather_from_ranks(rewards.tolist())), gather_from_ranks(list(correct))
+        right = gather_from_ranks(right)  # correct and not truncated: the responses the reward counts as right
         length_rewards = gather_from_ranks(length_rewards)
         truncated = gather_from_ranks([r["truncated"] for r in rollouts])
         metrics.update(reward_mean=rewards.mean().item(), accuracy=sum(correct) / len(correct),
                        response_len_mean=sum(lengths) / len(lengths),
-                       **length_metrics(lengths, correct), length_reward_mean=sum(length_rewards) / len(lengths),
+                       **length_metrics(lengths, right), length_reward_mean=sum(length_rewards) / len(lengths),
                        scored_with_history=with_history, history_share=len(history) / len(problems),
                        history_len_mean=sum(h for h, _ in history.values()) / max(1, len(history)),
                        truncated_share=sum(truncated) / len(truncated),
@@ -997,11 +1041,11 @@ def main(args: Args):
             metrics.update(run_evaluation(engine or model, tokenizer, eval_problems, args))
         if last or (args.save_every and (step + 1) % args.save_every == 0):
             folder = output_dir / f"checkpoint-{step + 1}"
+            hapo_state = {"history": history, "train_problems": problems_fingerprint(problems)}
             if world > 1:  # the history is the same on every rank: rank 0 writes it
-                save_sharded_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler,
-                                        extra={"history": history})
+                save_sharded_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra=hapo_state)
             else:
-                save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra={"history": history})
+                save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra=hapo_state)
         if rank == 0:
             logger.log(metrics, line_keys=("reward_mean", "accuracy", "response_len_mean", "correct_len_mean",
                                            "length_reward_mean", "history_share", "history_len_mean", "kl",

@@ -104,6 +104,29 @@ def test_response_length_does_not_count_the_stop_token():
     assert hapo.response_length([], stops) == 0
 
 
+# ---- the training problems -----------------------------------------------------------------------------------
+def test_the_default_cuts_only_the_toy_task_and_every_cut_is_printed(capsys):
+    problems = [{"problem": f"q{i}", "answer": str(i)} for i in range(500)]
+    assert hapo.training_problems(problems, hapo.Args()) == problems[:320], "toy default: 320 problems, 5 visits each"
+    assert "training on the first 320 of 500 problems" in capsys.readouterr().out
+    from_file = hapo.training_problems(problems, hapo.Args(train_data="dsr.json"))
+    assert from_file == problems, "a --train-data file must not be cut to the toy's 320 by default"
+    assert capsys.readouterr().out == ""
+    assert hapo.training_problems(problems, hapo.Args(train_data="dsr.json", train_problems=10)) == problems[:10]
+    assert "training on the first 10 of 500 problems (--train-problems 10; 0: all)" in capsys.readouterr().out
+    assert hapo.training_problems(problems, hapo.Args(train_problems=0)) == problems
+    assert hapo.training_problems(problems, hapo.Args(train_problems=600)) == problems
+    assert "only 500 problems" in capsys.readouterr().out
+
+
+def test_problems_fingerprint_tells_problem_lists_apart():
+    problems = [{"problem": f"q{i}", "answer": str(i)} for i in range(4)]
+    same = hapo.problems_fingerprint([dict(p) for p in problems])
+    assert hapo.problems_fingerprint(problems) == same and same["count"] == 4
+    for other in (problems[:3], problems[::-1], problems[:3] + [{"problem": "q3", "answer": "4"}]):
+        assert hapo.problems_fingerprint(other) != same, other
+
+
 # ---- whole runs ------------------------------------------------------------------------------------------------
 def run_script(*args, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -161,14 +184,24 @@ def test_default_run_builds_a_history_that_shrinks(default_run):
     assert {"eval/correct_len_mean", "eval/response_len_p90", "correct_len_p90"} <= set(default_run[-1])
 
 
-def test_resumed_run_equals_uninterrupted_run_weights_and_history(tmp_path):
-    # 4 problems, 4 per step: every step revisits every problem, so from step 2 on the history shapes the rewards
-    common = ["--rollout", "hf", "--prompts-per-step", "4", "--train-problems", "4", "--mini-batch", "16",
+# 4 problems, 4 per step: every step revisits every problem, so from step 2 on the history shapes the rewards
+RESUME_RUN = ["--rollout", "hf", "--prompts-per-step", "4", "--train-problems", "4", "--mini-batch", "16",
               "--micro-batch", "8", "--eval-every", "0", "--eval-max-problems", "4"]
-    run_script(*common, "--total-steps", "4", "--output-dir", str(tmp_path / "straight"))
-    run_script(*common, "--total-steps", "2", "--output-dir", str(tmp_path / "first"))
-    run_script(*common, "--total-steps", "4", "--resume", str(tmp_path / "first" / "checkpoint-2"),
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tmp_path_factory):
+    """4 steps straight; 2 steps, then resumed to 4. Shared by the resume tests."""
+    tmp_path = tmp_path_factory.mktemp("resume")
+    run_script(*RESUME_RUN, "--total-steps", "4", "--output-dir", str(tmp_path / "straight"))
+    run_script(*RESUME_RUN, "--total-steps", "2", "--output-dir", str(tmp_path / "first"))
+    run_script(*RESUME_RUN, "--total-steps", "4", "--resume", str(tmp_path / "first" / "checkpoint-2"),
                "--output-dir", str(tmp_path / "resumed"))
+    return tmp_path
+
+
+def test_resumed_run_equals_uninterrupted_run_weights_and_history(resume_runs):
+    tmp_path = resume_runs
     resumed_steps = read_metrics(tmp_path / "resumed")
     assert [m["step"] for m in resumed_steps] == [3, 4]
     assert resumed_steps[0]["scored_with_history"] > 0, "the resumed run's first step saw no history: not restored"
@@ -185,12 +218,49 @@ def test_resumed_run_equals_uninterrupted_run_weights_and_history(tmp_path):
         assert torch.equal(straight[k], resumed[k]), f"{k} differs after resume"
 
 
+@pytest.mark.parametrize("other", ["more-problems", "reordered-file"])
+def test_resume_over_other_training_problems_is_refused(resume_runs, other):
+    """The history is keyed by problem index. 5 problems, or the same 4 in another order, keep every saved index in
+    range, so only the checkpoint's fingerprint of its problem list can tell that h_i would land on another problem."""
+    checkpoint = resume_runs / "first" / "checkpoint-2"
+    toy_four = evaluation.load_problems("toy")[:4]
+    saved = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    assert saved["train_problems"] == hapo.problems_fingerprint(toy_four)
+    assert max(saved["history"]) < 4
+    if other == "more-problems":
+        changed = ["--train-problems", "5"]
+    else:
+        data = resume_runs / f"{other}.jsonl"
+        data.write_text("".join(json.dumps({"problem": p["problem"], "answer": p["answer"]}) + "\n"
+                                for p in toy_four[::-1]))
+        changed = ["--train-data", str(data)]
+    out = subprocess.run([sys.executable, str(ROOT / "hapo.py"), *RESUME_RUN, *changed, "--total-steps", "4",
+                          "--resume", str(checkpoint), "--output-dir", str(resume_runs / other)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode != 0, "resumed a history over other training problems"
+    assert "the checkpoint's history is over other training problems (4 problems" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not (resume_runs / other / "metrics.jsonl").exists(), "it trained before refusing"
+
+
+def test_truncated_right_answers_are_not_counted_as_correct_lengths(tmp_path):
+    """With 8 new tokens the tiny model's shortest right answer ("The answer is \\boxed{x}.") fits but its stop
+    token does not: verify.py marks it right, the reward (and so correct_len) treats it as wrong."""
+    run_script("--rollout", "hf", "--total-steps", "1", "--prompts-per-step", "4", "--mini-batch", "32",
+               "--micro-batch", "16", "--max-new-tokens", "8", "--eval-every", "0", "--eval-max-problems", "4",
+               "--output-dir", str(tmp_path))
+    step = read_metrics(tmp_path)[0]
+    assert step["truncated_share"] == 1.0 and step["accuracy"] > 0, "no truncated right answer: vacuous test"
+    assert step["reward_mean"] == 0.0
+    assert "correct_len_mean" not in step and "correct_len_p90" not in step, step
+
+
 @pytest.mark.parametrize("flag,value,message", [
     ("length_weight", 1.5, "--length-weight must be in [0, 1]"),
     ("length_weight", -0.1, "--length-weight must be in [0, 1]"),
     ("length_reward", "sigmoid", "--length-reward must be cosine or linear"),
     ("history_mode", "max", "--history-mode must be min or mean"),
-    ("train_problems", -1, "--train-problems must be >= 0"),
+    ("train_problems", -2, "--train-problems must be >= 0"),
 ])
 def test_bad_hapo_arguments_fail_before_loading_anything(flag, value, message):
     with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
