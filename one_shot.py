@@ -945,9 +945,10 @@ def check_ranks_within_pool_run(args, pool_size: int) -> None:
 
 
 def free_finished_phase() -> None:
-    """Free what the pool run left behind before 1-shot RLVR allocates its own. Its AdamW and LambdaLR refer to each
-    other, so they (and, through AdamW, the policy's weights) outlive train() until a cyclic garbage collection:
-    at 1.5B about 18 GB of GPU memory next to the new policy, optimizer and vLLM."""
+    """Free what the pool run left behind before 1-shot RLVR allocates its own. Its AdamW can be caught in a reference
+    cycle (in torch 2.13 the first optimizer of a process is: the frames of its __init__ survive torch's lazy compile
+    import), and then its state and, through it, the policy's weights outlive train() until a cyclic garbage
+    collection: at 1.5B about 18 GB of GPU memory next to the new policy, optimizer and vLLM."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
