@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import importlib.util
 import inspect
 import json
@@ -779,25 +780,55 @@ def load_prompts(args, tokenizer) -> list[dict]:
 
 
 def load_eval_problems(args) -> dict[str, list[dict]]:
-    """The evaluation sets of --eval-data by name: toy, benchmarks (paper: the paper's six) or files (by stem)."""
+    """The evaluation sets of --eval-data by name: toy, benchmarks (paper: the paper's six) and files, each file
+    named by file_set_names."""
     if args.eval_data == "auto":
         args.eval_data = "toy" if args.model in evaluation.TINY_MODELS else "paper"
-    names = [name.strip() for name in args.eval_data.split(",") if name.strip()]
-    names = [m for name in names for m in (evaluation.PAPER_BENCHMARKS if name == "paper" else (name,))]
-    if not names:
+    sources = [name.strip() for name in args.eval_data.split(",") if name.strip()]
+    sources = list(dict.fromkeys(m for name in sources
+                                 for m in (evaluation.PAPER_BENCHMARKS if name == "paper" else (name,))))
+    if not sources:
         raise SystemExit("--eval-data: no evaluation set given")
+    file_names = file_set_names([source for source in sources if is_data_file(source)])
     sets = {}
-    for name in dict.fromkeys(names):
+    for source in sources:
         try:
-            if Path(name).suffix in (".jsonl", ".json", ".parquet"):
-                problems = evaluation.load_problems(name, args.problem_key, args.answer_key)
-                name = Path(name).stem
+            if source in file_names:
+                problems = evaluation.load_problems(source, args.problem_key, args.answer_key)
             else:
-                problems = evaluation.load_benchmark(name)
+                problems = evaluation.load_benchmark(source)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"--eval-data: {e}") from None
-        sets[name] = problems[:args.eval_max_problems] if args.eval_max_problems else problems
+        sets[file_names.get(source, source)] = problems[:args.eval_max_problems] if args.eval_max_problems \
+            else problems
     return sets
+
+
+def is_data_file(source: str) -> bool:
+    """An --eval-data entry is a file when it is one or has a data file's suffix (a missing one is reported missing);
+    a benchmark's bare name is always the benchmark (./math500 names a file of that name)."""
+    return source not in evaluation.BENCHMARKS and (Path(source).suffix in (".jsonl", ".json", ".parquet")
+                                                     or Path(source).is_file())
+
+
+def file_set_names(paths: list[str]) -> dict[str, str]:
+    """Each evaluation file's set name: its stem, lengthened by its folders until no other file's name at that
+    length is the same (d/math500/test.jsonl, d/aime24/test.jsonl: math500/test, aime24/test) and it is not a
+    benchmark's name (a file math500.jsonl is decoded as the training prompts, so it is named <folder>/math500,
+    not math500), nor "average"."""
+    reserved = {*evaluation.BENCHMARKS, "paper", "average"}
+    parts = {path: Path(path).resolve().with_suffix("").parts[1:] for path in paths}
+    names = {}
+    for path, own in parts.items():
+        for k in range(1, len(own) + 1):
+            if "/".join(own[-k:]) not in reserved and all(other[-k:] != own[-k:] for p, other in parts.items()
+                                                           if p != path):
+                names[path] = "/".join(own[-k:])
+                break
+        else:
+            raise SystemExit(f"--eval-data: {path} cannot be told apart from another evaluation set (the same file "
+                             "given twice, or the same name with another suffix); give each set once")
+    return names
 
 
 def batch_indices(step: int, n_problems: int, batch: int, seed: int) -> list[int]:
@@ -923,6 +954,7 @@ def main(args: Args):
             raise SystemExit(f"--rank {min(args.rank)}: ranks start at 1 (pi_1, the largest historical variance)")
         if args.label and len(args.label) != len(args.rank):
             raise SystemExit(f"--label: give one label per example ({len(args.rank)}), got {len(args.label)}")
+        check_ranks_within_pool_run(args, len(pool_of(args, problems)))
     if chosen is not None and not args.total_steps:
         raise SystemExit("--total-steps 0 means a pool run only, but the example is already given")
     replicate(list(chosen or args.rank), args.prompts_per_step)  # unequal shares fail now, not after the pool run
@@ -943,14 +975,15 @@ def main(args: Args):
     # 0. choose the example(s) (the paper's data selection): plain GRPO over the pool from the base model records
     #    each example's accuracy every time it is sampled; the ranks pick from that history by its variance
     if chosen is None:
-        pool_size = args.pool_size if args.pool_size >= 0 else (32 if args.train_data == "toy" else 0)
-        pool = problems[:pool_size] if pool_size else problems
+        pool = pool_of(args, problems)
         print(f"pool run: {args.pool_steps} GRPO steps over {len(pool)} problems, recording their accuracy")
         history = train(args, "pool", pool, model, output_dir / "pool", state, **run)
         chosen = select_by_rank(history, args.rank)
         print("pool history ranked by historical variance: "
               + ", ".join(f"pi_{r} = {i}" for r, i in zip(args.rank, chosen)))
         examples = find_examples(problems, chosen, args.label)
+        del model  # the pool run's policy and AdamW state go before 1-shot RLVR's are made
+        free_finished_phase()
         model, state = evaluation.load_model(base_path)[0], {}  # 1-shot RLVR starts again from the base model
     if not args.total_steps:
         return finish(output_dir, engine)
@@ -963,6 +996,33 @@ def main(args: Args):
     return finish(output_dir, engine)
 
 
+def pool_of(args, problems: list[dict]) -> list[dict]:
+    """The pool run's problems: the first --pool-size training problems (32 on the toy task by default)."""
+    pool_size = args.pool_size if args.pool_size >= 0 else (32 if args.train_data == "toy" else 0)
+    return problems[:pool_size] if pool_size else problems
+
+
+def check_ranks_within_pool_run(args, pool_size: int) -> None:
+    """pi_i needs at least i examples in the pool run's history, which holds only the examples it samples: the
+    whole pool once its steps cover it (each epoch is a permutation), else the first pool_steps x prompts_per_step.
+    Checked now, not after the pool run."""
+    sampled = min(pool_size, args.pool_steps * args.prompts_per_step)
+    if max(args.rank) > sampled:
+        raise SystemExit(f"--rank {max(args.rank)}: the pool run ranks only the {sampled} examples it samples "
+                         f"({pool_size} in the pool, {args.pool_steps} steps x {args.prompts_per_step} prompts); "
+                         f"ask for ranks up to {sampled}, or a larger --pool-size / --pool-steps")
+
+
+def free_finished_phase() -> None:
+    """Free what the pool run left behind before 1-shot RLVR allocates its own. Its AdamW can be caught in a reference
+    cycle (in torch 2.13 the first optimizer of a process is: the frames of its __init__ survive torch's lazy compile
+    import), and then its state and, through it, the policy's weights outlive train() until a cyclic garbage
+    collection: at 1.5B about 18 GB of GPU memory next to the new policy, optimizer and vLLM."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def finish(output_dir: Path, engine) -> Path:
     if is_distributed() and engine is None:  # a vLLM engine tears the process group down itself when it shuts down
         torch.distributed.destroy_process_group()
@@ -972,8 +1032,11 @@ def finish(output_dir: Path, engine) -> Path:
 def train(args, phase, problems, model, output_dir, state, reference, engine, tokenizer, eval_sets, device, autocast,
           stops):
     """GRPO steps over the pool, recording each example's accuracy history (phase "pool"), or over the replicated
-    example(s) (phase "one-shot"). Both start from the seed, so a 1-shot run does not depend on how its example was
-    chosen: the default run's second phase equals a run given the first phase's history."""
+    example(s) (phase "one-shot"). Each phase reseeds at its start and the rollouts' randomness follows from the seed
+    and the step (HF generate and vLLM on CPU draw from the reseeded torch stream; vLLM on a GPU takes per-request
+    seeds), so a 1-shot run does not depend on how its example was chosen: the default run's second phase draws the
+    samples of a run given the first phase's history (equal weights: tested with HF rollouts, seen with vLLM on CPU;
+    on a GPU up to its kernels' nondeterminism)."""
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
     random.seed(args.seed + rank)  # each rank samples its own responses; the data order is seeded apart
     np.random.seed(args.seed + rank)
@@ -1089,7 +1152,20 @@ def train(args, phase, problems, model, output_dir, state, reference, engine, to
                 save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra=extra)
         if rank == 0:
             logger.log(metrics)
+    if rank == 0:
+        close_logger(logger)
     return history
+
+
+def close_logger(logger: Logger) -> None:
+    """End the phase's log: the pool run and 1-shot RLVR are two runs in one process, each with its own Logger.
+    wandb keeps one active run per process, so the pool run's must finish before the next wandb.init, or 1-shot
+    RLVR would log into it at steps it already used (which wandb drops)."""
+    logger.file.close()
+    if hasattr(logger.tracker, "finish"):  # wandb's Run
+        logger.tracker.finish()
+    elif logger.tracker is not None:  # TensorBoard's SummaryWriter
+        logger.tracker.close()
 
 
 def group_accuracy_over_ranks(rewards: torch.Tensor, group_size: int) -> list[float]:
@@ -1202,7 +1278,7 @@ def run_evaluation(engine, tokenizer, eval_sets, args) -> dict:
     out = {}
     with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's random stream
         for name, problems in eval_sets.items():
-            if name in evaluation.BENCHMARKS:
+            if name in evaluation.BENCHMARKS:  # a file's set never has a benchmark's name (file_set_names)
                 decoding = evaluation.decoding_for(name, argparse.Namespace(
                     n=None, temperature=None, top_p=1.0, template=None, mode=None, max_tokens=None), ks=())
             else:

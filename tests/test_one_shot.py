@@ -1,9 +1,13 @@
 """one_shot.py: the example chosen by historical variance, its replication, the entropy bonus, the default run's
 saturation, resume, and clear errors."""
+import gc
+import importlib.machinery
 import json
 import os
 import subprocess
 import sys
+import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -162,6 +166,17 @@ def test_bad_inputs_fail_clearly(tmp_path):
     assert "pool run only" in fails_with(tmp_path, "--example-index", "1", "--total-steps", "0")
 
 
+def test_a_rank_the_pool_run_cannot_reach_fails_before_it(tmp_path):
+    """pi_5 of a pool of 4, or of a pool run that samples only 4 examples, cannot exist: said before the pool run."""
+    small = ["--pool-steps", "2", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "16"]
+    message = fails_with(tmp_path, *small, "--pool-size", "4", "--rank", "5")
+    assert "ranks only the 4 examples" in message and "pool run" in message, message
+    assert not (tmp_path / "out" / "pool").exists(), "the pool run ran before the rank was checked"
+    message = fails_with(tmp_path, *small, "--pool-size", "0", "--pool-steps", "1", "--rank", "5")
+    assert "ranks only the 4 examples" in message and "1 steps x 4 prompts" in message, message
+    assert not (tmp_path / "out" / "pool").exists(), "the pool run ran before the rank was checked"
+
+
 def test_a_bad_history_fails_without_a_traceback(tmp_path):
     (tmp_path / "h.json").write_text("not json")
     out = subprocess.run([sys.executable, str(ROOT / "one_shot.py"), "--history", str(tmp_path / "h.json"),
@@ -182,6 +197,33 @@ def test_evaluation_reports_each_set_and_their_mean(tiny, tmp_path):
     assert metrics["eval/average"] == pytest.approx((metrics["eval/toy"] + metrics["eval/mine"]) / 2)
     assert metrics["eval/mine"] == evaluation.evaluate(model, tokenizer, rows, template=args.template,
                                                        max_tokens=args.max_new_tokens, seed=args.seed)[0]["accuracy"]
+
+
+def test_evaluation_files_are_named_apart(tmp_path):
+    """Two files with one stem get their folders in their names (neither set is dropped); a file named like a
+    benchmark does not take the benchmark's name; the same file twice is refused."""
+    rows = evaluation.toy_splits()[1]
+    for name, n in [("d/math500/test.jsonl", 3), ("d/aime24/test.jsonl", 2), ("mine/math500.jsonl", 4)]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
+    files = [str(tmp_path / name) for name in ("d/math500/test.jsonl", "d/aime24/test.jsonl", "mine/math500.jsonl")]
+    sets = one_shot.load_eval_problems(one_shot.Args(eval_data=",".join(["toy", *files])))
+    assert {name: len(p) for name, p in sets.items()} == {"toy": 100, "math500/test": 3, "aime24/test": 2,
+                                                         "mine/math500": 4}
+    with pytest.raises(SystemExit, match="cannot be told apart"):
+        one_shot.load_eval_problems(one_shot.Args(eval_data=f"{files[0]},{tmp_path}/d/./math500/test.jsonl"))
+
+
+def test_a_file_named_like_a_benchmark_is_decoded_as_the_training_prompts(tmp_path, monkeypatch):
+    (tmp_path / "math500.jsonl").write_text(json.dumps(evaluation.toy_splits()[1][0]) + "\n")
+    args = one_shot.Args(eval_data=str(tmp_path / "math500.jsonl"))
+    decodings = []
+    monkeypatch.setattr(one_shot.evaluation, "evaluate",
+                        lambda engine, tokenizer, problems, seed, **decoding: (decodings.append(decoding)
+                                                                                or ({"accuracy": 0.5}, [])))
+    one_shot.run_evaluation(None, None, one_shot.load_eval_problems(args), args)
+    assert decodings[0]["template"] == args.template and decodings[0]["temperature"] == 0.0, decodings
+    assert decodings[0]["mode"] == args.answer_mode and decodings[0]["n"] == 1, decodings
 
 
 # ---- whole runs ------------------------------------------------------------------------------------------------
@@ -267,3 +309,73 @@ def test_resume_and_a_history_file_reproduce_the_uninterrupted_run(tmp_path):
     pool_history = json.loads(history.read_text())
     assert max(map(len, pool_history.values())) >= 2
     assert json.loads((tmp_path / "pool-resumed" / "pool" / "accuracy_history.json").read_text()) == pool_history
+
+
+class FakeWandbRun:
+    """Stands in for a wandb Run (wandb is not installed here): what it was given and whether it was finished."""
+
+    def __init__(self, earlier_runs, **init_kwargs):
+        self.init_kwargs, self.steps, self.finished = init_kwargs, [], False
+        self.active_at_init = sum(not run.finished for run in earlier_runs)
+
+    def log(self, metrics, step):
+        self.steps.append(step)
+
+    def finish(self):
+        self.finished = True
+
+
+@pytest.fixture(scope="module")
+def chained_run(tmp_path_factory):
+    """A pool run and 1-shot RLVR in one process (HF rollouts, one step each) with --track wandb against a stand-in.
+    Each optimizer is put in a reference cycle, as the first one of a process is (torch 2.13: the frames of its
+    __init__ survive torch's lazy compile import; in a real run that is the pool run's), and the cyclic garbage
+    collector is off: only an explicit release frees it. Records which of the pool run's objects are alive when
+    1-shot RLVR starts."""
+    runs, made, alive_at_one_shot = [], [], {}
+    wandb = types.ModuleType("wandb")
+    wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    wandb.init = lambda **kwargs: runs.append(FakeWandbRun(runs, **kwargs)) or runs[-1]
+    make_optimizer, train = one_shot.make_optimizer, one_shot.train
+
+    def recording_make_optimizer(model, args, total_updates):
+        optimizer, scheduler = make_optimizer(model, args, total_updates)
+        optimizer.cycle = optimizer
+        made.append({"policy": weakref.ref(model), "weight": weakref.ref(next(model.parameters())),
+                     "optimizer": weakref.ref(optimizer)})
+        return optimizer, scheduler
+
+    def checking_train(args, phase, *rest, **kwargs):
+        if phase == "one-shot":
+            alive_at_one_shot.update({k: ref() is not None for k, ref in made[0].items()})
+        return train(args, phase, *rest, **kwargs)
+
+    output_dir = tmp_path_factory.mktemp("chained")
+    collecting = gc.isenabled()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "wandb", wandb)
+        mp.setattr(one_shot, "make_optimizer", recording_make_optimizer)
+        mp.setattr(one_shot, "train", checking_train)
+        gc.disable()
+        try:
+            train_in_process("--rollout", "hf", "--prompts-per-step", "2", "--mini-batch", "16", "--micro-batch", "16",
+                             "--max-new-tokens", "16", "--pool-size", "2", "--pool-steps", "1", "--total-steps", "1",
+                             "--eval-every", "0", "--eval-max-problems", "2", "--track", "wandb",
+                             "--output-dir", str(output_dir))
+        finally:
+            if collecting:
+                gc.enable()
+    return output_dir, runs, alive_at_one_shot
+
+
+def test_the_pool_runs_policy_and_optimizer_are_freed_before_one_shot_training(chained_run):
+    _, _, alive = chained_run
+    assert alive and not any(alive.values()), f"alive when 1-shot RLVR starts: {alive}"
+
+
+def test_each_phase_logs_to_its_own_finished_wandb_run(chained_run):
+    output_dir, runs, _ = chained_run
+    assert [Path(run.init_kwargs["dir"]) for run in runs] == [output_dir / "pool", output_dir]
+    assert runs[1].active_at_init == 0, "the pool run's wandb run was still active when 1-shot RLVR started its own"
+    assert all(run.finished for run in runs)
+    assert runs[0].steps == [1] and runs[1].steps == [1]
