@@ -1033,14 +1033,12 @@ def train(args, phase, problems, model, output_dir, state, reference, engine, to
           stops):
     """GRPO steps over the pool, recording each example's accuracy history (phase "pool"), or over the replicated
     example(s) (phase "one-shot"). Each phase reseeds at its start and the rollouts' randomness follows from the seed
-    and the step (HF generate and vLLM on CPU draw from the reseeded torch stream; vLLM on a GPU takes per-request
-    seeds), so a 1-shot run does not depend on how its example was chosen: the default run's second phase draws the
-    samples of a run given the first phase's history (equal weights: tested with HF rollouts, seen with vLLM on CPU;
-    on a GPU up to its kernels' nondeterminism)."""
+    and the step (HF generate draws from the reseeded torch stream, vLLM from one seeded per step: generate_vllm),
+    so a 1-shot run does not depend on how its example was chosen: the default run's second phase draws the samples
+    of a run given the first phase's history (equal weights: tested with HF rollouts, seen with vLLM on CPU; on a GPU
+    up to its kernels' nondeterminism)."""
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
-    random.seed(args.seed + rank)  # each rank samples its own responses; the data order is seeded apart
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
+    seed_everything(args.seed + rank)  # each rank samples its own responses; the data order is seeded apart
     model.to(device).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
