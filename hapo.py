@@ -700,6 +700,13 @@ def shard_model(model, device):
     return model
 
 
+def on_device(model, device, world: int):
+    """One process: the model on the device. Under torchrun: this rank's FSDP2 shard of a model still in CPU memory;
+    fully_shard moves each layer to the GPU as it shards it, so no GPU ever holds a whole fp32 model (a 7B policy and
+    reference moved whole would take 56 GB of each GPU, which torch then keeps cached where vLLM needs room)."""
+    return shard_model(model, device) if world > 1 else model.to(device)
+
+
 def rank_share(batch: list, rank: int, world: int) -> list:
     """This rank's prompts of the rollout batch: whole groups, so group advantages need no communication."""
     share = len(batch) // world
@@ -940,17 +947,16 @@ def main(args: Args):
         raise SystemExit(f"--resume {args.resume}: no trainer_state.pt there (give a checkpoint-<step> folder)")
     model_path = args.resume or resolve_on_rank0_first(args.model)
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
-    model.to(device).train()
+    model.train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    model = on_device(model, device, world)  # under torchrun: sharded, before the next model loads
     reference = None
     if args.kl_coef > 0:  # with no KL term there is nothing to compare against: no reference is loaded
-        reference = evaluation.load_model(resolve_on_rank0_first(args.model))[0].to(device).eval()
+        reference = evaluation.load_model(resolve_on_rank0_first(args.model))[0].eval()
         reference.requires_grad_(False)
-    if world > 1:
-        model = shard_model(model, device)
-        reference = shard_model(reference, device) if reference is not None else None
+        reference = on_device(reference, device, world)
     problems = training_problems(load_prompts(args, tokenizer), args)
     history: dict[int, tuple[float, int]] = {}  # problem index -> (h_i, correct responses seen); HAPO's state
     eval_problems = load_eval_problems(args)

@@ -631,6 +631,13 @@ def shard_model(model, device):
     return model
 
 
+def on_device(model, device, world: int):
+    """One process: the model on the device. Under torchrun: this rank's FSDP2 shard of a model still in CPU memory;
+    fully_shard moves each layer to the GPU as it shards it, so no GPU ever holds a whole fp32 model (a 7B policy and
+    reference moved whole would take 56 GB of each GPU, which torch then keeps cached where vLLM needs room)."""
+    return shard_model(model, device) if world > 1 else model.to(device)
+
+
 def rank_share(batch: list, rank: int, world: int) -> list:
     """This rank's prompts of the rollout batch: whole groups, so group advantages need no communication."""
     share = len(batch) // world
@@ -960,8 +967,9 @@ def main(args: Args):
     replicate(list(chosen or args.rank), args.prompts_per_step)  # unequal shares fail now, not after the pool run
     reference = None
     if args.kl_coef > 0:  # with no KL term there is nothing to compare against: no reference is loaded
-        reference = evaluation.load_model(base_path)[0].to(device).eval()
+        reference = evaluation.load_model(base_path)[0].eval()
         reference.requires_grad_(False)
+        reference = on_device(reference, device, world)  # under torchrun: sharded once, for both phases
     output_dir = Path(gather_from_ranks([args.output_dir or f"runs/{Path(__file__).stem}-"
                                          f"{time.strftime('%Y%m%d-%H%M%S')}"])[0])  # rank 0's clock names it
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -1039,14 +1047,11 @@ def train(args, phase, problems, model, output_dir, state, reference, engine, to
     up to its kernels' nondeterminism)."""
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
     seed_everything(args.seed + rank)  # each rank samples its own responses; the data order is seeded apart
-    model.to(device).train()
+    model.train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    if world > 1:  # here, not in main: 1-shot training starts again from a freshly loaded base model
-        model = shard_model(model, device)
-        if reference is not None and not hasattr(reference, "reshard"):
-            reference = shard_model(reference, device)
+    model = on_device(model, device, world)  # here, not in main: 1-shot training starts again from the base model
     steps = args.pool_steps if phase == "pool" else args.total_steps
     batch_size = args.prompts_per_step * args.samples_per_prompt
     updates_per_step = args.num_updates * batch_size // args.mini_batch

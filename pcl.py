@@ -582,7 +582,7 @@ def check_value_tokenizer(args, model_path: str) -> None:
                          "reads the policy's token ids, so it needs a model of the same tokenizer")
 
 
-def load_value_model(args, device) -> ValueModel:
+def load_value_model(args) -> ValueModel:
     """V from --value-model, by default the policy's base checkpoint (not a resumed policy); a resumed run restores
     V's own weights, read whole from trainer_state.pt before sharding. Nothing but V outlives this function: not the
     LM head V drops, not the checkpoint's copy of its weights."""
@@ -590,7 +590,7 @@ def load_value_model(args, device) -> ValueModel:
         lm = evaluation.load_model(resolve_on_rank0_first(args.value_model or args.model))[0]
     except (OSError, ValueError) as e:
         raise SystemExit(f"--value-model {args.value_model!r}: {e}") from None
-    value_model = ValueModel(lm).to(device).train()
+    value_model = ValueModel(lm).train()
     if args.resume:  # mmap, CPU: read only V's weights, not the optimizer state beside them, and not onto a GPU
         weights = torch.load(Path(args.resume) / "trainer_state.pt", map_location="cpu", mmap=True,
                              weights_only=False).get("value_model")
@@ -766,6 +766,13 @@ def shard_model(model, device):
         model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
     model.reshard()  # the root keeps its gathered weights after forward; the optimizer must get the shards
     return model
+
+
+def on_device(model, device, world: int):
+    """One process: the model on the device. Under torchrun: this rank's FSDP2 shard of a model still in CPU memory;
+    fully_shard moves each layer to the GPU as it shards it, so no GPU ever holds a whole fp32 model (a 7B policy and
+    reference moved whole would take 56 GB of each GPU, which torch then keeps cached where vLLM needs room)."""
+    return shard_model(model, device) if world > 1 else model.to(device)
 
 
 def rank_share(batch: list, rank: int, world: int) -> list:
@@ -1020,20 +1027,18 @@ def main(args: Args):
     model_path = args.resume or resolve_on_rank0_first(args.model)
     check_value_tokenizer(args, model_path)  # before any model loads
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
-    model.to(device).train()
+    model.train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    model = on_device(model, device, world)  # under torchrun: sharded, before the next model loads
     reference = None
     if args.kl_coef > 0:  # with no KL term there is nothing to compare against: no reference is loaded
-        reference = evaluation.load_model(resolve_on_rank0_first(args.model))[0].to(device).eval()
+        reference = evaluation.load_model(resolve_on_rank0_first(args.model))[0].eval()
         reference.requires_grad_(False)
-    if world > 1:
-        model = shard_model(model, device)
-        reference = shard_model(reference, device) if reference is not None else None
-    value_model = load_value_model(args, device)
-    if world > 1:
-        value_model = shard_value_model(value_model, device)
+        reference = on_device(reference, device, world)
+    value_model = load_value_model(args)  # in CPU memory; sharded from there like the policy
+    value_model = shard_value_model(value_model, device) if world > 1 else value_model.to(device)
     value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=args.value_lr,
                                         weight_decay=args.value_weight_decay)
     problems = load_prompts(args, tokenizer)

@@ -1179,8 +1179,8 @@ def load_reference(args: Args):
 
 def on_device(model, device, world: int):
     """One process: the model on the device. Under torchrun: this rank's FSDP2 shard of a model still in CPU memory;
-    fully_shard moves each layer to the GPU as it shards it, so no GPU ever holds a whole fp32 model (a 7B policy,
-    critic and reference moved whole would take 84 GB of each GPU before sharding)."""
+    fully_shard moves each layer to the GPU as it shards it, so no GPU ever holds a whole fp32 model (a 7B policy and
+    reference moved whole would take 56 GB of each GPU, which torch then keeps cached where vLLM needs room)."""
     return shard_model(model, device) if world > 1 else model.to(device)
 
 
