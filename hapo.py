@@ -1057,7 +1057,7 @@ def main(args: Args):
                                            "length_reward_mean", "history_share", "history_len_mean", "kl",
                                            "grad_norm", "time_generate", "time_train"))
     if world > 1 and engine is None:  # a vLLM engine tears the process group down itself when it shuts down
-        torch.distributed.destroy_process_group()
+        evaluation.leave_process_group()
     return output_dir
 
 

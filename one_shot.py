@@ -1033,7 +1033,7 @@ def free_finished_phase() -> None:
 
 def finish(output_dir: Path, engine) -> Path:
     if is_distributed() and engine is None:  # a vLLM engine tears the process group down itself when it shuts down
-        torch.distributed.destroy_process_group()
+        evaluation.leave_process_group()
     return output_dir
 
 

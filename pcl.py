@@ -1176,7 +1176,7 @@ def main(args: Args):
             logger.log(metrics, line_keys=("reward_mean", "accuracy", "effective_ratio", "value_corr", "value_loss",
                                            "kept_prompts", "time_select", "time_generate", "time_train"))
     if world > 1 and engine is None:  # a vLLM engine tears the process group down itself when it shuts down
-        torch.distributed.destroy_process_group()
+        evaluation.leave_process_group()
     return output_dir
 
 

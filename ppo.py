@@ -1074,7 +1074,7 @@ def main(args: Args):
         if rank == 0:
             logger.log(metrics, line_keys=LINE_KEYS)
     if world > 1 and engine is None:  # a vLLM engine tears the process group down itself when it shuts down
-        torch.distributed.destroy_process_group()
+        evaluation.leave_process_group()
     return output_dir
 
 

@@ -76,8 +76,7 @@ def worker(output: str, local_counts: bool, masked: bool) -> None:
     result = one_training_step(local_counts, masked)
     if result["rank"] == 0:
         torch.save(result, output)
-    torch.distributed.barrier()  # no rank tears gloo down while the other still talks to it
-    torch.distributed.destroy_process_group()
+    evaluation.leave_process_group()
 
 
 def tensor_parallel_worker(output: str) -> None:
@@ -97,7 +96,7 @@ def tensor_parallel_worker(output: str) -> None:
 # ---- the tests -------------------------------------------------------------------------------------------------
 def torchrun(*args, timeout=300):
     """2 ranks; a run that hangs (mismatched collectives) is killed with its workers and fails the test."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")  # a crash shows where
     with subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                           env=env) as run:

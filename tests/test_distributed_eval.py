@@ -130,8 +130,7 @@ def evaluate_worker(kind: str, output: str) -> None:
     Path(f"{output}.rank{rank}").write_text(json.dumps({"metrics": metrics, "samples": samples, "generated": share,
                                                         "one_sample": one_sample}))
     if kind == "hf":  # a vLLM engine tears the process group down itself
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        evaluation.leave_process_group()
 
 
 @pytest.mark.parametrize("kind", ["hf", pytest.param("vllm", marks=pytest.mark.skipif(
