@@ -7,17 +7,20 @@ weight (tied embeddings are trained). Methods, each one forward+backward:
   naive           log_softmax((hidden @ weight.T).float() / T) over the full [tokens x vocab] tensor, same loss
   GEMM floor      the three matmuls alone: hidden @ W.T, grad @ W, grad.T @ hidden
   Liger FLCE      liger_kernel's LigerFusedLinearCrossEntropyLoss(reduction="none"), log-prob only (if installed)
-  candidate A     bench/logprob_candidate.py (the lse shift inside the backward GEMM), with and without entropy
+  candidate A     bench/logprob_candidate.py (the lse shift and the hidden-state gradient's sum inside the backward
+                  GEMMs), with and without entropy
   candidate B     A with a forward built on torch's softmax kernel
 Time: median of --reps runs after a warm-up (on CPU the warm-up is a 64-token run: a full one costs as much as a
 rep). Memory: peak growth over the inputs (grads included): CUDA max_memory_allocated; CPU peak RSS (ru_maxrss) in
 a fresh subprocess per case. Exactness: max |logp - reference| and max |entropy - reference|, the reference being
 log_softmax of the fp32 logits of the same (bf16) inputs, row-chunked, under no_grad.
 --passes counts, instead, how many times ours reads and writes [tokens x vocab]-sized memory (fp32, on CPU).
+--gradients checks, instead, each fused method's gradients against fp32 autograd (the table checks values only).
 
     python bench/logprob.py --device cpu                        # tokens 256,1024, fp32, 1 rep: a few minutes
     python bench/logprob.py                                     # GPU: tokens 8192,32768,65536, bf16, 5 reps
     python bench/logprob.py --passes                            # memory traffic of ours, counted op by op
+    python bench/logprob.py --gradients --tokens 4096          # gradients against fp32 autograd (GPU: ~10 GiB)
 """
 import argparse
 import importlib.util
@@ -208,6 +211,31 @@ def count_passes(args):
                   f"{c.gemm_written / one_pass:.2f} |")
 
 
+def check_gradients(args):
+    """Gradients of each fused method against fp32 autograd through log_softmax of the same (rounded) inputs: the
+    timing table checks values only, and a GPU-only path (alpha, in-GEMM accumulation) could break a gradient alone.
+    Errors are max abs differences divided by the reference gradient's max abs."""
+    device, dtype, n = torch.device(args.device), DTYPES[args.dtype], args.tokens[0]
+    torch.manual_seed(0)
+    w = torch.randn(VOCAB, HIDDEN, dtype=dtype, device=device).mul_(0.05).requires_grad_()
+    h, t, g1, g2 = tokens(n, dtype, device)
+    h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    log_p = torch.log_softmax(h32 @ w32.T / T, -1)
+    ref_logp, ref_entropy = log_p.gather(1, t[:, None]).squeeze(1), -(log_p.exp() * log_p).sum(-1)
+    (ref_logp * g1 + ref_entropy * g2).sum().backward()
+    del log_p
+    print(f"tokens {n}, {args.dtype}, {args.device}; loss = sum(g1 log p + g2 H); errors against fp32 autograd\n")
+    print("| method | max abs log p error | max abs entropy error | grad hidden error (rel) | grad weight error (rel) |")
+    print("|---|---:|---:|---:|---:|")
+    for name in [m for m in args.methods.split(",") if m in CHECKED and m != "Liger FLCE"]:
+        h.grad = w.grad = None
+        logp, entropy = CASES[name](h, w, t, g1, g2, args.memory_mib)
+        rel = lambda grad, ref: ((grad.float() - ref).abs().max() / ref.abs().max()).item()
+        print(f"| {name} | {(logp.detach() - ref_logp).abs().max().item():.1e} | "
+              f"{(entropy.detach() - ref_entropy).abs().max().item():.1e} | {rel(h.grad, h32.grad):.1e} | "
+              f"{rel(w.grad, w32.grad):.1e} |", flush=True)
+
+
 def main():
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -217,6 +245,7 @@ def main():
     ap.add_argument("--memory-mib", type=float, default=1024, help="ours: working memory of one chunk (MiB)")
     ap.add_argument("--methods", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
     ap.add_argument("--passes", action="store_true", help="count ours' memory passes instead of timing")
+    ap.add_argument("--gradients", action="store_true", help="check the fused methods' gradients instead of timing")
     ap.add_argument("--reps", type=int, default=None, help="timed runs after the warm-up (default 5 cuda, 1 cpu)")
     ap.add_argument("--one-case", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -227,6 +256,9 @@ def main():
 
     if args.passes:
         count_passes(args)
+        return
+    if args.gradients:
+        check_gradients(args)
         return
     if args.one_case:
         print(json.dumps(run_case(args.one_case, args.tokens[0], args)))

@@ -1,22 +1,26 @@
 """Candidates for issue #9, measured beside grpo.py's ChunkedLogprobEntropy by bench/logprob.py. Not a test.
 
-Candidate A: one change against grpo.py's function, in backward only. grpo.py recomputes a block of logits with a
-GEMM and then makes log p = z / T - lse with a broadcast add: a read and a write of fp32 [tokens x block] per block,
-in a kernel that the H200 profile showed running slower than a plain copy (the per-token lse is broadcast). Here the
-GEMM writes log p itself:
-- the contraction gets 8 more columns: the hidden states carry -lse * T, split into 3 parts of the GEMM's dtype
-  (bf16 has 8 mantissa bits; 3 parts carry fp32's 24), the weight block carries 1 in those columns, and 0 pads the
-  width to a multiple of 8 (tensor-core alignment). fp32 accumulation adds them to h . w exactly enough;
-- 1/T is the GEMM's alpha (torch.addmm with beta=0 and out_dtype=fp32 on CUDA).
-So backward reads and writes one fp32 pass less per block (4 reads + 2.5 writes instead of 5 + 3.5; `python
-bench/logprob.py --passes` counts 4.00 + 3.02 against 5.00 + 4.00 in fp32 on CPU). Forward, the weight gradient,
-the hidden-state gradient and the target's entry are grpo.py's. On CPU against grpo.py's function (300 tokens,
-vocab 1000, T=0.6): log-probs and entropies identical; gradients (largest ~14) within 1.2e-13 in float64 and
-1.2e-4 in float32.
+Candidate A: two changes against grpo.py's function, both in backward.
+1. grpo.py recomputes a block of logits with a GEMM and then makes log p = z / T - lse with a broadcast add: a read
+   and a write of fp32 [tokens x block] per block, in a kernel that the H200 profile showed running slower than a
+   plain copy (the per-token lse is broadcast). Here the GEMM writes log p itself:
+   - the contraction gets 8 more columns: the hidden states carry -lse * T, split into 3 parts of the GEMM's dtype
+     (bf16 has 8 mantissa bits; 3 parts carry fp32's 24), the weight block carries 1 in those columns, and 0 pads
+     the width to a multiple of 8 (tensor-core alignment). fp32 accumulation adds them to h . w exactly enough;
+   - 1/T is the GEMM's alpha (torch.addmm with beta=0 and out_dtype=fp32 on CUDA).
+   So backward reads and writes one fp32 pass less per block (4 reads + 2.5 writes instead of 5 + 3.5; `python
+   bench/logprob.py --passes` counts 4.00 + 3.02 against 5.00 + 4.00 in fp32 on CPU).
+2. The hidden-state gradient is accumulated by the GEMM (C += A B, torch.addmm with the fp32 gradient as its input
+   and output). grpo.py writes each block's fp32 [tokens x hidden] product and then adds it in a pass: at 32k
+   tokens 4 x 201 MB of traffic per block, where the GEMM's C needs 2 x 201 MB; 48 blocks, so ~19 GB less (~4 ms
+   at the H200's 4.8 TB/s, arithmetic). At 65k tokens, ~99 blocks of 403 MB: ~78 GB less (~16 ms).
+Forward, the weight gradient and the target's entry are grpo.py's. On CPU against grpo.py's function (300 tokens,
+hidden 64, vocab 1000, T=0.6, a 0.05 MiB budget so that the backward runs over many blocks): log-probs and
+entropies identical; gradients (largest ~15) identical in float64 and within 4.1e-5 in float32.
 Candidate B (SoftmaxForwardLogprobEntropy, below): A plus a forward built on torch's softmax kernel; counted op by
 op its forward makes 4 reads + 1 write against 6 + 2 (softmax counts as one read and one write, though its kernel
-reads each row more than once). Against grpo.py's function on CPU: log-probs within 7e-15 and entropies within
-2e-13 in float64 (1e-5 and 4e-5 in float32), gradients within 1e-12.
+reads each row more than once). Against grpo.py's function on CPU (same case): log-probs within 3.6e-15 and
+entropies within 6e-14 in float64 (5.7e-6 and 9e-5 in float32), gradients identical in float64.
 Neither is timed on a GPU yet.
 
 If one wins on the GPU, it replaces ChunkedLogprobEntropy in every script (the shared-block test
@@ -30,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grpo import ChunkedLogprobEntropy, chunk_length, gemm_dtype, matmul  # noqa: E402
 
 ALPHA_FAILED = False  # set when torch.addmm cannot take out_dtype with alpha (then one more pass)
+ACCUMULATE_FAILED = False  # set when torch.addmm cannot add a bf16 product into fp32 in place
 EXTRA = 8  # extra contraction columns: 3 carry -lse * T, 5 are zero (width stays a multiple of 8)
 
 
@@ -115,10 +120,29 @@ class ShiftInGemmLogprobEntropy(ChunkedLogprobEntropy):
                     if v == 0:
                         matmul(grad_z, w_block, stats, out=grad_hidden)
                     else:
-                        grad_hidden += matmul(grad_z, w_block, stats)
+                        accumulate_matmul(grad_hidden, grad_z, w_block)
         if grad_hidden is not None:
             grad_hidden = grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight, None, None, None
+
+
+def accumulate_matmul(acc, a, b) -> None:
+    """acc += a @ b with acc as the GEMM's C (beta=1): no [tokens x hidden] product written and then read back.
+    On CUDA, half-precision a, b and an fp32 acc need torch.addmm's out_dtype with an fp32 input, which older torch
+    refuses ("self and mat2 must have the same dtype"); then the product is added in a pass, as grpo.py does."""
+    global ACCUMULATE_FAILED
+    if a.dtype == acc.dtype:
+        torch.addmm(acc, a, b, out=acc)
+        return
+    if a.is_cuda and not ACCUMULATE_FAILED:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError) as e:
+            ACCUMULATE_FAILED = True
+            print(f"logprob_candidate: addmm(fp32 input, out_dtype=fp32) failed ({str(e)[:100]}); adding in a pass",
+                  file=sys.stderr)
+    acc += matmul(a, b, acc.dtype)
 
 
 class SoftmaxForwardLogprobEntropy(ShiftInGemmLogprobEntropy):

@@ -84,9 +84,17 @@ def main():
     gzb = torch.empty(N, cols, device="cuda", dtype=torch.bfloat16)
     timed("backward mul -> bf16 [N x 3200]", lambda: torch.mul(zb, zb, out=gzb))
     gz = torch.randn(N, cols, device="cuda").bfloat16()
-    timed("grad_W block gz.T @ h [3276 x D]", lambda: gz.T @ hc)
-    timed("grad_h block gz @ w_b fp32 out", lambda: torch.mm(gz, wc, out_dtype=torch.float32))
-    timed("grad_h block gz @ w_b bf16 out", lambda: gz @ wc)
+    wb = wc[:cols]
+    timed("grad_W block gz.T @ h [3200 x D]", lambda: gz.T @ hc)
+    timed("grad_h block gz @ w_b fp32 out", lambda: torch.mm(gz, wb, out_dtype=torch.float32))
+    timed("grad_h block gz @ w_b bf16 out", lambda: gz @ wb)
+    grad_h = torch.zeros(N, D, device="cuda")
+    timed("grad_h += (gz @ w_b, fp32 out) (ours)", lambda: grad_h.add_(torch.mm(gz, wb, out_dtype=torch.float32)))
+    try:  # older torch refuses an fp32 input beside bf16 matrices
+        timed("grad_h addmm in place, fp32 input and out (candidate)",
+              lambda: torch.addmm(grad_h, gz, wb, out_dtype=torch.float32, out=grad_h))
+    except RuntimeError as e:
+        print(f"grad_h addmm in place: {str(e)[:120]}")
 
 
 if __name__ == "__main__":
