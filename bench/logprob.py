@@ -10,6 +10,7 @@ weight (tied embeddings are trained). Methods, each one forward+backward:
   candidate A     bench/logprob_candidate.py (the lse shift and the hidden-state gradient's sum inside the backward
                   GEMMs), with and without entropy
   candidate B     A with a forward built on torch's softmax kernel
+  candidate C     A with a forward without the max shift (rows whose exp would leave fp32's range are redone)
 Time: median of --reps runs after a warm-up (on CPU the warm-up is a 64-token run: a full one costs as much as a
 rep). Memory: peak growth over the inputs (grads included): CUDA max_memory_allocated; CPU peak RSS (ru_maxrss) in
 a fresh subprocess per case. Exactness: max |logp - reference| and max |entropy - reference|, the reference being
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grpo import logprobs_and_entropy  # noqa: E402
 from logprob_candidate import logprobs_and_entropy as candidate_logprobs_and_entropy  # noqa: E402
 from logprob_candidate import logprobs_and_entropy_b as candidate_b_logprobs_and_entropy  # noqa: E402
+from logprob_candidate import logprobs_and_entropy_c as candidate_c_logprobs_and_entropy  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 HIDDEN, VOCAB, T = 1536, 151936, 0.6
@@ -80,9 +82,10 @@ def liger(h, w, t, g1, g2, memory_mib):
 CASES = {"ours": fused(logprobs_and_entropy, True), "ours (logp only)": fused(logprobs_and_entropy, False),
          "candidate A": fused(candidate_logprobs_and_entropy, True),
          "candidate A (logp only)": fused(candidate_logprobs_and_entropy, False),
-         "candidate B": fused(candidate_b_logprobs_and_entropy, True), "naive": naive, "GEMM floor": gemm_floor,
+         "candidate B": fused(candidate_b_logprobs_and_entropy, True),
+         "candidate C": fused(candidate_c_logprobs_and_entropy, True), "naive": naive, "GEMM floor": gemm_floor,
          "Liger FLCE": liger}
-CHECKED = {"ours", "candidate A", "candidate B", "Liger FLCE"}  # rows that report the exactness column
+CHECKED = {"ours", "candidate A", "candidate B", "candidate C", "Liger FLCE"}  # rows that report the exactness column
 
 
 @torch.no_grad()
@@ -198,8 +201,8 @@ def count_passes(args):
     print("| method | phase | reads | writes | GEMM output writes |")
     print("|---|---|---:|---:|---:|")
     functions = {"ours": logprobs_and_entropy, "candidate A": candidate_logprobs_and_entropy,
-                 "candidate B": candidate_b_logprobs_and_entropy}
-    for name in ("ours", "ours (logp only)", "candidate A", "candidate A (logp only)", "candidate B"):
+                 "candidate B": candidate_b_logprobs_and_entropy, "candidate C": candidate_c_logprobs_and_entropy}
+    for name in ("ours", "ours (logp only)", "candidate A", "candidate A (logp only)", "candidate B", "candidate C"):
         h.grad = w.grad = None
         with CountPasses(big=2**20) as fwd:
             logp, entropy = functions[name.replace(" (logp only)", "")](h, w, t, T, args.memory_mib)

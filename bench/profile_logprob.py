@@ -9,6 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grpo import logprobs_and_entropy  # noqa: E402
 from logprob_candidate import logprobs_and_entropy as candidate_a, logprobs_and_entropy_b as candidate_b  # noqa: E402
+from logprob_candidate import logprobs_and_entropy_c as candidate_c  # noqa: E402
 
 N, D, V, T = 32768, 1536, 151936, 0.6
 
@@ -30,7 +31,8 @@ def main():
     t = torch.randint(V, (N,), device="cuda")
     g1, g2 = torch.randn(N, device="cuda"), torch.randn(N, device="cuda")
 
-    for name, function in (("ours", logprobs_and_entropy), ("candidate A", candidate_a), ("candidate B", candidate_b)):
+    for name, function in (("ours", logprobs_and_entropy), ("candidate A", candidate_a), ("candidate B", candidate_b),
+                           ("candidate C", candidate_c)):
         def step():
             logp, entropy = function(h, w, t, T)
             (logp * g1 + entropy * g2).sum().backward()
