@@ -11,6 +11,7 @@ weight (tied embeddings are trained). Methods, each one forward+backward:
                   GEMMs), with and without entropy
   candidate B     A with a forward built on torch's softmax kernel
   candidate C     A with a forward without the max shift (rows whose exp would leave fp32's range are redone)
+  candidate D     C's forward with ours' backward (the forward's change alone)
 Time: median of --reps runs after a warm-up (on CPU the warm-up is a 64-token run: a full one costs as much as a
 rep). Memory: peak growth over the inputs (grads included): CUDA max_memory_allocated; CPU peak RSS (ru_maxrss) in
 a fresh subprocess per case. Exactness: max |logp - reference| and max |entropy - reference|, the reference being
@@ -40,6 +41,7 @@ from grpo import logprobs_and_entropy  # noqa: E402
 from logprob_candidate import logprobs_and_entropy as candidate_logprobs_and_entropy  # noqa: E402
 from logprob_candidate import logprobs_and_entropy_b as candidate_b_logprobs_and_entropy  # noqa: E402
 from logprob_candidate import logprobs_and_entropy_c as candidate_c_logprobs_and_entropy  # noqa: E402
+from logprob_candidate import logprobs_and_entropy_d as candidate_d_logprobs_and_entropy  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 HIDDEN, VOCAB, T = 1536, 151936, 0.6
@@ -83,9 +85,11 @@ CASES = {"ours": fused(logprobs_and_entropy, True), "ours (logp only)": fused(lo
          "candidate A": fused(candidate_logprobs_and_entropy, True),
          "candidate A (logp only)": fused(candidate_logprobs_and_entropy, False),
          "candidate B": fused(candidate_b_logprobs_and_entropy, True),
-         "candidate C": fused(candidate_c_logprobs_and_entropy, True), "naive": naive, "GEMM floor": gemm_floor,
+         "candidate C": fused(candidate_c_logprobs_and_entropy, True),
+         "candidate D": fused(candidate_d_logprobs_and_entropy, True), "naive": naive, "GEMM floor": gemm_floor,
          "Liger FLCE": liger}
-CHECKED = {"ours", "candidate A", "candidate B", "candidate C", "Liger FLCE"}  # rows that report the exactness column
+# rows that report the exactness column
+CHECKED = {"ours", "candidate A", "candidate B", "candidate C", "candidate D", "Liger FLCE"}
 
 
 @torch.no_grad()
@@ -201,8 +205,10 @@ def count_passes(args):
     print("| method | phase | reads | writes | GEMM output writes |")
     print("|---|---|---:|---:|---:|")
     functions = {"ours": logprobs_and_entropy, "candidate A": candidate_logprobs_and_entropy,
-                 "candidate B": candidate_b_logprobs_and_entropy, "candidate C": candidate_c_logprobs_and_entropy}
-    for name in ("ours", "ours (logp only)", "candidate A", "candidate A (logp only)", "candidate B", "candidate C"):
+                 "candidate B": candidate_b_logprobs_and_entropy, "candidate C": candidate_c_logprobs_and_entropy,
+                 "candidate D": candidate_d_logprobs_and_entropy}
+    for name in ("ours", "ours (logp only)", "candidate A", "candidate A (logp only)", "candidate B", "candidate C",
+                 "candidate D"):
         h.grad = w.grad = None
         with CountPasses(big=2**20) as fwd:
             logp, entropy = functions[name.replace(" (logp only)", "")](h, w, t, T, args.memory_mib)
@@ -228,7 +234,8 @@ def check_gradients(args):
     (ref_logp * g1 + ref_entropy * g2).sum().backward()
     del log_p
     print(f"tokens {n}, {args.dtype}, {args.device}; loss = sum(g1 log p + g2 H); errors against fp32 autograd\n")
-    print("| method | max abs log p error | max abs entropy error | grad hidden error (rel) | grad weight error (rel) |")
+    print("| method | max abs log p error | max abs entropy error | grad hidden error (rel) | "
+          "grad weight error (rel) |")
     print("|---|---:|---:|---:|---:|")
     for name in [m for m in args.methods.split(",") if m in CHECKED and m != "Liger FLCE"]:
         h.grad = w.grad = None

@@ -27,6 +27,7 @@ Against grpo.py's function on CPU (same case): log-probs within 3.6e-15 and entr
 gradients identical; with 10 rows' logits scaled 40x, or at T = 0.001 (rows redone with the shift), log-probs within
 5.7e-14 and 1.8e-12. In float32 against a float64 reference its entropy is less exact than grpo.py's (relative
 1.7e-5 against 1.1e-6: E_p[z / T] is no longer small beside log-sum-exp), its log-probs as exact.
+Candidate D: C's forward with grpo.py's backward, so that the GPU times the forward's change and A's apart.
 None is timed on a GPU yet.
 
 If one wins on the GPU, it replaces ChunkedLogprobEntropy in every script (the shared-block test
@@ -229,6 +230,14 @@ class UnshiftedForwardLogprobEntropy(ShiftInGemmLogprobEntropy):
                                    redo=outside_fp32_range)
 
 
+class UnshiftedForwardOnlyLogprobEntropy(ChunkedLogprobEntropy):
+    """Candidate D: C's forward with grpo.py's backward, to time the forward's change apart from A's backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, inv_temperature: float, memory_mib: float):
+        return UnshiftedForwardLogprobEntropy.forward(ctx, hidden, weight, targets, inv_temperature, memory_mib)
+
+
 def logprobs_and_entropy(hidden, weight, targets, temperature: float = 1.0, memory_mib: float = 1024):
     """Candidate A."""
     return ShiftInGemmLogprobEntropy.apply(hidden, weight, targets, 1.0 / temperature, memory_mib)
@@ -242,3 +251,8 @@ def logprobs_and_entropy_b(hidden, weight, targets, temperature: float = 1.0, me
 def logprobs_and_entropy_c(hidden, weight, targets, temperature: float = 1.0, memory_mib: float = 1024):
     """Candidate C."""
     return UnshiftedForwardLogprobEntropy.apply(hidden, weight, targets, 1.0 / temperature, memory_mib)
+
+
+def logprobs_and_entropy_d(hidden, weight, targets, temperature: float = 1.0, memory_mib: float = 1024):
+    """Candidate D."""
+    return UnshiftedForwardOnlyLogprobEntropy.apply(hidden, weight, targets, 1.0 / temperature, memory_mib)

@@ -20,7 +20,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
 from logprob_candidate import logprobs_and_entropy as candidate_a, logprobs_and_entropy_b as candidate_b  # noqa: E402
-from logprob_candidate import logprobs_and_entropy_c as candidate_c  # noqa: E402
+from logprob_candidate import logprobs_and_entropy_c as candidate_c, logprobs_and_entropy_d as candidate_d  # noqa: E402
 
 QWEN25_MATH_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096,
@@ -69,7 +69,7 @@ def main():
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
-    ap.add_argument("--methods", default="ours,candidate A,candidate B,candidate C,naive")
+    ap.add_argument("--methods", default="ours,candidate A,candidate B,candidate C,candidate D,naive")
     args = ap.parse_args()
     torch.manual_seed(0)
     config = Qwen2Config(**QWEN25_MATH_15B)
@@ -94,7 +94,7 @@ def main():
     print("|---|---:|---:|---:|")
     for name in args.methods.split(","):
         fn = {"ours": ours, "candidate A": candidate(candidate_a), "candidate B": candidate(candidate_b),
-              "candidate C": candidate(candidate_c), "naive": naive}[name]
+              "candidate C": candidate(candidate_c), "candidate D": candidate(candidate_d), "naive": naive}[name]
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
