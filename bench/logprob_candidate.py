@@ -13,7 +13,7 @@ Candidate A: two changes against grpo.py's function, both in backward.
 2. The hidden-state gradient is accumulated by the GEMM (C += A B, torch.addmm with the fp32 gradient as its input
    and output). grpo.py writes each block's fp32 [tokens x hidden] product and then adds it in a pass: at 32k
    tokens 4 x 201 MB of traffic per block, where the GEMM's C needs 2 x 201 MB; 48 blocks, so ~19 GB less (~4 ms
-   at the H200's 4.8 TB/s, arithmetic). At 65k tokens, ~99 blocks of 403 MB: ~78 GB less (~16 ms).
+   at the H200's 4.8 TB/s, arithmetic). At 65k tokens, 99 blocks of 403 MB: ~79 GB less (~16 ms).
 Forward, the weight gradient and the target's entry are grpo.py's. On CPU against grpo.py's function (300 tokens,
 hidden 64, vocab 1000, T=0.6, a 0.05 MiB budget so that the backward runs over many blocks): log-probs and
 entropies identical; gradients (largest ~15) identical in float64 and within 4.1e-5 in float32.
