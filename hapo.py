@@ -620,14 +620,31 @@ def micro_batches(kept: list[int], filler: int, size: int, device) -> list[tuple
     """A mini-batch's kept rows in micro-batches of `size`, each with the factor its loss counts with (1 or 0).
 
     Under torchrun every rank must run as many forward and backward passes as the others, because FSDP's
-    all-gathers and reduce-scatters are collectives. A rank left with fewer passes (--mask-truncated dropped more of
-    its rows) makes up the difference with passes over one row, `filler`, whose loss counts 0."""
+    all-gathers and reduce-scatters are collectives. A rank left with fewer passes (it holds fewer rows of this
+    mini-batch, or --mask-truncated dropped more of its rows) makes up the difference with passes over one row,
+    `filler`, whose loss counts 0."""
     chunks = [(kept[u:u + size], 1.0) for u in range(0, len(kept), size)]
     if is_distributed():
         most = torch.tensor(len(chunks), device=device)
         torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
         chunks += [([filler], 0.0)] * (int(most) - len(chunks))
     return chunks
+
+
+def mini_batch_shares(n: int, size: int) -> list[list[int]]:
+    """This rank's rows of each shuffled mini-batch, for a batch of n rows on each rank and `size` rows per rank and
+    mini-batch. Under torchrun the shuffle is the single process's: one permutation of every rank's rows, rank 0's
+    draw sent to all, and each rank keeps the members of each mini-batch that it holds; so every optimizer step sees
+    the rows it would see in one process. A rank may then hold more of a mini-batch than another: micro_batches
+    keeps the ranks in step."""
+    if not is_distributed():
+        order = torch.randperm(n).tolist()
+        return [order[m:m + size] for m in range(0, n, size)]
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    order = [torch.randperm(n * world).tolist()]  # drawn on every rank: every rank's random stream moves alike
+    torch.distributed.broadcast_object_list(order, src=0)
+    first, step = rank * n, size * world
+    return [[g - first for g in order[0][m:m + step] if first <= g < first + n] for m in range(0, n * world, step)]
 
 
 def clip_gradients(model, max_norm: float) -> torch.Tensor:
@@ -1099,16 +1116,14 @@ def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, 
     stats = {"loss": [], "clip_frac": [], "kl": [], "entropy": [], "grad_norm": []}
     skipped = False
     for update in range(args.num_updates):
-        order = torch.randperm(len(rollouts)).tolist()
-        for m in range(0, len(rollouts), args.mini_batch):
-            share = order[m:m + args.mini_batch]
+        for share in mini_batch_shares(len(rollouts), args.mini_batch):
             mini = [i for i in share if not rollouts[i].get("masked")]
             # under torchrun: the counts of every rank's share, so the summed gradients are the whole batch's
             mini_tokens, mini_seqs = summed_over_ranks([sum(len(rollouts[i]["response_ids"]) for i in mini),
                                                         len(mini)], device)
             if not mini_seqs:  # every response of the mini-batch masked (on every rank)
                 continue
-            for micro, counted in micro_batches(mini, share[0], args.micro_batch, device):
+            for micro, counted in micro_batches(mini, 0, args.micro_batch, device):
                 rows = [rollouts[i] for i in micro]
                 lengths = [len(r["response_ids"]) for r in rows]
                 with autocast:

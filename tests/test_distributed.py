@@ -44,15 +44,18 @@ def fixed_batch(tokenizer, masked: bool = False):
     return rollouts, grpo.group_advantages(rewards, SAMPLES)
 
 
-def one_training_step(local_counts: bool = False, masked: bool = False, drop_masked: bool = False) -> dict:
-    """One optimizer step on the fixed batch, on however many ranks this process group has: full weights after it.
-    drop_masked: the masked responses are left out of the batch instead (what masking must amount to)."""
+def one_training_step(local_counts: bool = False, masked: bool = False, drop_masked: bool = False,
+                      mini_batches: int = 1) -> dict:
+    """One update on the fixed batch (mini_batches optimizer steps), on however many ranks this process group has:
+    full weights after it. drop_masked: the masked responses are left out of the batch instead (what masking must
+    amount to)."""
     rank, world, device = grpo.init_distributed()
     # float64: the comparison is about the distribution, not float32 summation order (AdamW's first step is
     # about lr * sign(gradient), which turns rounding in a near-zero gradient into a visible weight difference)
     model, tokenizer = evaluation.load_model("tiny", dtype=torch.float64)
     reference = evaluation.load_model("tiny", dtype=torch.float64)[0].eval().requires_grad_(False)
-    args = grpo.Args(mini_batch=PROMPTS * SAMPLES, micro_batch=3, kl_coef=0.05, entropy_coef=0.01, lr=1e-3)
+    args = grpo.Args(mini_batch=PROMPTS * SAMPLES // mini_batches, micro_batch=3, kl_coef=0.05, entropy_coef=0.01,
+                     lr=1e-3)
     if world > 1:
         model, reference = grpo.shard_model(model, device), grpo.shard_model(reference, device)
     if local_counts:  # the mistake the comparison must catch: each rank normalises by its own token count
@@ -72,8 +75,8 @@ def one_training_step(local_counts: bool = False, masked: bool = False, drop_mas
             "rank": rank}
 
 
-def worker(output: str, local_counts: bool, masked: bool) -> None:
-    result = one_training_step(local_counts, masked)
+def worker(output: str, local_counts: bool, masked: bool, mini_batches: int) -> None:
+    result = one_training_step(local_counts, masked, mini_batches=mini_batches)
     if result["rank"] == 0:
         torch.save(result, output)
     evaluation.leave_process_group()
@@ -146,6 +149,20 @@ def test_masked_responses_on_two_ranks_equal_one_process(tmp_path):
     print(f"masked: 2 ranks vs 1 process {gap:.3g}; masked vs left out {dropped:.3g}; masking changed the step "
           f"by {changed:.3g}")
     assert dropped < 1e-9, f"masked responses still move the weights ({dropped}) in one process"
+
+
+def test_several_mini_batches_on_two_ranks_equal_one_process(tmp_path):
+    """Two optimizer steps on the batch (mini-batches of 8 of its 16 responses): each step must train on the
+    responses it trains on in one process, whichever rank holds them. Rank 0 holds the first two prompts' 8, rank 1
+    the others, and one shuffle of all 16 decides the mini-batches: a rank may hold 3 of one and 5 of the next."""
+    torchrun(Path(__file__), "one-step", tmp_path / "two.pt", "--two-mini-batches")
+    two, one, whole = torch.load(tmp_path / "two.pt"), one_training_step(mini_batches=2), one_training_step()
+    apart = max_difference(one["weights"], whole["weights"])
+    assert apart > 1e-4, f"two steps moved the weights like one ({apart}): the comparison could not fail"
+    assert two["stats"]["grad_norm"] == pytest.approx(one["stats"]["grad_norm"], rel=1e-9)
+    gap = max_difference(two["weights"], one["weights"])
+    print(f"2 mini-batches: 2 ranks vs 1 process {gap:.3g}; 2 steps vs 1 step {apart:.3g}")
+    assert gap < 1e-9, f"2 ranks differ from 1 process by {gap} with 2 mini-batches"
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +250,7 @@ def test_tensor_parallel_needs_torchrun():
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["one-step"]:
-    worker(sys.argv[2], "--local-counts" in sys.argv, "--masked" in sys.argv)
+    worker(sys.argv[2], "--local-counts" in sys.argv, "--masked" in sys.argv,
+           mini_batches=2 if "--two-mini-batches" in sys.argv else 1)
 if __name__ == "__main__" and sys.argv[1:2] == ["tensor-parallel"]:
     tensor_parallel_worker(sys.argv[2])
