@@ -637,12 +637,10 @@ def mini_batch_shares(n: int, size: int) -> list[list[int]]:
     draw sent to all, and each rank keeps the members of each mini-batch that it holds; so every optimizer step sees
     the rows it would see in one process. A rank may then hold more of a mini-batch than another: micro_batches
     keeps the ranks in step."""
-    if not is_distributed():
-        order = torch.randperm(n).tolist()
-        return [order[m:m + size] for m in range(0, n, size)]
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
     order = [torch.randperm(n * world).tolist()]  # drawn on every rank: every rank's random stream moves alike
-    torch.distributed.broadcast_object_list(order, src=0)
+    if world > 1:
+        torch.distributed.broadcast_object_list(order, src=0)
     first, step = rank * n, size * world
     return [[g - first for g in order[0][m:m + step] if first <= g < first + n] for m in range(0, n * world, step)]
 

@@ -9,7 +9,8 @@ Candidate A: two changes against grpo.py's function, both in backward.
      the width to a multiple of 8 (tensor-core alignment). fp32 accumulation adds them to h . w exactly enough;
    - 1/T is the GEMM's alpha (torch.addmm with beta=0 and out_dtype=fp32 on CUDA).
    So backward reads and writes one fp32 pass less per block (4 reads + 2.5 writes instead of 5 + 3.5; `python
-   bench/logprob.py --passes` counts 4.00 + 3.02 against 5.00 + 4.00 in fp32 on CPU).
+   bench/logprob.py --passes --tokens 8192` counts 4.00 + 3.02 against 5.00 + 4.00 in fp32 on CPU; the weight
+   block's copy with its extra columns adds writes, more at fewer tokens).
 2. The hidden-state gradient is accumulated by the GEMM (C += A B, torch.addmm with the fp32 gradient as its input
    and output). grpo.py writes each block's fp32 [tokens x hidden] product and then adds it in a pass: at 32k
    tokens 4 x 201 MB of traffic per block, where the GEMM's C needs 2 x 201 MB; 48 blocks, so ~19 GB less (~4 ms
