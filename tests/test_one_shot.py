@@ -19,7 +19,6 @@ import eval as evaluation  # noqa: E402
 import one_shot  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "train" / "one_shot_rlvr"
-needs_data = pytest.mark.skipif(not (DATA / "acc_step_500.json").exists(), reason="../shared/data is not here")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,6 @@ def dsr_sub(tokenizer):
 
 
 # ---- choosing the example --------------------------------------------------------------------------------------
-@needs_data
 def test_ranking_the_papers_history_gives_its_examples(tiny):
     history = one_shot.load_history(str(DATA / "acc_step_500.json"))
     assert one_shot.select_by_rank(history, [1, 2, 13, 1209]) == ["124", "267", "682", "789"]
@@ -57,7 +55,6 @@ def test_examples_are_found_by_index_column_else_row_number(tiny):
     assert relabelled[0]["true_answer"] == evaluation.toy_splits()[0][7]["answer"]
 
 
-@needs_data
 def test_replication_matches_the_papers_merged_file(tiny):
     examples = one_shot.find_examples(dsr_sub(tiny[1]), ["124", "682"])
     batch = one_shot.replicate(examples, 128)
@@ -115,9 +112,22 @@ def test_a_step_on_the_entropy_term_alone_moves_entropy_by_its_sign(tiny, coef):
     assert (after - before) * coef > 0, f"entropy {before:.4f} -> {after:.4f} with coefficient {coef}"
 
 
-def test_ablations_reach_the_loss_and_the_metrics(tmp_path):
+def toy_training_problems():
+    """The toy training problems with their ids, as one_shot.py reads them (row numbers: the toy has no index)."""
+    return one_shot.load_prompts(one_shot.Args(), evaluation.load_model("tiny")[1])
+
+
+def test_ablations_reach_the_loss_and_the_metrics(tmp_path, monkeypatch):
     """Two examples, one relabelled (label noise), trained on the entropy term alone: the loss is -coef * entropy
     even though the correctly labelled example's rewards vary (its advantages would not be zero)."""
+    scored = []  # every (golds, scores) the run asks the checker for
+
+    def recording_score_batch(texts, golds, **kwargs):
+        scores = real_score_batch(texts, golds, **kwargs)
+        scored.append((list(golds), scores))
+        return scores
+    real_score_batch = one_shot.verify.score_batch
+    monkeypatch.setattr(one_shot.verify, "score_batch", recording_score_batch)
     args = one_shot.parse_args(["--example-index", "1", "3", "--label", "1", "99", "--entropy-only", "--kl-coef", "0",
                                 "--prompts-per-step", "2", "--samples-per-prompt", "8", "--mini-batch", "16",
                                 "--micro-batch", "16", "--total-steps", "1", "--eval-every", "0",
@@ -126,7 +136,11 @@ def test_ablations_reach_the_loss_and_the_metrics(tmp_path):
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-1]
     assert 0 < metrics["accuracy/1"] < 1, "example 1's rewards do not vary: the check below could not fail"
     assert metrics["accuracy/3"] == 0, "label 99 cannot be matched by a toy answer"
-    assert 0 <= metrics["true_label_accuracy"] <= 1
+    true_golds = [p["answer"] for p in one_shot.find_examples(toy_training_problems(), ["1", "3"]) for _ in range(8)]
+    assert true_golds[8] != "99"
+    true_label_scores = [scores for golds, scores in scored if golds == true_golds]
+    assert len(true_label_scores) == 1, "the policy's answers were not scored once against the data's own answers"
+    assert metrics["true_label_accuracy"] == pytest.approx(sum(true_label_scores[0]) / 16)
     assert metrics["loss"] == pytest.approx(-0.001 * metrics["entropy"], rel=1e-5)
 
 

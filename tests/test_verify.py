@@ -299,32 +299,37 @@ def test_caller_bugs_raise():
 
 # ---- hostile model text --------------------------------------------------------------------------------------
 
+# name: (text, expected score in boxed mode, in flex mode); None where only the time limit decides (a fast machine
+# may finish sympy's work on 300 nested parentheses and score the 5 inside them as right)
 HOSTILE = {
-    "2 MB of words then a box": "word " * 400_000 + "\\boxed{5}",
-    "2 MB of words, no box": "word " * 400_000,
-    "2 MB of digits": "1" * 2_000_000,
-    "2 MB of backslashes": "\\" * 2_000_000,
-    "10k nested parentheses": "\\boxed{" + "(" * 10_000 + "5" + ")" * 10_000 + "}",
-    "300 nested parentheses (under the length cap)": "\\boxed{" + "(" * 300 + "5" + ")" * 300 + "}",
-    "10k nested braces": "\\boxed{" + "{" * 10_000 + "5" + "}" * 10_000 + "}",
-    "power tower": "\\boxed{9^{9^{9^{9^{9^{9}}}}}}",
-    "huge factorial": "\\boxed{(10^{10})!}",
-    "lone surrogates": "\ud800\udfff \\boxed{5\udc00}",
-    "NUL bytes": "\x00" * 1000 + "\\boxed{5\x00}",
-    "thousands of unclosed boxes": "\\boxed{" * 5000,
-    "a box then thousands of unclosed ones": "\\boxed{5}" + "\\boxed{" * 5000,
-    "an unclosed box then 2 MB of braces": "\\boxed{" + "{" * 2_000_000,
-    "the phrase 100k times": "the answer is " * 100_000,
+    "2 MB of words then a box": ("word " * 400_000 + "\\boxed{5}", 1.0, 1.0),
+    "2 MB of words, no box": ("word " * 400_000, 0.0, 0.0),
+    "2 MB of digits": ("1" * 2_000_000, 0.0, 0.0),
+    "2 MB of backslashes": ("\\" * 2_000_000, 0.0, 0.0),
+    "10k nested parentheses": ("\\boxed{" + "(" * 10_000 + "5" + ")" * 10_000 + "}", 0.0, 0.0),  # over the length cap
+    "300 nested parentheses (under the length cap)": ("\\boxed{" + "(" * 300 + "5" + ")" * 300 + "}", None, None),
+    "10k nested braces": ("\\boxed{" + "{" * 10_000 + "5" + "}" * 10_000 + "}", 0.0, 0.0),
+    "power tower": ("\\boxed{9^{9^{9^{9^{9^{9}}}}}}", 0.0, 0.0),
+    "huge factorial": ("\\boxed{(10^{10})!}", 0.0, 0.0),
+    "lone surrogates": ("\ud800\udfff \\boxed{5\udc00}", 0.0, 0.0),
+    "NUL bytes": ("\x00" * 1000 + "\\boxed{5\x00}", 0.0, 0.0),
+    "thousands of unclosed boxes": ("\\boxed{" * 5000, 0.0, 0.0),
+    # boxed mode reads the last box, which never closes; flex mode falls back to the last closed one
+    "a box then thousands of unclosed ones": ("\\boxed{5}" + "\\boxed{" * 5000, 0.0, 1.0),
+    "an unclosed box then 2 MB of braces": ("\\boxed{" + "{" * 2_000_000, 0.0, 0.0),
+    "the phrase 100k times": ("the answer is " * 100_000, 0.0, 0.0),
 }
 
 
 @pytest.mark.parametrize("mode", verify.MODES)
 @pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_response_scores_within_timeout(name, mode):
+    text, *expected = HOSTILE[name]
     start = time.monotonic()
-    result = verify.score(HOSTILE[name], "5", mode=mode, timeout=HOSTILE_TIMEOUT)
+    result = verify.score(text, "5", mode=mode, timeout=HOSTILE_TIMEOUT)
     elapsed = time.monotonic() - start
-    assert result in (0.0, 1.0)
+    expected = expected[verify.MODES.index(mode)]
+    assert result in (0.0, 1.0) if expected is None else result == expected
     assert elapsed < HOSTILE_TIMEOUT + SLACK, f"{name} took {elapsed:.2f} s"
 
 
@@ -355,7 +360,7 @@ def mixed_items():
             reasoning(f"{gold} + {k + 1}"),
             f"So the answer is {gold}.",
             reasoning(golds[(k + 1) % len(golds)]),
-            HOSTILE["the phrase 100k times"][:200] + str(k),
+            HOSTILE["the phrase 100k times"][0][:200] + str(k),
         ):
             responses.append(response)
             item_golds.append(gold)
