@@ -805,16 +805,10 @@ def gather_from_ranks(values: list) -> list:
     return [v for part in parts for v in part]
 
 
-def train_stats_over_ranks(stats: dict) -> dict:
-    """Training statistics for logging, averaged over ranks (each a mean over its micro-batches; the gradient norm
-    is already global)."""
-    if not is_distributed():
-        return stats
-    keys = sorted(k for k, v in stats.items() if isinstance(v, float))
-    means = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
-    parts = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, means)
-    return {**stats, **dict(zip(keys, torch.stack(parts).mean(0).tolist()))}
+def summed_stats_over_ranks(sums: dict) -> dict:
+    """Each logged sum over the whole batch: every rank's sums added (all ranks hold the same keys)."""
+    parts = gather_from_ranks([sums])
+    return {k: sum(part[k] for part in parts) for k in sums}
 
 
 def rng_state() -> dict:
@@ -1136,6 +1130,7 @@ def main(args: Args):
         realised = realised_accuracy_over_ranks(rewards, n) if batch else torch.zeros(0)
         whole_batch = gather_from_ranks(batch)
         train_stats = {"skipped": False}
+        lr = scheduler.get_last_lr()[0]  # the rate of this step's (first) update
         t4 = t5 = time.time()
         if batch:  # dynamic sampling can find no informative prompt at all: nothing to train on
             # steps 6 and 7 both run while vLLM sleeps: the policy and V each hold their AdamW state and gradients
@@ -1143,7 +1138,6 @@ def main(args: Args):
             # 6. update the policy on-policy (one optimizer step per batch by default)
             train_stats = update_policy(model, reference, rollouts, advantages, optimizer, scheduler, rank_args,
                                         autocast, pad_id, device)
-            train_stats = train_stats_over_ranks(train_stats)
             t4 = time.time()
             # 7. regress V on the kept prompts' realised accuracy: the V used at the next step lags by one update
             if predicted is None:  # uniform / dynamic sampling: V is not used to select, but still fitted and scored
@@ -1174,7 +1168,7 @@ def main(args: Args):
                        response_len_mean=sum(lengths) / len(lengths),
                        truncated_share=sum(truncated) / max(1, len(truncated)),
                        time_select=t1 - t0, time_generate=t2 - t1, time_score=t3 - t2, time_train=t4 - t3 + t6 - t5,
-                       time_value=t5 - t4, lr=scheduler.get_last_lr()[0], **train_stats)
+                       time_value=t5 - t4, lr=lr, **train_stats)
         last = step + 1 == args.total_steps
         if last or (args.eval_every and (step + 1) % args.eval_every == 0):
             # every rank evaluates its share of the set (eval.evaluate) and gets all results; rank 0 logs
@@ -1237,9 +1231,11 @@ def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, 
         ref_logp = token_logprobs(reference, rollouts, args, pad_id, device) if reference is not None else None
     # the engine sampled from exactly these weights: any gap is engine-trainer mismatch (numerics, a missed push)
     engine_lp = torch.tensor([lp for r in rollouts for lp in r["engine_logprobs"]])
-    logprob_gap = (engine_lp - torch.cat(old_logp).float().cpu()).abs().mean().item()
-    stats = {"loss": [], "clip_frac": [], "kl": [], "entropy": [], "grad_norm": []}
-    skipped = False
+    # logged sums over the batch: each micro-batch's share of its mini-batch's loss, the other statistics per token
+    sums = dict.fromkeys(("loss", "clip_frac", "kl", "entropy", "tokens"), 0.0)
+    sums.update(logprob_gap=(engine_lp - torch.cat(old_logp).float().cpu()).abs().sum().item(),
+                sampled_tokens=float(len(engine_lp)))
+    grad_norms, skipped = [], False
     for update in range(args.num_updates):
         for share in mini_batch_shares(len(rollouts), args.mini_batch):
             mini = [i for i in share if not rollouts[i].get("masked")]
@@ -1263,10 +1259,11 @@ def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, 
                 (loss * counted).backward()
                 if not counted:  # a filler pass only keeps this rank in step with the others
                     continue
-                stats["loss"].append(loss.item())
-                stats["clip_frac"].append(s["clip_frac"])
-                stats["kl"].append(s.get("kl", 0.0))
-                stats["entropy"].append(entropy.detach().mean().item())
+                sums["loss"] += loss.item()
+                sums["clip_frac"] += s["clip_frac"] * sum(lengths)
+                sums["kl"] += s.get("kl", 0.0) * sum(lengths)
+                sums["entropy"] += entropy.detach().float().sum().item()
+                sums["tokens"] += sum(lengths)
             grad_norm = clip_gradients(model, args.max_grad_norm)
             if torch.isfinite(grad_norm):
                 optimizer.step()
@@ -1275,9 +1272,13 @@ def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, 
                 print(f"non-finite gradient norm ({grad_norm.item()}): update skipped")
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            stats["grad_norm"].append(grad_norm.item())
-    out = {k: sum(v) / len(v) for k, v in stats.items() if v}
-    out.update(logprob_gap=logprob_gap, skipped=skipped)
+            grad_norms.append(grad_norm.item())
+    total = summed_stats_over_ranks(sums)
+    out = {"logprob_gap": total["logprob_gap"] / total["sampled_tokens"], "skipped": skipped}
+    if grad_norms:  # the loss of an optimizer step, averaged over the steps; the norm is already global
+        out.update(loss=total["loss"] / len(grad_norms), grad_norm=sum(grad_norms) / len(grad_norms))
+    if total["tokens"]:
+        out.update({k: total[k] / total["tokens"] for k in ("clip_frac", "kl", "entropy")})
     return out
 
 

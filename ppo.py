@@ -727,16 +727,10 @@ def gather_from_ranks(values: list) -> list:
     return [v for part in parts for v in part]
 
 
-def train_stats_over_ranks(stats: dict) -> dict:
-    """Training statistics for logging, averaged over ranks (each a mean over its micro-batches; the gradient norm
-    is already global)."""
-    if not is_distributed():
-        return stats
-    keys = sorted(k for k, v in stats.items() if isinstance(v, float))
-    means = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
-    parts = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, means)
-    return {**stats, **dict(zip(keys, torch.stack(parts).mean(0).tolist()))}
+def summed_stats_over_ranks(sums: dict) -> dict:
+    """Each logged sum over the whole batch: every rank's sums added (all ranks hold the same keys)."""
+    parts = gather_from_ranks([sums])
+    return {k: sum(part[k] for part in parts) for k in sums}
 
 
 def rng_state() -> dict:
@@ -1041,6 +1035,7 @@ def main(args: Args):
                                                                   device)
         metrics.update(value_stats)
         # 5. update: the critic, then (after its warm-up) the policy, num_updates passes over mini-batches each
+        lr = scheduler.get_last_lr()[0]  # the rate of this step's (first) policy update
         train_stats = update_critic(critic, rollouts, old_values, returns, critic_optimizer, critic_scheduler,
                                     rank_args, autocast, pad_id, device)
         if step >= args.critic_warmup_steps:
@@ -1057,10 +1052,6 @@ def main(args: Args):
         if bad_steps >= args.max_bad_steps:
             raise SystemExit(f"stopping: {bad_steps} updates in a row had a non-finite loss or gradient "
                              "(lower --lr or --critic-lr, check the data, or use fp32)")
-        train_stats = train_stats_over_ranks(train_stats)
-        for key in ("policy_loss", "value_loss"):  # each rank holds its share of a mini-batch's loss: their sum
-            if key in train_stats:
-                train_stats[key] *= world
         # 7. log / evaluate / checkpoint (under torchrun: the whole batch, gathered from every rank)
         lengths = gather_from_ranks(lengths)
         rewards, correct = torch.tensor(gather_from_ranks(rewards.tolist())), gather_from_ranks(list(correct))
@@ -1069,7 +1060,7 @@ def main(args: Args):
                        response_len_mean=sum(lengths) / len(lengths),
                        truncated_share=sum(truncated) / len(truncated),
                        time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
-                       tokens_per_s=sum(lengths) / max(t1 - t0, 1e-9), lr=scheduler.get_last_lr()[0], **train_stats)
+                       tokens_per_s=sum(lengths) / max(t1 - t0, 1e-9), lr=lr, **train_stats)
         last = step + 1 == args.total_steps
         if last or (args.eval_every and (step + 1) % args.eval_every == 0):
             # every rank evaluates its share of the set (eval.evaluate) and gets all results; rank 0 logs
@@ -1219,8 +1210,9 @@ def with_own_memory(model):
 def update_critic(critic, rollouts, old_values, returns, optimizer, scheduler, args, autocast, pad_id, device):
     """num_updates passes of the clipped value loss over the batch in shuffled mini-batches; token-mean per
     mini-batch, one optimizer step per mini-batch."""
-    stats = {"value_loss": [], "value_clip_frac": [], "critic_grad_norm": []}
-    skipped = False
+    # logged sums over the batch: each micro-batch's share of its mini-batch's loss, the clip fraction per token
+    sums = dict.fromkeys(("value_loss", "value_clip_frac", "tokens"), 0.0)
+    grad_norms, skipped = [], False
     for _ in range(args.num_updates):
         for share in mini_batch_shares(len(rollouts), args.mini_batch):
             mini = [i for i in share if not rollouts[i].get("masked")]
@@ -1229,7 +1221,6 @@ def update_critic(critic, rollouts, old_values, returns, optimizer, scheduler, a
                                                         len(mini)], device)
             if not mini_seqs:  # every response of the mini-batch masked (on every rank)
                 continue
-            mini_loss = 0.0
             for micro, counted in micro_batches(mini, 0, args.micro_batch, device):
                 rows = [rollouts[i] for i in micro]
                 lengths = [len(r["response_ids"]) for r in rows]
@@ -1242,9 +1233,9 @@ def update_critic(critic, rollouts, old_values, returns, optimizer, scheduler, a
                 (loss * counted).backward()
                 if not counted:  # a filler pass only keeps this rank in step with the others
                     continue
-                mini_loss += loss.item()  # the micro-batch's share of the mini-batch loss
-                stats["value_clip_frac"].append(s["value_clip_frac"])
-            stats["value_loss"].append(mini_loss)
+                sums["value_loss"] += loss.item()
+                sums["value_clip_frac"] += s["value_clip_frac"] * sum(lengths)
+                sums["tokens"] += sum(lengths)
             grad_norm = clip_gradients(critic, args.critic_max_grad_norm)
             if torch.isfinite(grad_norm):
                 optimizer.step()
@@ -1253,9 +1244,14 @@ def update_critic(critic, rollouts, old_values, returns, optimizer, scheduler, a
                 print(f"non-finite critic gradient norm ({grad_norm.item()}): update skipped")
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            stats["critic_grad_norm"].append(grad_norm.item())
-    out = {k: sum(v) / len(v) for k, v in stats.items() if v}
-    out["skipped"] = skipped
+            grad_norms.append(grad_norm.item())
+    total = summed_stats_over_ranks(sums)
+    out = {"skipped": skipped}
+    if grad_norms:  # the loss of an optimizer step, averaged over the steps; the norm is already global
+        out.update(value_loss=total["value_loss"] / len(grad_norms),
+                   critic_grad_norm=sum(grad_norms) / len(grad_norms))
+    if total["tokens"]:
+        out["value_clip_frac"] = total["value_clip_frac"] / total["tokens"]
     return out
 
 
@@ -1263,8 +1259,9 @@ def update_policy(model, rollouts, advantages, old_logp, ref_logp, optimizer, sc
                   device):
     """num_updates passes over the batch in shuffled mini-batches; one optimizer step per mini-batch. Advantages
     are per token; old (and, for the KL-in-loss form, reference) log-probs come from before the update."""
-    stats = {"policy_loss": [], "clip_frac": [], "kl": [], "entropy": [], "grad_norm": []}
-    skipped = False
+    # logged sums over the batch: each micro-batch's share of its mini-batch's loss, the other statistics per token
+    sums = dict.fromkeys(("policy_loss", "clip_frac", "kl", "entropy", "tokens"), 0.0)
+    grad_norms, skipped = [], False
     for _ in range(args.num_updates):
         for share in mini_batch_shares(len(rollouts), args.mini_batch):
             mini = [i for i in share if not rollouts[i].get("masked")]
@@ -1273,7 +1270,6 @@ def update_policy(model, rollouts, advantages, old_logp, ref_logp, optimizer, sc
                                                         len(mini)], device)
             if not mini_seqs:  # every response of the mini-batch masked (on every rank)
                 continue
-            mini_loss = 0.0
             for micro, counted in micro_batches(mini, 0, args.micro_batch, device):
                 rows = [rollouts[i] for i in micro]
                 lengths = [len(r["response_ids"]) for r in rows]
@@ -1288,12 +1284,11 @@ def update_policy(model, rollouts, advantages, old_logp, ref_logp, optimizer, sc
                 (loss * counted).backward()
                 if not counted:  # a filler pass only keeps this rank in step with the others
                     continue
-                mini_loss += loss.item()  # the micro-batch's share of the mini-batch loss
-                stats["clip_frac"].append(s["clip_frac"])
-                if "kl" in s:
-                    stats["kl"].append(s["kl"])
-                stats["entropy"].append(entropy.detach().mean().item())
-            stats["policy_loss"].append(mini_loss)
+                sums["policy_loss"] += loss.item()
+                sums["clip_frac"] += s["clip_frac"] * sum(lengths)
+                sums["kl"] += s.get("kl", 0.0) * sum(lengths)
+                sums["entropy"] += entropy.detach().float().sum().item()
+                sums["tokens"] += sum(lengths)
             grad_norm = clip_gradients(model, args.max_grad_norm)
             if torch.isfinite(grad_norm):
                 optimizer.step()
@@ -1302,9 +1297,14 @@ def update_policy(model, rollouts, advantages, old_logp, ref_logp, optimizer, sc
                 print(f"non-finite gradient norm ({grad_norm.item()}): update skipped")
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            stats["grad_norm"].append(grad_norm.item())
-    out = {k: sum(v) / len(v) for k, v in stats.items() if v}
-    out["skipped"] = skipped
+            grad_norms.append(grad_norm.item())
+    total = summed_stats_over_ranks(sums)
+    out = {"skipped": skipped}
+    if grad_norms:  # the loss of an optimizer step, averaged over the steps; the norm is already global
+        out.update(policy_loss=total["policy_loss"] / len(grad_norms), grad_norm=sum(grad_norms) / len(grad_norms))
+    if total["tokens"]:
+        keys = ("clip_frac", "entropy") + (("kl",) if ref_logp is not None else ())  # k1 KL is logged apart
+        out.update({k: total[k] / total["tokens"] for k in keys})
     return out
 
 

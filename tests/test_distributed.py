@@ -25,10 +25,11 @@ pytestmark = pytest.mark.skipif(not HAS_GLOO, reason="torch.distributed with the
 PROMPTS, SAMPLES = 4, 4
 # --mask-truncated's rows in the masked test: rank 0 keeps 7 responses (3 micro-batches of 3), rank 1 keeps 3 (1)
 MASKED = {2, 9, 10, 11, 12, 13}
+RANK_1_MASKED = set(range(8, 16))  # every response rank 1 holds: it only runs filler passes and logs nothing itself
 
 
 # ---- the worker ------------------------------------------------------------------------------------------------
-def fixed_batch(tokenizer, masked: bool = False):
+def fixed_batch(tokenizer, masked: set = frozenset()):
     """4 prompts x 4 responses; the last two prompts' responses are much longer, so rank 1 holds most tokens and a
     rank that divided by its own token count would weigh its tokens differently from the single process."""
     g = torch.Generator().manual_seed(0)
@@ -39,13 +40,13 @@ def fixed_batch(tokenizer, masked: bool = False):
             n = int(torch.randint(2, 6, (1,), generator=g)) + (12 if p >= PROMPTS // 2 else 0)
             rollouts.append({"prompt_ids": prompt, "response_ids": torch.randint(5, 300, (n,), generator=g).tolist(),
                              "engine_logprobs": [0.0] * n, "truncated": False,
-                             "masked": masked and len(rollouts) in MASKED})
+                             "masked": len(rollouts) in masked})
     rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1, 0, 1, 0, 0])
     return rollouts, grpo.group_advantages(rewards, SAMPLES)
 
 
-def one_training_step(local_counts: bool = False, masked: bool = False, drop_masked: bool = False,
-                      mini_batches: int = 1) -> dict:
+def one_training_step(local_counts: bool = False, masked: set = frozenset(), drop_masked: bool = False,
+                      mini_batches: int = 1, micro_batch: int = 3) -> dict:
     """One update on the fixed batch (mini_batches optimizer steps), on however many ranks this process group has:
     full weights after it. drop_masked: the masked responses are left out of the batch instead (what masking must
     amount to)."""
@@ -54,8 +55,8 @@ def one_training_step(local_counts: bool = False, masked: bool = False, drop_mas
     # about lr * sign(gradient), which turns rounding in a near-zero gradient into a visible weight difference)
     model, tokenizer = evaluation.load_model("tiny", dtype=torch.float64)
     reference = evaluation.load_model("tiny", dtype=torch.float64)[0].eval().requires_grad_(False)
-    args = grpo.Args(mini_batch=PROMPTS * SAMPLES // mini_batches, micro_batch=3, kl_coef=0.05, entropy_coef=0.01,
-                     lr=1e-3)
+    args = grpo.Args(mini_batch=PROMPTS * SAMPLES // mini_batches, micro_batch=micro_batch, kl_coef=0.05,
+                     entropy_coef=0.01, lr=1e-3)
     if world > 1:
         model, reference = grpo.shard_model(model, device), grpo.shard_model(reference, device)
     if local_counts:  # the mistake the comparison must catch: each rank normalises by its own token count
@@ -70,12 +71,11 @@ def one_training_step(local_counts: bool = False, masked: bool = False, drop_mas
     stats = grpo.update_policy(model, reference, [rollouts[i] for i in mine], advantages[mine], optimizer, scheduler,
                                dataclasses.replace(args, mini_batch=args.mini_batch // world),
                                torch.autocast("cpu", enabled=False), tokenizer.pad_token_id, device)
-    stats = grpo.train_stats_over_ranks(stats)
     return {"weights": {k: v.detach().clone() for k, v in grpo.full_weights(model).items()}, "stats": stats,
             "rank": rank}
 
 
-def worker(output: str, local_counts: bool, masked: bool, mini_batches: int) -> None:
+def worker(output: str, local_counts: bool, masked: set, mini_batches: int) -> None:
     result = one_training_step(local_counts, masked, mini_batches=mini_batches)
     if result["rank"] == 0:
         torch.save(result, output)
@@ -117,6 +117,35 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def assert_same_statistics(two: dict, one: dict,
+                           logged=("loss", "grad_norm", "entropy", "clip_frac", "kl", "logprob_gap")) -> None:
+    """Every logged training statistic of the whole batch, not a rank's own share."""
+    assert two.keys() == one.keys() and set(logged) <= one.keys(), (two.keys(), one.keys())
+    for key in one:
+        # 1e-6: policy_loss's clip fraction is a float32 mean
+        assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-12), f"{key}: 2 ranks {two[key]}, 1 process {one[key]}"
+
+
+def test_logged_statistics_do_not_depend_on_the_micro_batch():
+    """The loss of an optimizer step is its micro-batches' shares summed, the other statistics are per token: a
+    memory setting must not rescale them (a mean of micro-batch shares logged a quarter of the loss at 4 of them)."""
+    # two optimizer steps, so that the second one sees a KL and clipped ratios
+    whole = one_training_step(mini_batches=2, micro_batch=8)["stats"]
+    split = one_training_step(mini_batches=2, micro_batch=2)["stats"]
+    assert whole["loss"] != 0 and whole["kl"] > 0 and whole["clip_frac"] > 0, whole
+    for key in whole:
+        assert split[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-12), f"{key}: {split[key]} vs {whole[key]}"
+
+
+def test_a_rank_with_every_response_masked_trains_in_step_with_the_other(tmp_path):
+    """Rank 1's 8 responses are all masked: it runs filler passes only and has no statistics of its own, yet logs
+    the whole batch's, as one process does."""
+    torchrun(Path(__file__), "one-step", tmp_path / "two.pt", "--rank-1-masked", timeout=180)
+    two, one = torch.load(tmp_path / "two.pt"), one_training_step(masked=RANK_1_MASKED)
+    assert_same_statistics(two["stats"], one["stats"])
+    assert max_difference(two["weights"], one["weights"]) < 1e-9
+
+
 def test_one_step_on_two_ranks_equals_one_step_in_one_process(tmp_path):
     torchrun(Path(__file__), "one-step", tmp_path / "two.pt")
     torchrun(Path(__file__), "one-step", tmp_path / "local.pt", "--local-counts")
@@ -125,8 +154,7 @@ def test_one_step_on_two_ranks_equals_one_step_in_one_process(tmp_path):
     before = grpo.full_weights(evaluation.load_model("tiny", dtype=torch.float64)[0])
     moved = max_difference(one["weights"], before)
     assert moved > 1e-4, f"the step moved the weights by only {moved}: the comparison could not fail"
-    assert two["stats"]["grad_norm"] == pytest.approx(one["stats"]["grad_norm"], rel=1e-9)
-    assert two["stats"]["loss"] == pytest.approx(one["stats"]["loss"], rel=1e-9)
+    assert_same_statistics(two["stats"], one["stats"])
     gap = max_difference(two["weights"], one["weights"])
     wrong = max_difference(local["weights"], one["weights"])
     print(f"step moved weights by {moved:.3g}; 2 ranks vs 1 process {gap:.3g}; per-rank counts vs 1 process {wrong:.3g}")
@@ -139,13 +167,13 @@ def test_masked_responses_on_two_ranks_equal_one_process(tmp_path):
     """--mask-truncated drops 5 of rank 1's 8 responses and 1 of rank 0's: rank 1 has one micro-batch to rank 0's
     three, and runs two filler passes (loss counted 0) to stay in step with FSDP's collectives."""
     torchrun(Path(__file__), "one-step", tmp_path / "two.pt", "--masked", timeout=180)
-    two, one, unmasked = torch.load(tmp_path / "two.pt"), one_training_step(masked=True), one_training_step()
+    two, one, unmasked = torch.load(tmp_path / "two.pt"), one_training_step(masked=MASKED), one_training_step()
     changed = max_difference(one["weights"], unmasked["weights"])
     assert changed > 1e-4, f"masking changed the step by only {changed}: the comparison could not fail"
-    assert two["stats"]["grad_norm"] == pytest.approx(one["stats"]["grad_norm"], rel=1e-9)
+    assert_same_statistics(two["stats"], one["stats"])
     gap = max_difference(two["weights"], one["weights"])
     assert gap < 1e-9, f"2 ranks differ from 1 process by {gap} with masked responses"
-    dropped = max_difference(one_training_step(masked=True, drop_masked=True)["weights"], one["weights"])
+    dropped = max_difference(one_training_step(masked=MASKED, drop_masked=True)["weights"], one["weights"])
     print(f"masked: 2 ranks vs 1 process {gap:.3g}; masked vs left out {dropped:.3g}; masking changed the step "
           f"by {changed:.3g}")
     assert dropped < 1e-9, f"masked responses still move the weights ({dropped}) in one process"
@@ -159,7 +187,7 @@ def test_several_mini_batches_on_two_ranks_equal_one_process(tmp_path):
     two, one, whole = torch.load(tmp_path / "two.pt"), one_training_step(mini_batches=2), one_training_step()
     apart = max_difference(one["weights"], whole["weights"])
     assert apart > 1e-4, f"two steps moved the weights like one ({apart}): the comparison could not fail"
-    assert two["stats"]["grad_norm"] == pytest.approx(one["stats"]["grad_norm"], rel=1e-9)
+    assert_same_statistics(two["stats"], one["stats"])
     gap = max_difference(two["weights"], one["weights"])
     print(f"2 mini-batches: 2 ranks vs 1 process {gap:.3g}; 2 steps vs 1 step {apart:.3g}")
     assert gap < 1e-9, f"2 ranks differ from 1 process by {gap} with 2 mini-batches"
@@ -170,7 +198,8 @@ def two_rank_run(tmp_path_factory):
     """4 steps on 2 ranks with a checkpoint after 2, and the same run resumed from that checkpoint."""
     root = tmp_path_factory.mktemp("runs")
     common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
-              "--eval-every", "0", "--eval-max-problems", "4", "--total-steps", "4", "--save-every", "2"]
+              "--eval-every", "0", "--eval-max-problems", "4", "--total-steps", "4", "--save-every", "2",
+              "--lr-schedule", "linear", "--warmup-steps", "1"]  # the scheduler's state must come back too
     torchrun(ROOT / "grpo.py", *common, "--output-dir", root / "straight")
     torchrun(ROOT / "grpo.py", *common, "--resume", root / "straight" / "checkpoint-2", "--output-dir",
              root / "resumed")
@@ -250,7 +279,8 @@ def test_tensor_parallel_needs_torchrun():
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["one-step"]:
-    worker(sys.argv[2], "--local-counts" in sys.argv, "--masked" in sys.argv,
+    worker(sys.argv[2], "--local-counts" in sys.argv,
+           MASKED if "--masked" in sys.argv else RANK_1_MASKED if "--rank-1-masked" in sys.argv else set(),
            mini_batches=2 if "--two-mini-batches" in sys.argv else 1)
 if __name__ == "__main__" and sys.argv[1:2] == ["tensor-parallel"]:
     tensor_parallel_worker(sys.argv[2])
