@@ -35,6 +35,7 @@ import math
 import os
 import random
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ class Args:
     total_steps: int = 30  # 1-shot RLVR steps; 0: only the pool run (paper: 2000; it reports the best checkpoint)
     eval_every: int = 5  # evaluate every this many steps, before the first and at the end; 0: at the end (paper: 20)
     save_every: int = 0  # checkpoint every this many steps (and at the end); 0: only at the end (paper: 20)
+    keep_resume_states: int = 0  # only the newest this many checkpoints keep the optimizer and RNG state; 0: all
     resume: str = ""  # a checkpoint folder to continue from (of the pool run or of 1-shot training)
     track: str = ""  # also log to "tensorboard" or "wandb" when installed
     # the example(s): given, ranked from a history file, or ranked from a pool run of our own
@@ -883,6 +885,36 @@ def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, schedu
                 **(extra or {})}, folder / "trainer_state.pt")
 
 
+def check_resume(args) -> None:
+    """--resume continues a run: the folder must hold what resuming needs, and --model must be the run's. The
+    weights come from the checkpoint, but the reference model and the evaluation defaults come from --model."""
+    folder = Path(args.resume)
+    if not (folder / "trainer_state.pt").is_file():
+        weights_only = " (this one kept its weights only: --keep-resume-states)" if (folder / "config.json").is_file() \
+            else " (give a checkpoint-<step> folder)"
+        raise SystemExit(f"--resume {args.resume}: no trainer_state.pt there{weights_only}")
+    run_args = folder.parent / "args.json"  # written by the run into its output folder
+    model_then = json.loads(run_args.read_text()).get("model") if run_args.is_file() else None
+    if model_then is not None and model_then != args.model:
+        raise SystemExit(f"--resume {args.resume}: that run trained --model {model_then}, this command says --model "
+                         f"{args.model}; give the run's --model")
+
+
+def drop_old_resume_states(output_dir: Path, keep: int) -> None:
+    """Only the newest `keep` checkpoints keep what resuming needs (the optimizer state, twice the fp32 weights, and
+    the RNG); older ones keep their weights and tokenizer, which is what evaluating them needs. 0 keeps everything."""
+    if keep <= 0:
+        return
+    steps = sorted(int(f.name[len("checkpoint-"):]) for f in output_dir.glob("checkpoint-*")
+                   if f.name[len("checkpoint-"):].isdigit())
+    for step in steps[:-keep]:
+        for path in (output_dir / f"checkpoint-{step}").iterdir():
+            if path.name == "trainer_state.pt" or path.name.startswith("rng-rank"):
+                path.unlink()
+            elif path.is_dir() and path.name.endswith("optimizer"):  # the sharded optimizer states
+                shutil.rmtree(path)
+
+
 def load_trainer_state(folder: Path, optimizer, scheduler) -> dict:
     state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
@@ -942,8 +974,8 @@ def main(args: Args):
     if batch_size % args.mini_batch or args.mini_batch % args.micro_batch:
         raise SystemExit(f"need mini_batch | prompts_per_step*samples_per_prompt ({batch_size}) and "
                          f"micro_batch | mini_batch; got mini_batch={args.mini_batch}, micro_batch={args.micro_batch}")
-    if args.resume and not (Path(args.resume) / "trainer_state.pt").is_file():
-        raise SystemExit(f"--resume {args.resume}: no trainer_state.pt there (give a checkpoint-<step> folder)")
+    if args.resume:
+        check_resume(args)
     base_path = resolve_on_rank0_first(args.model)
     model, tokenizer = evaluation.load_model(args.resume or base_path)  # fp32 master weights; bf16 compute on GPU
     problems = load_prompts(args, tokenizer)
@@ -1162,6 +1194,8 @@ def train(args, phase, problems, model, output_dir, state, reference, engine, to
                 save_sharded_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra=extra)
             else:
                 save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra=extra)
+            if rank == 0:  # older checkpoints keep their weights only (--keep-resume-states)
+                drop_old_resume_states(output_dir, args.keep_resume_states)
         if rank == 0:
             logger.log(metrics)
     if rank == 0:

@@ -280,29 +280,49 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     random streams are restored after the engine has started (its start seeds them all). The other scripts' resume
     tests use HF rollouts."""
     common = ["--rollout", "vllm" if HAS_VLLM else "hf", "--prompts-per-step", "4", "--mini-batch", "16",
-              "--micro-batch", "8", "--eval-every", "0", "--eval-max-problems", "4"]
-    run_script(*common, "--total-steps", "4", "--output-dir", str(tmp_path / "straight"))
-    run_script(*common, "--total-steps", "2", "--output-dir", str(tmp_path / "first"))
-    run_script(*common, "--total-steps", "4", "--resume", str(tmp_path / "first" / "checkpoint-2"),
+              "--micro-batch", "8", "--eval-every", "0", "--eval-max-problems", "4",
+              "--lr-schedule", "linear", "--warmup-steps", "1"]  # the scheduler's state must come back too
+    run_script(*common, "--total-steps", "4", "--save-every", "2", "--output-dir", str(tmp_path / "straight"))
+    run_script(*common, "--total-steps", "4", "--resume", str(tmp_path / "straight" / "checkpoint-2"),
                "--output-dir", str(tmp_path / "resumed"))
     from safetensors.torch import load_file
     straight = load_file(tmp_path / "straight" / "checkpoint-4" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors")
-    first = load_file(tmp_path / "first" / "checkpoint-2" / "model.safetensors")
+    first = load_file(tmp_path / "straight" / "checkpoint-2" / "model.safetensors")
     assert any(not torch.equal(first[k], straight[k]) for k in straight), "steps 3-4 changed nothing"
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), f"{k} differs after resume"
+    lrs = lambda run: [m["lr"] for m in read_metrics(tmp_path / run)]
+    assert lrs("resumed") == lrs("straight")[2:] and len(set(lrs("straight"))) == 4, lrs("straight")
+
+
+def test_older_checkpoints_keep_only_their_weights_and_resume_checks_the_model(tmp_path):
+    """--keep-resume-states 1: the newest checkpoint keeps the optimizer and RNG state, older ones their weights."""
+    run_script("--rollout", "hf", "--prompts-per-step", "2", "--mini-batch", "16", "--micro-batch", "8",
+               "--total-steps", "3", "--save-every", "1", "--keep-resume-states", "1", "--eval-every", "0",
+               "--eval-max-problems", "2", "--output-dir", str(tmp_path))
+    for step in (1, 2, 3):
+        folder = tmp_path / f"checkpoint-{step}"
+        assert (folder / "model.safetensors").is_file() and (folder / "tokenizer_config.json").is_file()
+        assert (folder / "trainer_state.pt").is_file() == (step == 3), step
+    evaluation.load_model(str(tmp_path / "checkpoint-1"))  # still a model eval.py and vLLM load
+    for argv, message in ((["--resume", str(tmp_path / "checkpoint-1")], "kept its weights only"),
+                          (["--resume", str(tmp_path / "checkpoint-3"), "--model", "tiny-verbose"],
+                           "that run trained --model tiny")):
+        out = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--rollout", "hf", *argv],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
 def test_bad_arguments_fail_clearly(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--train-data", str(tmp_path / "missing.jsonl")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert out.returncode != 0 and "missing.jsonl" in out.stderr
+    assert out.returncode != 0 and "missing.jsonl" in out.stderr and "Traceback" not in out.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1?", "answer": "2"}\n')
     out = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--train-data", str(bad), "--rollout", "hf"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert out.returncode != 0 and "problem" in out.stderr and "--problem-key" in out.stderr
+    assert out.returncode != 0 and "--problem-key" in out.stderr and "Traceback" not in out.stderr
     out = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--resume", str(tmp_path / "checkpoint-2")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode != 0 and "no trainer_state.pt" in out.stderr and "Traceback" not in out.stderr
