@@ -123,7 +123,8 @@ def assert_same_statistics(two: dict, one: dict,
     assert two.keys() == one.keys() and set(logged) <= one.keys(), (two.keys(), one.keys())
     for key in one:
         # 1e-6: policy_loss's clip fraction is a float32 mean
-        assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-12), f"{key}: 2 ranks {two[key]}, 1 process {one[key]}"
+        assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-12), \
+            f"{key}: 2 ranks {two[key]}, 1 process {one[key]}"
 
 
 def test_logged_statistics_do_not_depend_on_the_micro_batch():
