@@ -178,6 +178,37 @@ def test_gradient_accumulation_equals_one_big_batch(tiny, mode):
     torch.testing.assert_close(grads[2], grads[0], rtol=1e-9, atol=1e-12)
 
 
+def test_a_non_finite_gradient_skips_the_update_but_not_the_schedule(tiny):
+    """The guard a bf16 run relies on: a NaN loss leaves the weights and AdamW's moments as they were, the scheduler
+    still counts the step (so the schedule does not shift), and the step is reported as skipped."""
+    model, tokenizer = tiny
+    m = type(model)(model.config)
+    m.load_state_dict(model.state_dict())
+    rollouts = fake_rollouts(tokenizer)
+    for r in rollouts:
+        r["engine_logprobs"] = [0.0] * len(r["response_ids"])
+    args = grpo.Args(mini_batch=8, micro_batch=4, lr_schedule="linear", lr=1.0)
+    optimizer, scheduler = grpo.make_optimizer(m, args, total_updates=4)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    advantages = torch.linspace(-1, 1, 8)
+    advantages[3] = float("nan")
+    stats = grpo.update_policy(m, None, rollouts, advantages, optimizer, scheduler, args,
+                               torch.autocast("cpu", enabled=False), tokenizer.pad_token_id, torch.device("cpu"))
+    assert stats["skipped"] and not optimizer.state, "AdamW took the step"
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert scheduler.last_epoch == 1 and all(p.grad is None for p in m.parameters())
+
+
+def test_updates_non_finite_three_times_in_a_row_stop_the_run(tmp_path, monkeypatch):
+    nan_advantages = lambda rewards, n, std_normalize=True: torch.full_like(rewards, float("nan"))  # noqa: E731
+    monkeypatch.setattr(grpo, "group_advantages", nan_advantages)
+    args = grpo.parse_args(["--rollout", "hf", "--prompts-per-step", "2", "--mini-batch", "16", "--micro-batch", "8",
+                            "--total-steps", "5", "--eval-every", "0", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="3 updates in a row had a non-finite"):
+        grpo.main(args)
+    assert len(read_metrics(tmp_path)) == 2, "steps 1 and 2 are logged; step 3 stops the run"
+
+
 def test_response_logprobs_skip_the_prompt(tiny):
     model, tokenizer = tiny
     rollouts = fake_rollouts(tokenizer, n=3)
@@ -241,6 +272,31 @@ def test_linear_schedule_decays_to_zero_as_transformers_does():
         scheduler.step()
     # transformers' get_linear_schedule_with_warmup: (step + 1) / warmup, then (total - step) / (total - warmup)
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
+
+
+class ReachedTheCollective(Exception):
+    pass
+
+
+def nccl_like_all_reduce(tensor, *args, **kwargs):
+    """NCCL reduces only GPU tensors; a tensor on another device (meta, in the tests) ends the call here."""
+    if tensor.device.type == "cpu":
+        raise RuntimeError("No backend type associated with device type cpu")
+    raise ReachedTheCollective(tensor.device)
+
+
+def test_collectives_reduce_tensors_on_the_ranks_device(monkeypatch):
+    """Under torchrun on GPUs the process group is NCCL's, which reduces only GPU tensors. A stand-in all_reduce
+    that refuses CPU tensors as NCCL does, and a rank whose device is "meta" (the only non-CPU device a CPU machine
+    has): each function's collective must get a tensor on that device. (Meta tensors hold no data, so the stand-in
+    stops the function there.) The object collectives (gather_from_ranks, mini_batch_shares) place tensors
+    themselves."""
+    monkeypatch.setattr(grpo, "is_distributed", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", nccl_like_all_reduce)
+    meta = torch.device("meta")
+    for call in (lambda: grpo.summed_over_ranks([3, 1], meta), lambda: grpo.micro_batches([0, 1, 2], 0, 2, meta)):
+        with pytest.raises(ReachedTheCollective, match="meta"):
+            call()
 
 
 # ---- whole runs ------------------------------------------------------------------------------------------------

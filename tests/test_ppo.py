@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import eval as evaluation  # noqa: E402
 import ppo  # noqa: E402
+from test_grpo import ReachedTheCollective, nccl_like_all_reduce  # noqa: E402  (tests/ is on the path)
 
 
 # ---- GAE -------------------------------------------------------------------------------------------------------
@@ -130,19 +131,8 @@ def test_mask_truncated_whitens_over_the_kept_responses_only():
     assert shift > 0.1, f"whitening over every token gives nearly the same advantages ({shift}): the test is vacuous"
 
 
-class ReachedTheCollective(Exception):
-    pass
-
-
 def test_collectives_reduce_tensors_on_the_ranks_device(monkeypatch):
-    """Under torchrun on GPUs the process group is NCCL's, which reduces only GPU tensors ("No backend type
-    associated with device type cpu"). A stand-in all_reduce that refuses CPU tensors as NCCL does, and a rank whose
-    device is "meta" (the only non-CPU device a CPU machine has): the first collective of each function must get a
-    tensor on that device. (Meta tensors hold no data, so the stand-in stops the function there.)"""
-    def nccl_like_all_reduce(tensor, *args, **kwargs):
-        if tensor.device.type == "cpu":
-            raise RuntimeError("No backend type associated with device type cpu")
-        raise ReachedTheCollective(tensor.device)
+    """As test_grpo's test of the same name, for ppo's own reductions."""
     monkeypatch.setattr(ppo, "is_distributed", lambda: True)
     monkeypatch.setattr(torch.distributed, "all_reduce", nccl_like_all_reduce)
     x, mask, meta = torch.randn(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.device("meta")
