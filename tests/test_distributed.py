@@ -243,8 +243,11 @@ def test_each_rank_vllm_engine_samples_from_the_trained_weights(tmp_path):
     """One vLLM engine per rank (external_launcher), fed the weights gathered from the FSDP shards after every step.
     At lr 1e-2 an engine left with the old weights was measured 4.2 and 8.8 nats per token away from the trainer
     at steps 2 and 3 (push_weights replaced by a no-op); with the push, it stays at float32 rounding."""
+    # at T = 0.6 the engine must report the log-probs of the tempered distribution it sampled from, as the trainer
+    # computes them (vLLM's raw log-probs would differ by far more than the bound below)
     torchrun(ROOT / "grpo.py", "--rollout", "vllm", "--prompts-per-step", "4", "--mini-batch", "32", "--lr", "1e-2",
-             "--total-steps", "3", "--eval-every", "0", "--eval-max-problems", "2", "--output-dir", tmp_path)
+             "--temperature", "0.6", "--total-steps", "3", "--eval-every", "0", "--eval-max-problems", "2",
+             "--output-dir", tmp_path)
     gaps = [json.loads(line)["logprob_gap"] for line in open(tmp_path / "metrics.jsonl")]
     assert len(gaps) == 3 and max(gaps) < 1e-4, f"engine and trainer log-probs differ: {gaps}"
 
