@@ -1,6 +1,7 @@
 """pcl.py: prompt selection by V(x), the value model's loss and update, the effective ratio, whole runs, resume."""
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -62,8 +63,10 @@ def test_value_fit_by_hand():
     shifted = pcl.value_fit(realised + 0.1, realised)  # a constant bias: full correlation, nothing lost in variance
     assert shifted["value_corr"] == pytest.approx(1.0) and shifted["value_explained_var"] == pytest.approx(1.0)
     flat = pcl.value_fit(torch.full((4,), 0.4), realised)
-    assert flat["value_explained_var"] == pytest.approx(0.0) and flat["value_corr"] != flat["value_corr"]  # NaN
-    assert pcl.value_fit(torch.tensor([0.1, 0.9]), torch.tensor([1.0, 1.0]))["value_corr"] != 0  # NaN, not 0
+    assert flat["value_explained_var"] == pytest.approx(0.0) and math.isnan(flat["value_corr"]), "V does not vary"
+    constant = pcl.value_fit(torch.tensor([0.1, 0.9]), torch.tensor([1.0, 1.0]))
+    assert math.isnan(constant["value_corr"]) and math.isnan(constant["value_explained_var"]), \
+        "the realised accuracies do not vary: nothing to explain, not a fit of 0"
 
 
 def test_value_loss_and_its_target():
@@ -305,6 +308,16 @@ def test_default_mini_batch_is_the_whole_batch(recorded_runs):
     assert json.loads((folder / "first" / "args.json").read_text())["mini_batch"] == 2 * 4
     state = torch.load(folder / "resumed" / "checkpoint-3" / "trainer_state.pt", weights_only=False)
     assert state["scheduler"]["last_epoch"] == 3, "one optimizer step per rollout batch, the paper's setting"
+
+
+def test_a_step_that_keeps_no_prompt_logs_no_batch_statistics(tmp_path):
+    with pytest.MonkeyPatch.context() as patch:  # as if every group of the pool had all-equal rewards
+        patch.setattr(pcl, "select_informative", lambda *a, **k: [])
+        pcl.main(small_run(tmp_path, select="dynamic-sampling", total_steps=1))
+    (step,) = read_metrics(tmp_path)
+    assert step["kept_prompts"] == 0 and math.isfinite(step["pool_accuracy"]), "the pool was rolled out and scored"
+    for key in pcl.TRAINED_BATCH_METRICS + ("kept_accuracy_distance",):
+        assert math.isnan(step[key]), f"{key} is {step[key]} for a step that trained on nothing: it must be NaN"
 
 
 def test_value_model_with_another_vocabulary_is_refused(tiny, tmp_path):
