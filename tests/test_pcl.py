@@ -191,27 +191,32 @@ def test_default_run_pcl_learns(default_runs):
 
 
 def test_resumed_run_equals_uninterrupted_run_policy_and_value_model(tmp_path):
+    """Resumed from the uninterrupted run's own checkpoint-2 (as after a crash), under a decaying learning rate: a
+    scheduler not restored would set step 4's rate as for the second update (the optimizer's saved rate only
+    covers step 3)."""
     common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "32", "--micro-batch", "8",
-              "--eval-every", "0", "--eval-max-problems", "4", "--value-lr", "1e-2"]
-    run_script(*common, "--total-steps", "3", "--output-dir", str(tmp_path / "straight"))
-    run_script(*common, "--total-steps", "2", "--output-dir", str(tmp_path / "first"))
-    run_script(*common, "--total-steps", "3", "--resume", str(tmp_path / "first" / "checkpoint-2"),
+              "--eval-every", "0", "--eval-max-problems", "4", "--value-lr", "1e-2", "--total-steps", "4",
+              "--lr-schedule", "linear", "--warmup-steps", "1"]
+    run_script(*common, "--save-every", "2", "--output-dir", str(tmp_path / "straight"))
+    run_script(*common, "--resume", str(tmp_path / "straight" / "checkpoint-2"),
                "--output-dir", str(tmp_path / "resumed"))
     from safetensors.torch import load_file
-    straight = load_file(tmp_path / "straight" / "checkpoint-3" / "model.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "checkpoint-3" / "model.safetensors")
-    first = load_file(tmp_path / "first" / "checkpoint-2" / "model.safetensors")
-    assert any(not torch.equal(first[k], straight[k]) for k in straight), "step 3 changed nothing"
+    straight = load_file(tmp_path / "straight" / "checkpoint-4" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors")
+    halfway = load_file(tmp_path / "straight" / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(halfway[k], straight[k]) for k in straight), "steps 3-4 changed nothing"
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), f"policy {k} differs after resume"
-    states = {name: torch.load(tmp_path / name / f"checkpoint-{s}" / "trainer_state.pt", weights_only=False)
-              for name, s in (("straight", 3), ("resumed", 3), ("first", 2))}
-    v_straight, v_resumed = states["straight"]["value_model"], states["resumed"]["value_model"]
-    assert any(not torch.equal(states["first"]["value_model"][k], v_straight[k]) for k in v_straight)
+    value_model = lambda run, step: torch.load(tmp_path / run / f"checkpoint-{step}" / "trainer_state.pt",  # noqa: E731
+                                               weights_only=False)["value_model"]
+    v_straight, v_resumed, v_halfway = value_model("straight", 4), value_model("resumed", 4), value_model("straight", 2)
+    assert any(not torch.equal(v_halfway[k], v_straight[k]) for k in v_straight), "steps 3-4 did not move V"
     for k in v_straight:
         assert torch.equal(v_straight[k], v_resumed[k]), f"value model {k} differs after resume"
-    same = ("reward_mean", "effective_ratio", "value_loss")
-    assert [[m[k] for k in same] for m in read_metrics(tmp_path / "straight")[2:]] == \
+    same = ("lr", "reward_mean", "effective_ratio", "value_loss")
+    straight_metrics = read_metrics(tmp_path / "straight")
+    assert len({m["lr"] for m in straight_metrics}) == 4, "the rate did not change every step: the check is vacuous"
+    assert [[m[k] for k in same] for m in straight_metrics[2:]] == \
         [[m[k] for k in same] for m in read_metrics(tmp_path / "resumed")]
 
 
