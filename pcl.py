@@ -538,8 +538,10 @@ def kept_rollouts_of_rank(pool_rollouts: list[dict], kept: list[int], group_size
 
 
 def value_loss(predicted: torch.Tensor, realised_accuracy: torch.Tensor) -> torch.Tensor:
-    """Squared error of V(x) against the prompt's realised mean reward over its n samples, averaged over prompts
-    (the paper sums; the mean only rescales V's learning rate and keeps it independent of m)."""
+    """Squared error of V(x) against the prompt's realised mean reward over its n samples, averaged over prompts.
+    The paper sums. Under AdamW a constant factor on the loss cancels (but for AdamW's eps), so the mean does not
+    rescale V's learning rate; it matters through the gradient-norm clip (--max-grad-norm, shared with the policy):
+    the sum's gradient grows with m and would be clipped at large m, the mean's does not (ours)."""
     return ((predicted - realised_accuracy) ** 2).mean()
 
 
@@ -661,12 +663,25 @@ def effective_ratio(advantages: torch.Tensor) -> float:
 
 def value_fit(predicted: torch.Tensor, realised: torch.Tensor) -> dict:
     """Pearson correlation and explained variance 1 - Var(realised - V) / Var(realised) of V's predictions; NaN
-    where the realised accuracies do not vary (nothing to explain)."""
+    where the realised accuracies do not vary (nothing to explain). Under --select pcl the prompts were chosen by
+    V itself (V near tau): V's spread is cut, so both read lower than V's fit on uniform prompts would."""
     v, r = predicted.double().numpy(), realised.double().numpy()
     if len(r) < 2 or r.var() == 0:
         return {"value_corr": float("nan"), "value_explained_var": float("nan")}
     corr = float(np.corrcoef(v, r)[0, 1]) if v.var() > 0 else float("nan")
     return {"value_corr": corr, "value_explained_var": float(1 - (r - v).var() / r.var())}
+
+
+TRAINED_BATCH_METRICS = ("reward_mean", "accuracy", "effective_ratio", "response_len_mean", "truncated_share")
+
+
+def blank_if_nothing_kept(metrics: dict) -> dict:
+    """A step that kept no prompt (dynamic sampling whose pool held no informative group) trained on nothing: the
+    trained batch's statistics are NaN, as kept_accuracy_distance is, not 0 (an accuracy of 0 would read as a
+    policy that solves nothing, when every group of the pool may have been all correct)."""
+    if metrics["kept_prompts"]:
+        return metrics
+    return {**metrics, **dict.fromkeys(TRAINED_BATCH_METRICS, float("nan"))}
 
 
 # ---- scale-out: torchrun + FSDP2 (idle in a single process) ---------------------------------------------------
@@ -1216,6 +1231,7 @@ def main(args: Args):
             if rank == 0:  # older checkpoints keep their weights only (--keep-resume-states)
                 drop_old_resume_states(output_dir, args.keep_resume_states)
         if rank == 0:
+            metrics = blank_if_nothing_kept(metrics)  # a step with no kept prompt has no batch to describe
             logger.log(metrics, line_keys=("reward_mean", "accuracy", "effective_ratio", "value_corr", "value_loss",
                                            "kept_prompts", "time_select", "time_generate", "time_train"))
     if world > 1 and engine is None:  # a vLLM engine tears the process group down itself when it shuts down

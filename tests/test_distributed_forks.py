@@ -386,9 +386,17 @@ def test_pcl_dynamic_sampling_runs_under_torchrun(tmp_path):
              "--eval-max-problems", "4", "--output-dir", tmp_path)
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert len(metrics) == 2 and any(m["kept_prompts"] for m in metrics), metrics
+    pool = 4 * 4 * 8  # k*m candidates x n samples, from both ranks
     for m in metrics:
-        assert m["kept_prompts"] in (0, 2, 4) and 0 <= m["pool_accuracy"] <= 1
-        assert m["effective_ratio"] == 1.0 or not m["kept_prompts"], "a kept group with all-equal rewards"
+        assert m["kept_prompts"] in (0, 2, 4)
+        if not m["kept_prompts"]:
+            continue
+        assert m["effective_ratio"] == 1.0, "a kept group with all-equal rewards"
+        # a kept group holds a reward of 1, so a correct response; every kept response is one of the pool's
+        pool_correct, kept_correct = m["pool_accuracy"] * pool, m["accuracy"] * m["kept_prompts"] * 8
+        assert pool_correct == pytest.approx(round(pool_correct)) and round(pool_correct) >= max(1, kept_correct), \
+            f"pool accuracy {m['pool_accuracy']}: not a count over the {pool} responses of the pool, which holds " \
+            f"the kept groups' {kept_correct:g} correct ones"
 
 
 def test_ppo_one_step_on_two_ranks_equals_one_process_policy_and_critic(tmp_path):

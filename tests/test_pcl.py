@@ -1,6 +1,7 @@
 """pcl.py: prompt selection by V(x), the value model's loss and update, the effective ratio, whole runs, resume."""
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -62,8 +63,10 @@ def test_value_fit_by_hand():
     shifted = pcl.value_fit(realised + 0.1, realised)  # a constant bias: full correlation, nothing lost in variance
     assert shifted["value_corr"] == pytest.approx(1.0) and shifted["value_explained_var"] == pytest.approx(1.0)
     flat = pcl.value_fit(torch.full((4,), 0.4), realised)
-    assert flat["value_explained_var"] == pytest.approx(0.0) and flat["value_corr"] != flat["value_corr"]  # NaN
-    assert pcl.value_fit(torch.tensor([0.1, 0.9]), torch.tensor([1.0, 1.0]))["value_corr"] != 0  # NaN, not 0
+    assert flat["value_explained_var"] == pytest.approx(0.0) and math.isnan(flat["value_corr"]), "V does not vary"
+    constant = pcl.value_fit(torch.tensor([0.1, 0.9]), torch.tensor([1.0, 1.0]))
+    assert math.isnan(constant["value_corr"]) and math.isnan(constant["value_explained_var"]), \
+        "the realised accuracies do not vary: nothing to explain, not a fit of 0"
 
 
 def test_value_loss_and_its_target():
@@ -188,27 +191,32 @@ def test_default_run_pcl_learns(default_runs):
 
 
 def test_resumed_run_equals_uninterrupted_run_policy_and_value_model(tmp_path):
+    """Resumed from the uninterrupted run's own checkpoint-2 (as after a crash), under a decaying learning rate: a
+    scheduler not restored would set step 4's rate as for the second update (the optimizer's saved rate only
+    covers step 3)."""
     common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "32", "--micro-batch", "8",
-              "--eval-every", "0", "--eval-max-problems", "4", "--value-lr", "1e-2"]
-    run_script(*common, "--total-steps", "3", "--output-dir", str(tmp_path / "straight"))
-    run_script(*common, "--total-steps", "2", "--output-dir", str(tmp_path / "first"))
-    run_script(*common, "--total-steps", "3", "--resume", str(tmp_path / "first" / "checkpoint-2"),
+              "--eval-every", "0", "--eval-max-problems", "4", "--value-lr", "1e-2", "--total-steps", "4",
+              "--lr-schedule", "linear", "--warmup-steps", "1"]
+    run_script(*common, "--save-every", "2", "--output-dir", str(tmp_path / "straight"))
+    run_script(*common, "--resume", str(tmp_path / "straight" / "checkpoint-2"),
                "--output-dir", str(tmp_path / "resumed"))
     from safetensors.torch import load_file
-    straight = load_file(tmp_path / "straight" / "checkpoint-3" / "model.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "checkpoint-3" / "model.safetensors")
-    first = load_file(tmp_path / "first" / "checkpoint-2" / "model.safetensors")
-    assert any(not torch.equal(first[k], straight[k]) for k in straight), "step 3 changed nothing"
+    straight = load_file(tmp_path / "straight" / "checkpoint-4" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors")
+    halfway = load_file(tmp_path / "straight" / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(halfway[k], straight[k]) for k in straight), "steps 3-4 changed nothing"
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), f"policy {k} differs after resume"
-    states = {name: torch.load(tmp_path / name / f"checkpoint-{s}" / "trainer_state.pt", weights_only=False)
-              for name, s in (("straight", 3), ("resumed", 3), ("first", 2))}
-    v_straight, v_resumed = states["straight"]["value_model"], states["resumed"]["value_model"]
-    assert any(not torch.equal(states["first"]["value_model"][k], v_straight[k]) for k in v_straight)
+    value_model = lambda run, step: torch.load(tmp_path / run / f"checkpoint-{step}" / "trainer_state.pt",  # noqa: E731
+                                               weights_only=False)["value_model"]
+    v_straight, v_resumed, v_halfway = value_model("straight", 4), value_model("resumed", 4), value_model("straight", 2)
+    assert any(not torch.equal(v_halfway[k], v_straight[k]) for k in v_straight), "steps 3-4 did not move V"
     for k in v_straight:
         assert torch.equal(v_straight[k], v_resumed[k]), f"value model {k} differs after resume"
-    same = ("reward_mean", "effective_ratio", "value_loss")
-    assert [[m[k] for k in same] for m in read_metrics(tmp_path / "straight")[2:]] == \
+    same = ("lr", "reward_mean", "effective_ratio", "value_loss")
+    straight_metrics = read_metrics(tmp_path / "straight")
+    assert len({m["lr"] for m in straight_metrics}) == 4, "the rate did not change every step: the check is vacuous"
+    assert [[m[k] for k in same] for m in straight_metrics[2:]] == \
         [[m[k] for k in same] for m in read_metrics(tmp_path / "resumed")]
 
 
@@ -305,6 +313,16 @@ def test_default_mini_batch_is_the_whole_batch(recorded_runs):
     assert json.loads((folder / "first" / "args.json").read_text())["mini_batch"] == 2 * 4
     state = torch.load(folder / "resumed" / "checkpoint-3" / "trainer_state.pt", weights_only=False)
     assert state["scheduler"]["last_epoch"] == 3, "one optimizer step per rollout batch, the paper's setting"
+
+
+def test_a_step_that_keeps_no_prompt_logs_no_batch_statistics(tmp_path):
+    with pytest.MonkeyPatch.context() as patch:  # as if every group of the pool had all-equal rewards
+        patch.setattr(pcl, "select_informative", lambda *a, **k: [])
+        pcl.main(small_run(tmp_path, select="dynamic-sampling", total_steps=1))
+    (step,) = read_metrics(tmp_path)
+    assert step["kept_prompts"] == 0 and math.isfinite(step["pool_accuracy"]), "the pool was rolled out and scored"
+    for key in pcl.TRAINED_BATCH_METRICS + ("kept_accuracy_distance",):
+        assert math.isnan(step[key]), f"{key} is {step[key]} for a step that trained on nothing: it must be NaN"
 
 
 def test_value_model_with_another_vocabulary_is_refused(tiny, tmp_path):
