@@ -428,7 +428,7 @@ def straight_run(tmp_path_factory):
 def test_resumed_run_equals_uninterrupted_run_for_policy_and_critic(straight_run, tmp_path):
     run_script(*RESUMABLE, "--resume", str(straight_run / "checkpoint-2"), "--output-dir", str(tmp_path))
     from safetensors.torch import load_file
-    for part in ("model.safetensors", "critic/model.safetensors"):
+    for part in ("critic/model.safetensors", "model.safetensors"):  # the critic first: it moves apart first
         straight = load_file(straight_run / "checkpoint-4" / part)
         resumed = load_file(tmp_path / "checkpoint-4" / part)
         first = load_file(straight_run / "checkpoint-2" / part)
