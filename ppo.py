@@ -1018,13 +1018,8 @@ def main(args: Args):
     push_weights(engine, model)  # the engine loaded fp32 files from disk; from here on it tracks the policy
     start_step = 0
     if args.resume:
-        state = load_trainer_state_for_world(Path(args.resume), model, optimizer, scheduler, world)
-        if world > 1:
-            load_sharded_critic_optimizer(Path(args.resume), critic, critic_optimizer)
-        else:
-            critic_optimizer.load_state_dict(state["critic_optimizer"])
-        critic_scheduler.load_state_dict(state["critic_scheduler"])
-        start_step = state["step"]
+        start_step = resume_trainer(Path(args.resume), model, optimizer, scheduler, critic, critic_optimizer,
+                                    critic_scheduler, world)
         print(f"resumed from {args.resume} at step {start_step}")
     stops = evaluation.stop_token_ids(tokenizer, model)
     logger = Logger(output_dir, args) if rank == 0 else None
@@ -1174,6 +1169,20 @@ def load_trainer_state_for_world(folder: Path, model, optimizer, scheduler, worl
         raise SystemExit(f"--resume {folder}: written by torchrun with {world_then} ranks; resume it with "
                          f"torchrun --nproc_per_node {world_then} (its optimizer state is sharded)")
     return load_trainer_state(folder, optimizer, scheduler)
+
+
+def resume_trainer(folder: Path, model, optimizer, scheduler, critic, critic_optimizer, critic_scheduler,
+                   world: int) -> int:
+    """Both optimizers, both schedulers and the RNG from a checkpoint; returns the step to continue from. The loaded
+    trainer_state.pt (in a single process both AdamW states in CPU memory, ~25 GB for a 1.5B policy and critic) lives
+    only in this frame: once the optimizers hold their copies (on the GPU), the CPU copies are freed."""
+    state = load_trainer_state_for_world(folder, model, optimizer, scheduler, world)
+    if world > 1:
+        load_sharded_critic_optimizer(folder, critic, critic_optimizer)
+    else:
+        critic_optimizer.load_state_dict(state["critic_optimizer"])
+    critic_scheduler.load_state_dict(state["critic_scheduler"])
+    return state["step"]
 
 
 def check_args(args: Args) -> None:
@@ -1354,11 +1363,33 @@ def token_logprobs(model, rollouts, args, pad_id, device) -> list[torch.Tensor]:
 
 def reference_logprobs(reference, rollouts, args, pad_id, device) -> list[torch.Tensor]:
     """The frozen reference's log-probs; with --reference-on-cpu it visits the GPU only for this forward."""
-    reference.to(device)
-    out = token_logprobs(reference, rollouts, args, pad_id, device)
-    if args.reference_on_cpu:
-        reference.to("cpu")
-    return out
+    if not args.reference_on_cpu:
+        return token_logprobs(reference, rollouts, args, pad_id, device)
+    kept = visit_device(reference, device)
+    try:
+        return token_logprobs(reference, rollouts, args, pad_id, device)
+    finally:
+        leave_device(kept)
+
+
+def visit_device(model, device) -> list:
+    """Give every module of a frozen model copies of its weights and buffers on `device`; returns what leave_device
+    puts back. (model.to(device) and back would also copy the weights device-to-host into new memory every step,
+    although frozen weights never change: the CPU tensors are kept instead, and the device copies dropped.)"""
+    copies, kept = {}, []
+    for module in model.modules():
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if id(t) not in copies:  # a tied weight: one copy, shared as the original is
+                copies[id(t)] = torch.nn.Parameter(t.to(device), requires_grad=False) \
+                    if isinstance(t, torch.nn.Parameter) else t.to(device)
+            kept.append((module, name, t))
+            setattr(module, name, copies[id(t)])
+    return kept
+
+
+def leave_device(kept: list) -> None:
+    for module, name, t in kept:
+        setattr(module, name, t)
 
 
 def token_values(critic, rollouts, args, pad_id, device) -> list[torch.Tensor]:

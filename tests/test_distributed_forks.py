@@ -165,16 +165,16 @@ def pcl_step() -> dict:
 
 
 # ---- ppo.py: the worker ----------------------------------------------------------------------------------------
-def ppo_step() -> dict:
+def ppo_step(mini_batches: int = 1) -> dict:
     """PPO's steps 4-5 on fixed rollouts (rank 1's responses are the longer ones, so its tokens' advantages have
-    other statistics than rank 0's): values, GAE per response, whitening, the critic's and the policy's step.
-    --mask-truncated's mark on 5 of rank 1's 8 responses leaves it one micro-batch to rank 0's three: it runs
-    filler passes in both updates to stay in step with FSDP's collectives."""
+    other statistics than rank 0's): values, GAE per response, whitening, the critic's and the policy's update
+    (mini_batches optimizer steps each). --mask-truncated's mark on 5 of rank 1's 8 responses leaves it one
+    micro-batch to rank 0's three: it runs filler passes in both updates to stay in step with FSDP's collectives."""
     rank, world, device = ppo.init_distributed()
     model, tokenizer = evaluation.load_model("tiny", dtype=torch.float64)
     torch.manual_seed(0)  # the critic's fresh value head: the same on every rank and in one process
     critic = ppo.load_critic(evaluation.resolve_model_path("tiny"), tokenizer).double()
-    args = ppo.Args(mini_batch=16, micro_batch=3, lr=1e-3, critic_lr=1e-3)
+    args = ppo.Args(mini_batch=16 // mini_batches, micro_batch=3, lr=1e-3, critic_lr=1e-3)
     assert args.whiten_advantages
     if world > 1:
         model, critic = ppo.shard_model(model, device), ppo.shard_model(critic, device)
@@ -238,7 +238,7 @@ def pcl_dynamic_sampling() -> dict:
 
 
 WORKERS = {"hapo-step": hapo_step, "one-shot-step": one_shot_step, "pcl-step": pcl_step, "ppo-step": ppo_step,
-           "pcl-dynamic-sampling": pcl_dynamic_sampling}
+           "ppo-two-mini-batches": lambda: ppo_step(mini_batches=2), "pcl-dynamic-sampling": pcl_dynamic_sampling}
 
 
 def worker(kind: str, output: str) -> None:
@@ -431,6 +431,24 @@ def test_ppo_one_step_on_two_ranks_equals_one_process_policy_and_critic(tmp_path
                                                         "value_clip_frac"))
     assert gap < 1e-9, f"the policy on 2 ranks differs from 1 process by {gap} (the step moved weights by {moved})"
     assert critic_gap < 1e-9, f"the critic on 2 ranks differs from 1 process by {critic_gap}"
+
+
+def test_ppo_several_mini_batches_on_two_ranks_equal_one_process_policy_and_critic(tmp_path):
+    """Two optimizer steps of the critic and two of the policy on the batch (mini-batches of 8 of its 16 responses):
+    each step must train on the responses it trains on in one process, whichever rank holds them. One shuffle of
+    all 16 decides the mini-batches (one for the critic's update, one for the policy's), so a rank may hold 3 of one
+    and 5 of the next."""
+    torchrun(Path(__file__), "ppo-two-mini-batches", tmp_path / "two.pt")
+    two, one, whole = torch.load(tmp_path / "two.pt", weights_only=False), ppo_step(mini_batches=2), ppo_step()
+    apart = {"weights": max_difference(one["weights"], whole["weights"]),
+             "critic": max_difference(one["critic"], whole["critic"])}
+    gaps = {part: max_difference(two[part], one[part]) for part in ("weights", "critic")}
+    print(f"ppo, 2 mini-batches: 2 ranks vs 1 process {gaps}; 2 steps vs 1 step {apart}")
+    for part in ("weights", "critic"):
+        assert apart[part] > 1e-4, f"{part}: two steps moved it like one ({apart[part]}): the test could not fail"
+        assert gaps[part] < 1e-12, f"{part} on 2 ranks differ from 1 process by {gaps[part]} with 2 mini-batches"
+    for key in ("grad_norm", "critic_grad_norm"):
+        assert two["stats"][key] == pytest.approx(one["stats"][key], rel=1e-9), key
 
 
 def test_ppo_two_rank_resume_equals_uninterrupted_run_with_critic(tmp_path):

@@ -1,9 +1,11 @@
 """ppo.py: GAE, whitening, the value loss, per-token rewards, the critic's alignment, learning, warm-up and resume."""
+import gc
 import json
 import math
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -284,6 +286,37 @@ def test_no_reference_model_exists_when_kl_coef_is_0(monkeypatch):
     assert all(p.device.type == "cpu" for p in reference.parameters())
 
 
+def test_reference_on_cpu_visits_the_device_and_keeps_its_cpu_weights(tiny, monkeypatch):
+    """--reference-on-cpu: the forward runs on the device, and afterwards the reference holds the very CPU tensors
+    it held before, with its log-probs unchanged. model.to(device) and back would copy the frozen weights
+    device-to-host into new memory every step (6 GB at 1.5B). The device is "meta", the only non-CPU device of a CPU
+    machine, onto which model.to copies and from which it cannot copy back."""
+    _, tokenizer, _ = tiny
+    reference = ppo.load_reference(ppo.Args(kl_coef=0.05, reference_on_cpu=True))
+    tensors = lambda: [*reference.named_parameters(remove_duplicate=False),  # noqa: E731
+                       *reference.named_buffers(remove_duplicate=False)]
+    before = {name: (t, t.untyped_storage().data_ptr()) for name, t in tensors()}
+    rollouts, args, pad_id = fake_rollouts(tokenizer, n=4), ppo.Args(reference_on_cpu=True), tokenizer.pad_token_id
+    with torch.no_grad():
+        plain = ppo.token_logprobs(reference, rollouts, args, pad_id, "cpu")
+    devices = []
+
+    def forward_on(model, *rest):
+        devices.append({t.device.type for _, t in tensors()})
+        return []
+    monkeypatch.setattr(ppo, "token_logprobs", forward_on)
+    ppo.reference_logprobs(reference, rollouts, args, pad_id, torch.device("meta"))
+    assert devices == [{"meta"}], f"the forward saw weights on {devices}, not only on the device"
+    assert reference.lm_head.weight is reference.model.embed_tokens.weight, "the tied weights came apart"
+    for name, t in tensors():
+        assert t is before[name][0] and t.untyped_storage().data_ptr() == before[name][1], \
+            f"{name}: not the CPU tensor it held before the forward"
+    monkeypatch.undo()
+    with torch.no_grad():
+        visited = ppo.reference_logprobs(reference, rollouts, args, pad_id, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(visited, plain)) and len(visited) == len(plain) == 4
+
+
 def saved_activation_bytes_and_grads(model, forward):
     """Bytes that autograd keeps for backward during `forward(model)`, and the gradient of its sum."""
     saved = [0]
@@ -368,22 +401,66 @@ SHORT = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--
          "--eval-every", "0", "--eval-max-problems", "4"]
 
 
-def test_resumed_run_equals_uninterrupted_run_for_policy_and_critic(tmp_path):
-    common = SHORT + ["--kl-coef", "0.05", "--reference-on-cpu"]  # the KL-in-reward path and the offload, too
-    run_script(*common, "--total-steps", "4", "--output-dir", str(tmp_path / "straight"))
-    run_script(*common, "--total-steps", "2", "--output-dir", str(tmp_path / "first"))
-    run_script(*common, "--total-steps", "4", "--resume", str(tmp_path / "first" / "checkpoint-2"),
-               "--output-dir", str(tmp_path / "resumed"))
+# the KL-in-reward path and the offload, too; a decaying learning rate (linear after one warm-up update, for the
+# policy and the critic), so that a resume that forgot either scheduler's state would train with another one
+RESUMABLE = SHORT + ["--kl-coef", "0.05", "--reference-on-cpu", "--lr-schedule", "linear", "--warmup-steps", "1",
+                     "--total-steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """4 steps with a checkpoint after 2, for the resume tests."""
+    output_dir = tmp_path_factory.mktemp("straight")
+    run_script(*RESUMABLE, "--save-every", "2", "--output-dir", str(output_dir))
+    return output_dir
+
+
+def test_resumed_run_equals_uninterrupted_run_for_policy_and_critic(straight_run, tmp_path):
+    run_script(*RESUMABLE, "--resume", str(straight_run / "checkpoint-2"), "--output-dir", str(tmp_path))
     from safetensors.torch import load_file
-    for part in ("model.safetensors", "critic/model.safetensors"):
-        straight = load_file(tmp_path / "straight" / "checkpoint-4" / part)
-        resumed = load_file(tmp_path / "resumed" / "checkpoint-4" / part)
-        first = load_file(tmp_path / "first" / "checkpoint-2" / part)
+    for part in ("critic/model.safetensors", "model.safetensors"):  # the critic first: it moves apart first
+        straight = load_file(straight_run / "checkpoint-4" / part)
+        resumed = load_file(tmp_path / "checkpoint-4" / part)
+        first = load_file(straight_run / "checkpoint-2" / part)
         assert any(not torch.equal(first[k], straight[k]) for k in straight), f"{part}: steps 3-4 changed nothing"
         for k in straight:
             assert torch.equal(straight[k], resumed[k]), f"{part}: {k} differs after resume"
-    kls = [m["kl"] for m in read_metrics(tmp_path / "straight")]
+    straight, resumed = read_metrics(straight_run), read_metrics(tmp_path)
+    lrs = [m["lr"] for m in straight]
+    assert lrs == sorted(lrs, reverse=True) and len(set(lrs)) == 4, f"the learning rate does not decay: {lrs}"
+    assert [m["lr"] for m in resumed] == lrs[2:], "the resumed policy's learning rate is not the uninterrupted one's"
+    kls = [m["kl"] for m in straight]
     assert kls[0] == 0 and any(k != 0 for k in kls[1:]), f"the KL penalty is not measured: {kls}"
+
+
+class ReachedTheLoop(Exception):
+    pass
+
+
+def test_resume_keeps_no_reference_to_the_loaded_trainer_state(straight_run, tmp_path, monkeypatch):
+    """trainer_state.pt holds both AdamW states, loaded into CPU memory (~25 GB for a 1.5B policy and critic): once
+    the optimizers have their copies, main must not hold the loaded dict through the run. (On a CPU the optimizers
+    keep the loaded tensors themselves, so the test follows the dict, not one of its tensors.)"""
+    class Loaded(dict):  # a dict that a weak reference can follow
+        pass
+    loaded, alive_in_loop = [], []
+    real_load = ppo.load_trainer_state_for_world
+
+    def load(*args):
+        state = Loaded(real_load(*args))
+        loaded.append(weakref.ref(state))
+        return state
+
+    def first_generate(*args, **kwargs):
+        gc.collect()
+        alive_in_loop.append(loaded[0]() is not None)
+        raise ReachedTheLoop
+    monkeypatch.setattr(ppo, "load_trainer_state_for_world", load)
+    monkeypatch.setattr(ppo, "generate", first_generate)
+    with pytest.raises(ReachedTheLoop):
+        ppo.main(ppo.parse_args([*RESUMABLE, "--resume", str(straight_run / "checkpoint-2"),
+                                 "--output-dir", str(tmp_path)]))
+    assert alive_in_loop == [False], "the training loop runs with the loaded trainer state still referenced"
 
 
 def test_critic_warmup_leaves_the_policy_alone(tmp_path):
@@ -402,13 +479,17 @@ def test_critic_warmup_leaves_the_policy_alone(tmp_path):
     assert "kl" in metrics[1], "the KL-in-loss form logs its KL"
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("gamma", 1.5, "--gamma"), ("lam", -0.1, "--lam"), ("critic_warmup_steps", 100, "--critic-warmup-steps"),
-    ("value_clip", 0.0, "--value-clip"), ("kl_coef", -0.1, "--kl-coef"),
+@pytest.mark.parametrize("flags,needle", [
+    (["--gamma", "1.5"], "--gamma"), (["--lam=-0.1"], "--lam"), (["--value-clip", "0"], "--value-clip"),
+    (["--critic-warmup-steps", "100"], "--critic-warmup-steps"), (["--kl-coef=-0.1"], "--kl-coef"),
 ])
-def test_bad_arguments_fail_clearly(field, value, needle):
+def test_bad_arguments_fail_clearly_before_any_model_loads(flags, needle, monkeypatch):
+    def load_nothing(*args, **kwargs):
+        raise AssertionError(f"{flags}: main went on to load a model")
+    monkeypatch.setattr(evaluation, "resolve_model_path", load_nothing)
+    monkeypatch.setattr(evaluation, "load_model", load_nothing)
     with pytest.raises(SystemExit, match=needle):
-        ppo.check_args(ppo.Args(**{field: value}))
+        ppo.main(ppo.parse_args(flags))
 
 
 def test_missing_critic_model_fails_clearly(tmp_path):
