@@ -349,7 +349,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), f"{k} differs after resume"
     lrs = lambda run: [m["lr"] for m in read_metrics(tmp_path / run)]
-    assert lrs("resumed") == lrs("straight")[2:] and len(set(lrs("straight"))) == 4, lrs("straight")
+    # the logged rate is the one each step's update used: a scheduler restarted on resume would show step 1's at step 3
+    assert lrs("resumed") == lrs("straight")[2:] and lrs("straight")[2] not in lrs("straight")[:1] + lrs("straight")[3:]
 
 
 def test_older_checkpoints_keep_only_their_weights_and_resume_checks_the_model(tmp_path):

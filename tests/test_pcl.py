@@ -215,7 +215,8 @@ def test_resumed_run_equals_uninterrupted_run_policy_and_value_model(tmp_path):
         assert torch.equal(v_straight[k], v_resumed[k]), f"value model {k} differs after resume"
     same = ("lr", "reward_mean", "effective_ratio", "value_loss")
     straight_metrics = read_metrics(tmp_path / "straight")
-    assert len({m["lr"] for m in straight_metrics}) == 4, "the rate did not change every step: the check is vacuous"
+    # the logged rate is the one each step's update used: a scheduler restarted on resume would show step 1's at step 3
+    assert straight_metrics[2]["lr"] not in (straight_metrics[0]["lr"], straight_metrics[3]["lr"]), straight_metrics
     assert [[m[k] for k in same] for m in straight_metrics[2:]] == \
         [[m[k] for k in same] for m in read_metrics(tmp_path / "resumed")]
 

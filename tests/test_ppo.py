@@ -427,7 +427,8 @@ def test_resumed_run_equals_uninterrupted_run_for_policy_and_critic(straight_run
             assert torch.equal(straight[k], resumed[k]), f"{part}: {k} differs after resume"
     straight, resumed = read_metrics(straight_run), read_metrics(tmp_path)
     lrs = [m["lr"] for m in straight]
-    assert lrs == sorted(lrs, reverse=True) and len(set(lrs)) == 4, f"the learning rate does not decay: {lrs}"
+    # the rate each step's update used: warmup to the full rate, then decaying; a restarted scheduler would repeat
+    assert lrs == sorted(lrs, reverse=True) and lrs[2] not in (lrs[0], lrs[3]), f"the rate does not decay: {lrs}"
     assert [m["lr"] for m in resumed] == lrs[2:], "the resumed policy's learning rate is not the uninterrupted one's"
     kls = [m["kl"] for m in straight]
     assert kls[0] == 0 and any(k != 0 for k in kls[1:]), f"the KL penalty is not measured: {kls}"
