@@ -16,9 +16,10 @@ built-in tiny model on the toy task on a CPU in a few minutes; the README gives 
 
 Differs from grpo.py in: the reward (correctness + history-relative length reward, `length_reward`,
 `history_length_rewards`), the history state (kept per training problem, saved in checkpoints with a fingerprint
-of the problem list and restored on resume over the same list only), `--train-problems` (train on the first N
-problems, so that problems are revisited and have a history; the toy default takes 320, a data file is used whole),
-and the length metrics it logs (mean and p90 of all and of correct responses, history coverage and mean h_i).
+of the problem list, --history-mode and --length-reward, and restored on resume with the same three only),
+`--train-problems` (train on the first N problems, so that problems are revisited and have a history; the toy
+default takes 320, a data file is used whole), and the length metrics it logs (mean and p90 of all and of correct
+responses, history coverage and mean h_i).
 Choices, all flags: `--history-mode mean` (h_i = running mean of correct lengths), `--length-reward linear`
 (piecewise linear with a 10% tolerance, from the paper's code), `--length-weight` w in [0, 1]. Lengths for the
 reward and h_i count response tokens without the stop token, as the paper does; a truncated response counts as
@@ -71,7 +72,10 @@ class Args:
     answer_key: str = "answer"  # column holding the gold answer
     eval_data: str = "auto"  # toy (held-out split), a benchmark (math500, ...) or a file; auto: toy or math500
     eval_max_problems: int = 0  # evaluate on the first this many problems; 0: all
-    template: str = "qwen-math-train"  # prompt template: qwen-math-train, qwen25-math-cot, chat (paper), plain
+    # the paper's code sends the chat template a system message of its own (whose text we lack) and the bare
+    # question as the user turn; `chat` sends no system message (the template may add its default one) and appends
+    # " Let's think step by step and output the final answer within \boxed{}." to the question
+    template: str = "qwen-math-train"  # qwen-math-train, qwen25-math-cot, chat (nearest the paper's prompt), plain
     max_prompt_tokens: int = 1024  # longer prompts are dropped, with a count printed (paper's code: cut to 512)
     # rollout
     rollout: str = "auto"  # "vllm", "hf" (transformers generate) or "auto" (vllm when installed)
@@ -601,6 +605,25 @@ def check_same_problems(state: dict, problems: list[dict], folder: str) -> None:
                          "--problem-key / --answer-key, --template and --max-prompt-tokens")
 
 
+def history_settings(args) -> dict:
+    """The flags that say what a saved history means: whether h_i is the shortest correct length or a running mean
+    (weighted by the count seen), and the reward shape it was built to be scored with. Saved in every checkpoint."""
+    return {"history_mode": args.history_mode, "length_reward": args.length_reward}
+
+
+def check_same_history_settings(folder: Path, args) -> None:
+    """Refuse, before any model loads, a resume that would read the checkpoint's history under other settings (a
+    `min` history read as a mean, or the reverse, goes wrong silently). Checkpoints from before these were saved
+    hold none, and pass."""
+    state = torch.load(folder / "trainer_state.pt", weights_only=False, mmap=True, map_location="cpu")
+    for name, now in history_settings(args).items():
+        saved = state.get(name)
+        if saved is not None and saved != now:
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"--resume {folder}: the checkpoint's history was kept with {flag} {saved}, this run "
+                             f"asks for {flag} {now}: resume with {flag} {saved}")
+
+
 # ---- scale-out: torchrun + FSDP2 (idle in a single process) ---------------------------------------------------
 def is_distributed() -> bool:
     """Started by torchrun with several ranks. (An in-process vLLM engine starts a process group of one.)"""
@@ -986,6 +1009,7 @@ def main(args: Args):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     if args.resume:
         check_resume(args)
+        check_same_history_settings(Path(args.resume), args)
     model_path = args.resume or resolve_on_rank0_first(args.model)
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
     model.train()
@@ -1023,6 +1047,7 @@ def main(args: Args):
         if "history" not in state:
             print(f"{args.resume} holds no HAPO history (not a hapo.py checkpoint): starting with none")
         check_same_problems(state, problems, args.resume)
+        del state  # in one process it holds a CPU copy of AdamW's moments (~12 GB at 1.5B): the optimizer has its own
         print(f"resumed from {args.resume} at step {start_step}, history of {len(history)} problems")
     stops = evaluation.stop_token_ids(tokenizer, model)
     logger = Logger(output_dir, args) if rank == 0 else None
@@ -1088,7 +1113,8 @@ def main(args: Args):
             metrics.update(run_evaluation(engine or model, tokenizer, eval_problems, args))
         if last or (args.save_every and (step + 1) % args.save_every == 0):
             folder = output_dir / f"checkpoint-{step + 1}"
-            hapo_state = {"history": history, "train_problems": problems_fingerprint(problems)}
+            hapo_state = {"history": history, "train_problems": problems_fingerprint(problems),
+                          **history_settings(args)}
             if world > 1:  # the history is the same on every rank: rank 0 writes it
                 save_sharded_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra=hapo_state)
             else:
@@ -1200,11 +1226,13 @@ def token_logprobs(model, rollouts, args, pad_id, device) -> list[torch.Tensor]:
 
 
 def run_evaluation(engine, tokenizer, problems, args) -> dict:
-    """Greedy accuracy and response lengths (all, and correct only) on the held-out problems, through eval.py."""
+    """Greedy accuracy and response lengths (all, and correct only: right and not truncated, as in training) on the
+    held-out problems, through eval.py."""
     with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's random stream
         metrics, samples = evaluation.evaluate(engine, tokenizer, problems, template=args.template,
                                                max_tokens=args.max_new_tokens, seed=args.seed, mode=args.answer_mode)
-    metrics.update(length_metrics([s["length"] for s in samples], [s["correct"] for s in samples]))
+    right = [s["correct"] and not s["truncated"] for s in samples]  # as the training metric (and reward) count them
+    metrics.update(length_metrics([s["length"] for s in samples], right))
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 

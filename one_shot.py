@@ -968,6 +968,9 @@ def main(args: Args):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     if args.example_index and args.history:
         raise SystemExit("give --example-index or --history (ranked by --rank), not both")
+    if args.example_index and args.rank != Args.rank:  # --rank 1 cannot be told from the default: it is harmless
+        raise SystemExit(f"--rank {' '.join(map(str, args.rank))} picks from a history, but --example-index names "
+                         "the examples itself: give one of the two")
     if args.entropy_only and args.entropy_coef <= 0:
         raise SystemExit("--entropy-only trains on the entropy term alone: it needs --entropy-coef > 0")
     batch_size = args.prompts_per_step * args.samples_per_prompt
@@ -976,15 +979,17 @@ def main(args: Args):
                          f"micro_batch | mini_batch; got mini_batch={args.mini_batch}, micro_batch={args.micro_batch}")
     if args.resume:
         check_resume(args)
-    base_path = resolve_on_rank0_first(args.model)
-    model, tokenizer = evaluation.load_model(args.resume or base_path)  # fp32 master weights; bf16 compute on GPU
-    problems = load_prompts(args, tokenizer)
-    eval_sets = load_eval_problems(args)
-    state = torch.load(Path(args.resume) / "trainer_state.pt", weights_only=False, mmap=True) if args.resume else {}
+    state = phase_state(Path(args.resume)) if args.resume else {}
     if state and state.get("phase") not in ("pool", "one-shot"):
         raise SystemExit(f"--resume {args.resume}: not a checkpoint of one_shot.py (no phase in trainer_state.pt)")
     if state.get("phase") == "pool" and (args.example_index or args.history):
         raise SystemExit(f"--resume {args.resume} continues a pool run: drop --example-index / --history")
+    if state.get("phase") == "one-shot":
+        check_same_examples(state, args)
+    base_path = resolve_on_rank0_first(args.model)
+    model, tokenizer = evaluation.load_model(args.resume or base_path)  # fp32 master weights; bf16 compute on GPU
+    problems = load_prompts(args, tokenizer)
+    eval_sets = load_eval_problems(args)
     chosen = None  # the examples' ids, once known; all checked here, before any training
     if state.get("phase") == "one-shot":
         chosen = [e["id"] for e in state["examples"]]
@@ -1045,6 +1050,33 @@ def main(args: Args):
     return finish(output_dir, engine)
 
 
+def phase_state(folder: Path) -> dict:
+    """What main needs of a checkpoint: its phase, example(s), history, best evaluation and step. Read onto the CPU
+    (a single-GPU checkpoint's AdamW moments would come back onto the GPU, ~12 GB at 1.5B, and fail on a machine
+    without one), and the rest let go here, before training: train() loads the optimizer's state itself."""
+    state = torch.load(folder / "trainer_state.pt", weights_only=False, mmap=True, map_location="cpu")
+    return {k: state[k] for k in ("phase", "examples", "history", "best", "step") if k in state}
+
+
+def check_same_examples(state: dict, args) -> None:
+    """A 1-shot checkpoint trains on its own example(s) and labels. Flags that ask for others are refused, not
+    ignored; flags that ask for the same ones (the first command again, with --resume) pass."""
+    saved = [e["id"] for e in state["examples"]]
+    asked, flags = None, ""
+    if args.example_index:
+        asked, flags = list(args.example_index), f"--example-index {' '.join(args.example_index)}"
+    elif args.history:
+        asked = select_by_rank(load_history(args.history), args.rank)
+        flags = f"--history {args.history} --rank {' '.join(map(str, args.rank))}"
+    if asked is not None and asked != saved:
+        raise SystemExit(f"--resume {args.resume} trains on example(s) {' '.join(saved)}, but {flags} picks "
+                         f"{' '.join(asked)}: drop {flags.split()[0]}, or start a new run without --resume")
+    labels = [e["answer"] for e in state["examples"]]
+    if args.label and list(args.label) != labels:
+        raise SystemExit(f"--resume {args.resume} trains against the label(s) {' '.join(labels)}, but --label says "
+                         f"{' '.join(args.label)}: drop --label, or start a new run without --resume")
+
+
 def pool_of(args, problems: list[dict]) -> list[dict]:
     """The pool run's problems: the first --pool-size training problems (32 on the toy task by default)."""
     pool_size = args.pool_size if args.pool_size >= 0 else (32 if args.train_data == "toy" else 0)
@@ -1102,6 +1134,7 @@ def train(args, phase, problems, model, output_dir, state, reference, engine, to
     if state:
         state = load_trainer_state_for_world(Path(args.resume), model, optimizer, scheduler, world)  # every rank
         start_step, history, best = state["step"], state["history"], state["best"]
+        del state  # the optimizer's entries, read onto the CPU: on a GPU load_state_dict made the optimizer its own
         print(f"resumed the {phase} run from {args.resume} at step {start_step}")
     push_weights(engine, model)  # the engine loaded the base model's files; from here on it tracks the policy
     logger = Logger(output_dir, args) if rank == 0 else None

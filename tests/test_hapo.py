@@ -184,35 +184,41 @@ def test_default_run_builds_a_history_that_shrinks(default_run):
     assert {"eval/correct_len_mean", "eval/response_len_p90", "correct_len_p90"} <= set(default_run[-1])
 
 
-# 4 problems, 4 per step: every step revisits every problem, so from step 2 on the history shapes the rewards
+# 4 problems, 4 per step: every step revisits every problem, so from step 2 on the history shapes the rewards. A
+# learning rate that changes at every update (warmup, then linear decay over the run's 8 updates) makes a scheduler
+# not restored on resume show in the weights.
 RESUME_RUN = ["--rollout", "hf", "--prompts-per-step", "4", "--train-problems", "4", "--mini-batch", "16",
-              "--micro-batch", "8", "--eval-every", "0", "--eval-max-problems", "4"]
+              "--micro-batch", "8", "--eval-every", "0", "--eval-max-problems", "4", "--lr-schedule", "linear",
+              "--warmup-steps", "1", "--total-steps", "4"]
 
 
 @pytest.fixture(scope="module")
 def resume_runs(tmp_path_factory):
-    """4 steps straight; 2 steps, then resumed to 4. Shared by the resume tests."""
+    """4 steps straight, saved at step 2 too; resumed from that step 2 to 4. (One run's checkpoint, not a 2-step run's:
+    the schedule decays over --total-steps.) Shared by the resume tests."""
     tmp_path = tmp_path_factory.mktemp("resume")
-    run_script(*RESUME_RUN, "--total-steps", "4", "--output-dir", str(tmp_path / "straight"))
-    run_script(*RESUME_RUN, "--total-steps", "2", "--output-dir", str(tmp_path / "first"))
-    run_script(*RESUME_RUN, "--total-steps", "4", "--resume", str(tmp_path / "first" / "checkpoint-2"),
+    run_script(*RESUME_RUN, "--save-every", "2", "--output-dir", str(tmp_path / "straight"))
+    run_script(*RESUME_RUN, "--resume", str(tmp_path / "straight" / "checkpoint-2"),
                "--output-dir", str(tmp_path / "resumed"))
     return tmp_path
 
 
-def test_resumed_run_equals_uninterrupted_run_weights_and_history(resume_runs):
+def test_resumed_run_equals_uninterrupted_run_weights_history_and_lr(resume_runs):
     tmp_path = resume_runs
-    resumed_steps = read_metrics(tmp_path / "resumed")
+    resumed_steps, straight_steps = read_metrics(tmp_path / "resumed"), read_metrics(tmp_path / "straight")
     assert [m["step"] for m in resumed_steps] == [3, 4]
     assert resumed_steps[0]["scored_with_history"] > 0, "the resumed run's first step saw no history: not restored"
     assert any(m["length_reward_mean"] != 0 for m in resumed_steps), "the history changed no reward: vacuous test"
+    # the rate each step's update used: a scheduler restarted on resume would show step 1's at step 3
+    assert straight_steps[2]["lr"] not in (straight_steps[0]["lr"], straight_steps[3]["lr"]), "the check is vacuous"
+    assert [m["lr"] for m in resumed_steps] == [m["lr"] for m in straight_steps[2:]], "the scheduler was not restored"
     state = lambda run: torch.load(tmp_path / run / "checkpoint-4" / "trainer_state.pt", weights_only=False)
     assert state("straight")["history"], "no history was saved"
     assert state("resumed")["history"] == state("straight")["history"]
     from safetensors.torch import load_file
     straight = load_file(tmp_path / "straight" / "checkpoint-4" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors")
-    first = load_file(tmp_path / "first" / "checkpoint-2" / "model.safetensors")
+    first = load_file(tmp_path / "straight" / "checkpoint-2" / "model.safetensors")
     assert any(not torch.equal(first[k], straight[k]) for k in straight), "steps 3-4 changed nothing"
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), f"{k} differs after resume"
@@ -222,7 +228,7 @@ def test_resumed_run_equals_uninterrupted_run_weights_and_history(resume_runs):
 def test_resume_over_other_training_problems_is_refused(resume_runs, other):
     """The history is keyed by problem index. 5 problems, or the same 4 in another order, keep every saved index in
     range, so only the checkpoint's fingerprint of its problem list can tell that h_i would land on another problem."""
-    checkpoint = resume_runs / "first" / "checkpoint-2"
+    checkpoint = resume_runs / "straight" / "checkpoint-2"
     toy_four = evaluation.load_problems("toy")[:4]
     saved = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
     assert saved["train_problems"] == hapo.problems_fingerprint(toy_four)
@@ -234,13 +240,39 @@ def test_resume_over_other_training_problems_is_refused(resume_runs, other):
         data.write_text("".join(json.dumps({"problem": p["problem"], "answer": p["answer"]}) + "\n"
                                 for p in toy_four[::-1]))
         changed = ["--train-data", str(data)]
-    out = subprocess.run([sys.executable, str(ROOT / "hapo.py"), *RESUME_RUN, *changed, "--total-steps", "4",
+    out = subprocess.run([sys.executable, str(ROOT / "hapo.py"), *RESUME_RUN, *changed,
                           "--resume", str(checkpoint), "--output-dir", str(resume_runs / other)],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode != 0, "resumed a history over other training problems"
     assert "the checkpoint's history is over other training problems (4 problems" in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not (resume_runs / other / "metrics.jsonl").exists(), "it trained before refusing"
+
+
+@pytest.mark.parametrize("flag,saved,asked", [("--history-mode", "min", "mean"),
+                                               ("--length-reward", "cosine", "linear")])
+def test_resume_under_other_history_settings_is_refused_before_loading(resume_runs, tmp_path, flag, saved, asked):
+    """A `min` history (h_i, seen) read as a running mean, or the reverse, would go on silently: the checkpoint says
+    under which flags its history was kept, and a resume under others stops before any model loads."""
+    checkpoint = resume_runs / "straight" / "checkpoint-2"
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    assert (state["history_mode"], state["length_reward"]) == ("min", "cosine")
+    with pytest.raises(SystemExit) as refused:
+        hapo.main(hapo.parse_args([*RESUME_RUN, flag, asked, "--resume", str(checkpoint),
+                                   "--output-dir", str(tmp_path / "out")]))
+    message = str(refused.value)
+    assert f"{flag} {saved}" in message and f"{flag} {asked}" in message, message
+    assert not (tmp_path / "out").exists(), "it set up the run before refusing"
+
+
+def test_evaluation_counts_no_truncated_response_in_correct_lengths(monkeypatch):
+    """As in training: a truncated response with a right answer counts for accuracy, not for correct_len_*."""
+    samples = [{"length": 5, "correct": 1.0, "truncated": False}, {"length": 40, "correct": 1.0, "truncated": True},
+               {"length": 7, "correct": 0.0, "truncated": False}]
+    monkeypatch.setattr(hapo.evaluation, "evaluate", lambda *a, **k: ({"accuracy": 2 / 3}, samples))
+    metrics = hapo.run_evaluation(None, None, [], hapo.Args())
+    assert metrics["eval/accuracy"] == pytest.approx(2 / 3)
+    assert metrics["eval/correct_len_mean"] == 5 and metrics["eval/correct_len_p90"] == 5, metrics
 
 
 def test_truncated_right_answers_are_not_counted_as_correct_lengths(tmp_path):

@@ -180,6 +180,13 @@ def test_bad_inputs_fail_clearly(tmp_path):
     assert "pool run only" in fails_with(tmp_path, "--example-index", "1", "--total-steps", "0")
 
 
+def test_example_index_with_another_rank_is_refused(tmp_path):
+    """--rank picks from a history; with --example-index it would be ignored. (--rank 1 is the default and cannot be
+    told from it: it passes.)"""
+    message = fails_with(tmp_path, "--example-index", "1", "--rank", "2", "--total-steps", "1", "--eval-every", "0")
+    assert "--rank 2" in message and "--example-index" in message, message
+
+
 def test_a_rank_the_pool_run_cannot_reach_fails_before_it(tmp_path):
     """pi_5 of a pool of 4, or of a pool run that samples only 4 examples, cannot exist: said before the pool run."""
     small = ["--pool-steps", "2", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "16"]
@@ -298,31 +305,110 @@ def train_in_process(*argv):
     one_shot.main(one_shot.parse_args(list(argv)))
 
 
-def test_resume_and_a_history_file_reproduce_the_uninterrupted_run(tmp_path):
-    """HF rollouts. A pool run resumed midway records the same history; 1-shot training resumed midway, and 1-shot
-    training started afresh from the pool run's history file, end with the weights of the uninterrupted run. (In
-    this process, to save four interpreter starts: every run seeds itself.)"""
-    from safetensors.torch import load_file
-    common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
-              "--pool-size", "4", "--eval-every", "0", "--eval-max-problems", "4"]
-    train_in_process(*common, "--pool-steps", "2", "--total-steps", "2", "--save-every", "1",
+# HF rollouts, a learning rate that changes at every update (warmup, then linear decay: a scheduler not restored on
+# resume shows in the weights) and an evaluation at every step (so that the best one so far is carried over too)
+RESUME_COMMON = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
+                 "--pool-size", "4", "--eval-every", "1", "--eval-max-problems", "4", "--lr-schedule", "linear",
+                 "--warmup-steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tmp_path_factory):
+    """In this process, to save interpreter starts (every run seeds itself). first: a 2-step pool run, then 3 steps of
+    1-shot RLVR, saved at every step (the schedule decays over --total-steps, so the run resumed from must be the
+    3-step run itself). resumed: 1-shot RLVR from first's checkpoint-2, given the first run's example again
+    (--history of its own pool, --rank 1). straight: 1-shot RLVR started afresh from that history file.
+    pool-resumed: the pool run from its checkpoint-1. The resumed runs record, when train() starts, how many
+    tensors of every optimizer state read from a checkpoint so far are still alive, and how each was read."""
+    tmp_path = tmp_path_factory.mktemp("resume")
+    train_in_process(*RESUME_COMMON, "--pool-steps", "2", "--total-steps", "3", "--save-every", "1",
                      "--output-dir", str(tmp_path / "first"))
     history = tmp_path / "first" / "pool" / "accuracy_history.json"
-    train_in_process(*common, "--total-steps", "3", "--resume", str(tmp_path / "first" / "checkpoint-2"),
-                     "--output-dir", str(tmp_path / "resumed"))
-    train_in_process(*common, "--history", str(history), "--total-steps", "3",
+    reads, alive_at_train = [], []
+    load, train = torch.load, one_shot.train
+
+    def recording_load(f, *args, **kwargs):
+        state = load(f, *args, **kwargs)
+        if Path(f).name == "trainer_state.pt" and "optimizer" in state:
+            reads.append({"map_location": kwargs.get("map_location"),
+                          "tensors": [weakref.ref(t) for entries in state["optimizer"]["state"].values()
+                                      for t in entries.values() if torch.is_tensor(t)]})
+        return state
+
+    def checking_train(args, phase, *rest, **kwargs):
+        alive_at_train.append((phase, sum(ref() is not None for read in reads for ref in read["tensors"])))
+        return train(args, phase, *rest, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "load", recording_load)
+        mp.setattr(one_shot, "train", checking_train)
+        train_in_process(*RESUME_COMMON, "--history", str(history), "--total-steps", "3", "--resume",
+                         str(tmp_path / "first" / "checkpoint-2"), "--output-dir", str(tmp_path / "resumed"))
+        train_in_process(*RESUME_COMMON, "--pool-steps", "2", "--total-steps", "0", "--resume",
+                         str(tmp_path / "first" / "pool" / "checkpoint-1"),
+                         "--output-dir", str(tmp_path / "pool-resumed"))
+    train_in_process(*RESUME_COMMON, "--history", str(history), "--total-steps", "3",
                      "--output-dir", str(tmp_path / "straight"))
-    train_in_process(*common, "--pool-steps", "2", "--total-steps", "0", "--resume",
-                     str(tmp_path / "first" / "pool" / "checkpoint-1"), "--output-dir", str(tmp_path / "pool-resumed"))
+    return tmp_path, reads, alive_at_train
+
+
+def test_resume_and_a_history_file_reproduce_the_uninterrupted_run(resume_runs):
+    """A pool run resumed midway records the same history; 1-shot training resumed midway, and 1-shot training
+    started afresh from the pool run's history file, end with the weights, learning rate and best evaluation of the
+    uninterrupted run."""
+    from safetensors.torch import load_file
+    tmp_path, _, _ = resume_runs
 
     def weights(folder):
         return load_file(tmp_path / folder / "model.safetensors")
-    straight, resumed = weights("straight/checkpoint-3"), weights("resumed/checkpoint-3")
-    assert any(not torch.equal(weights("first/checkpoint-2")[k], straight[k]) for k in straight), "step 3 did nothing"
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight), "resumed 1-shot training differs"
-    pool_history = json.loads(history.read_text())
+    first, resumed, straight = weights("first/checkpoint-3"), weights("resumed/checkpoint-3"), \
+        weights("straight/checkpoint-3")
+    assert any(not torch.equal(weights("first/checkpoint-2")[k], first[k]) for k in first), "step 3 did nothing"
+    assert all(torch.equal(first[k], resumed[k]) for k in first), "resumed 1-shot training differs"
+    assert all(torch.equal(first[k], straight[k]) for k in first), "1-shot training from the history file differs"
+    steps = {m["step"]: m for m in read_metrics(tmp_path / "first" / "metrics.jsonl")}
+    resumed_step = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert [m["step"] for m in resumed_step] == [3]
+    # the rate each step's update used: a scheduler restarted on resume would show step 1's at step 3
+    assert steps[3]["lr"] != steps[1]["lr"], "the check below could not fail"
+    assert resumed_step[0]["lr"] == steps[3]["lr"], "the scheduler was not restored"
+    best = lambda run: torch.load(tmp_path / run / "checkpoint-3" / "trainer_state.pt", weights_only=False)["best"]
+    assert best("first")["step"] < 3, "step 3 is the best: a resume that forgot the best so far would pass unnoticed"
+    assert best("resumed") == best("first"), "the best evaluation was not carried over"
+    assert (resumed_step[0]["best/step"], resumed_step[0]["best/average"]) == (steps[3]["best/step"],
+                                                                               steps[3]["best/average"])
+    pool_history = json.loads((tmp_path / "first" / "pool" / "accuracy_history.json").read_text())
     assert max(map(len, pool_history.values())) >= 2
     assert json.loads((tmp_path / "pool-resumed" / "pool" / "accuracy_history.json").read_text()) == pool_history
+
+
+def test_a_resume_reads_the_trainer_state_onto_the_cpu_and_keeps_no_optimizer_state_for_training(resume_runs):
+    """main needs only a checkpoint's phase, example(s), history and best: read with the optimizer's state, that
+    would stay alive through training (on a GPU, a single-GPU checkpoint's AdamW moments would be read back onto the
+    GPU: ~12 GB at 1.5B, beside the optimizer's own copy). train() reads the optimizer's state itself."""
+    _, reads, alive_at_train = resume_runs
+    assert reads and all(read["tensors"] for read in reads), "no optimizer state was read: vacuous test"
+    assert [read["map_location"] for read in reads] == ["cpu"] * len(reads), reads
+    assert alive_at_train == [("one-shot", 0), ("pool", 0)], "optimizer tensors alive when training starts"
+
+
+def test_a_one_shot_resume_refuses_other_examples_or_labels(resume_runs, tmp_path):
+    """A 1-shot checkpoint trains on its own example(s) and labels: a --example-index, --history (with --rank) or
+    --label that asks for others is refused before anything loads, not ignored. (The same ones pass: the resumed
+    run above is given its own history again.)"""
+    runs, _, _ = resume_runs
+    checkpoint = runs / "first" / "checkpoint-2"
+    saved = torch.load(checkpoint / "trainer_state.pt", weights_only=False)["examples"]
+    assert len(saved) == 1
+    other = "0" if saved[0]["id"] != "0" else "1"
+    (tmp_path / "other.json").write_text(json.dumps({other: [0.0, 1.0], saved[0]["id"]: [0.5, 0.5]}))
+    trains_on, against = f"trains on example(s) {saved[0]['id']}, ", f"against the label(s) {saved[0]['answer']}, "
+    for flags, says in [(["--example-index", other], [trains_on, f"--example-index {other} picks {other}"]),
+                        (["--history", str(tmp_path / "other.json")], [trains_on, "--history", f"picks {other}"]),
+                        (["--label", "99"], [against, "--label says 99"])]:
+        message = fails_with(tmp_path, *RESUME_COMMON, "--total-steps", "3", "--resume", str(checkpoint), *flags)
+        assert all(part in message for part in says), (says, message)
+    assert not (tmp_path / "out").exists(), "it set up a run before refusing"
 
 
 class FakeWandbRun:
