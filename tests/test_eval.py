@@ -1,4 +1,5 @@
-"""eval.py: benchmarks, metrics, and the command line. CPU only, no network (~1 min on 2 cores)."""
+"""eval.py: benchmarks, metrics, and the command line. CPU only, no network (~1 min on 2 cores; where vLLM is installed,
+its sampling tests start two tiny engines, ~1 min more)."""
 import csv
 import importlib.util
 import itertools
