@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
+import hashlib
 import importlib.util
 import json
 import math
@@ -45,7 +45,9 @@ TEMPLATES = ("qwen25-math-cot", "qwen-math-train", "chat", "plain")
 
 
 def build_prompt(problem: str, tokenizer, template: str = "qwen25-math-cot") -> str:
-    """The text the model continues. `chat` uses the tokenizer's own chat template (instruct and R1-distill models)."""
+    """The text the model continues. `chat`: the tokenizer's own chat template (instruct and R1-distill models) around
+    one user message, the problem followed by TRAIN_SUFFIX (those models answer in a box only when asked to).
+    Tokenize the result with encode_prompt: a chat template may already write the BOS."""
     problem = problem.strip()  # as Qwen2.5-Math's evaluation reads its questions
     if template == "qwen25-math-cot":
         return QWEN25_MATH_COT.format(problem=problem)
@@ -59,6 +61,14 @@ def build_prompt(problem: str, tokenizer, template: str = "qwen25-math-cot") -> 
     if template == "plain":
         return f"Question: {problem}\nAnswer: Let's think step by step."
     raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a built prompt. A chat template that writes the BOS itself (Llama 3's <|begin_of_text|>) would get
+    a second one from the tokenizer's own encode; any other text (Qwen's templates, ours) is encoded as usual."""
+    if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text)
 
 
 def stop_token_ids(tokenizer, model_config=None) -> list[int]:
@@ -516,7 +526,7 @@ def summarize(samples: list[dict], n: int, ks=()) -> dict:
                "response_len_mean": sum(lengths) / len(lengths),
                "response_len_p90": percentile(lengths, 0.9),
                "truncated_share": sum(s["truncated"] for s in samples) / len(samples),
-               "unparseable_golds": sum(not group[0]["gold_parseable"] for group in per_problem)}
+               "unparseable_golds": sum(group[0]["gold_parseable"] is False for group in per_problem)}
     for k in sorted(set(ks)):
         if k <= n:
             metrics[f"pass@{k}"] = mean_pass_at_k(correct_counts, n, k)
@@ -535,53 +545,73 @@ def is_sharded(model) -> bool:
 
 @torch.no_grad()
 def generate(engine, tokenizer, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-             max_tokens: int = 512, seed: int = 0, batch_size: int = 64, progress: bool = False) -> list[list[dict]]:
+             max_tokens: int = 512, seed: int = 0, batch_size: int = 64, progress: bool = False,
+             first_index: int = 0) -> list[list[dict]]:
     """n completions per prompt from a vLLM `LLM` or an HF model: [[{text, token_ids, truncated}, ...], ...].
-    `progress` draws a progress bar on stderr (tqdm, which transformers already depends on)."""
+    `first_index`: the index of prompts[0] in its benchmark (a shard's first problem), on which vLLM's sampling
+    seeds depend. `batch_size`: sequences per HF generate call. `progress` draws a progress bar on stderr (tqdm,
+    which transformers already depends on)."""
     stops = stop_token_ids(tokenizer, engine if not is_vllm(engine) else None)
-    # Sampling draws from torch's generator (vLLM's too: its requests carry no seed, since per-request seeds would give
-    # the k samples of every problem the same k random streams), seeded here and restored afterwards, on the GPU too.
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]  # token ids: vLLM would add a BOS to a text too
     if is_vllm(engine):
-        from vllm import SamplingParams
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop_token_ids=stops)
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            outputs = engine.generate(prompts, params, use_tqdm=progress)
-        # vLLM also stops at the end-of-sequence ids of the model's generation config, which `stops` may lack
-        return [[dict(completion_record(tokenizer, list(c.token_ids), stops, max_tokens),
-                      truncated=c.finish_reason == "length") for c in o.outputs] for o in outputs]
+        return generate_vllm(engine, tokenizer, prompt_ids, stops, n, temperature, top_p, max_tokens, seed,
+                             first_index, progress)
     model = engine
     was_training = model.training
     model.eval()
-    results = []
+    # A prompt's n samples fill consecutive rows, split over several calls where n > batch_size (pass@1024)
+    rows = [ids for ids in prompt_ids for _ in range(n)]
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    records = []
     from tqdm import tqdm
-    bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
-    starts = batch_starts(len(prompts), batch_size, is_sharded(model), model.device)
-    with torch.random.fork_rng(devices=devices):
+    bar = tqdm(total=len(rows), desc="generating", unit="sample", disable=not progress)
+    starts = batch_starts(len(rows), batch_size, is_sharded(model), model.device)
+    # HF sampling draws from torch's generator: seeded here and restored afterwards, on the GPU too
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
         for start in starts:
             filler = start is None  # a sharded model's rank with no batch left joins the others' forwards
-            batch = [(prompts or ["0"])[0]] if filler else \
-                [p for p in prompts[start:start + batch_size] for _ in range(n)]
-            enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left").to(model.device)
-            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
-                dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+            batch = [(prompt_ids or [encode_prompt(tokenizer, "0")])[0]] if filler else rows[start:start + batch_size]
+            enc = tokenizer.pad({"input_ids": batch}, padding_side="left", return_tensors="pt").to(model.device)
             out = model.generate(**enc, max_new_tokens=max_tokens, eos_token_id=stops,
                                  pad_token_id=tokenizer.pad_token_id, synced_gpus=is_sharded(model), **sampling)
             if filler:
                 continue
-            rows = [completion_record(tokenizer, ids.tolist(), stops, max_tokens)
-                    for ids in out[:, enc.input_ids.shape[1]:]]
-            results += [rows[i:i + n] for i in range(0, len(rows), n)]
-            bar.update(len(batch) // n)
+            records += [completion_record(tokenizer, ids.tolist(), stops, max_tokens)
+                        for ids in out[:, enc["input_ids"].shape[1]:]]
+            bar.update(len(batch))
     bar.close()
     model.train(was_training)
-    return results
+    return [records[i:i + n] for i in range(0, len(records), n)]
+
+
+def generate_vllm(engine, tokenizer, prompt_ids: list[list[int]], stops: list[int], n: int, temperature: float,
+                  top_p: float, max_tokens: int, seed: int, first_index: int, progress: bool) -> list[list[dict]]:
+    """generate() on a vLLM engine. Each problem's request carries its own seed (vLLM seeds its k-th sample with
+    seed + k), a function of the run's seed and the problem's index only: the samples are the same whichever shard
+    or batch holds the problem and whatever ran before. A seed set by torch.manual_seed would not reach the sampler
+    where the engine core runs in a child process (vLLM's default on GPUs) nor Model Runner V2's (which draws an
+    unseeded request's seed from numpy), and would give the problems at the same batch position of every shard the
+    same noise."""
+    from vllm import SamplingParams
+    params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop_token_ids=stops,
+                             seed=sampling_seed(seed, first_index + i) if temperature > 0 else None)
+              for i in range(len(prompt_ids))]
+    outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=progress)
+    # vLLM also stops at the end-of-sequence ids of the model's generation config, which `stops` may lack
+    return [[dict(completion_record(tokenizer, list(c.token_ids), stops, max_tokens),
+                  truncated=c.finish_reason == "length") for c in o.outputs] for o in outputs]
+
+
+def sampling_seed(seed: int, index: int) -> int:
+    """The vLLM seed of problem `index`'s samples: a hash, so that no two problems' runs of n consecutive seeds
+    overlap in practice; 56 bits, so that seed + k stays an int64 (vLLM's seed type)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:7], "big")
 
 
 def batch_starts(count: int, batch_size: int, sharded: bool, device) -> list[int | None]:
-    """The first prompt of each generate() call. A sharded model's ranks must make as many calls as each other (its
+    """The first row of each HF generate() call. A sharded model's ranks must make as many calls as each other (its
     forwards are collectives): a rank with fewer batches adds filler calls (None), whose outputs are dropped."""
     starts = list(range(0, count, batch_size))
     if sharded:
@@ -612,7 +642,7 @@ def evaluate(engine, tokenizer, problems: list[dict], template: str = "qwen25-ma
     shard, shards, reports = engine_shard(engine)
     first, end = shard_bounds(len(problems), shard, shards)
     samples = sample_and_grade(engine, tokenizer, problems[first:end], template, n, temperature, top_p, max_tokens,
-                               seed, mode, batch_size, progress)
+                               seed, mode, batch_size, progress, first_index=first)
     if shards > 1:
         samples = gather_samples(samples, first, reports, everywhere=True)
     return summarize(samples, n, ks), samples
@@ -620,21 +650,24 @@ def evaluate(engine, tokenizer, problems: list[dict], template: str = "qwen25-ma
 
 def sample_and_grade(engine, tokenizer, problems: list[dict], template: str, n: int, temperature: float,
                      top_p: float, max_tokens: int, seed: int, mode: str, batch_size: int,
-                     progress: bool) -> list[dict]:
-    """n graded samples per problem, problem by problem (see grade)."""
+                     progress: bool, first_index: int = 0) -> list[dict]:
+    """n graded samples per problem, problem by problem (see grade); `first_index`: problems[0]'s index in its
+    benchmark."""
     if not problems:  # more ranks than problems: an empty share still joins the others' collectives (FSDP's
         if engine_shard(engine)[1] > 1:  # forwards, a data-parallel vLLM engine's steps), with a prompt of its own
             generate(engine, tokenizer, ["0"], max_tokens=1, batch_size=batch_size)
         return []
     prompts = [build_prompt(p["problem"], tokenizer, template) for p in problems]
     completions = generate(engine, tokenizer, prompts, n=n, temperature=temperature, top_p=top_p,
-                           max_tokens=max_tokens, seed=seed, batch_size=batch_size, progress=progress)
+                           max_tokens=max_tokens, seed=seed, batch_size=batch_size, progress=progress,
+                           first_index=first_index)
     return grade(problems, prompts, completions, mode)
 
 
 def grade(problems: list[dict], prompts: list[str], completions: list[list[dict]], mode: str = "boxed") -> list[dict]:
     """One sample per completion, problem by problem: {index, prompt, response, extracted, gold, gold_parseable,
-    correct, length, truncated}. A gold math-verify cannot parse is flagged and never correct."""
+    correct, length, truncated}. A gold math-verify cannot parse is flagged and never correct; gold_parseable is None
+    where its parse timed out (no response to it was correct either)."""
     flat = [(i, p, prompt, c) for i, (p, prompt, cs) in enumerate(zip(problems, prompts, completions)) for c in cs]
     correct = verify.score_batch([c["text"] for *_, c in flat], [p["answer"] for _, p, _, _ in flat], mode=mode)
     solved = {i for (i, *_), ok in zip(flat, correct) if ok}
@@ -646,16 +679,24 @@ def grade(problems: list[dict], prompts: list[str], completions: list[list[dict]
             for (i, p, prompt, c), ok in zip(flat, correct)]
 
 
-@functools.lru_cache(maxsize=None)
-def gold_parses(gold: str) -> bool:
-    """Cached: periodic evaluation during training asks about the same golds every time."""
-    return verify.gold_is_parseable(gold)
+_gold_verdicts: dict[str, bool] = {}
+
+
+def gold_parses(gold: str) -> bool | None:
+    """verify.gold_is_parseable, remembered: periodic evaluation during training asks about the same golds every
+    time. None (the parse timed out, or its worker died) is not a verdict: it is asked again next time."""
+    if gold not in _gold_verdicts:
+        verdict = verify.gold_is_parseable(gold)
+        if verdict is None:
+            return None
+        _gold_verdicts[gold] = verdict
+    return _gold_verdicts[gold]
 
 
 # ---- data-parallel evaluation under torchrun (idle in a single process) -----------------------------------------
 # `torchrun --nproc_per_node 8 eval.py ...`: each rank samples and grades a contiguous share of every benchmark's
 # problems on its own GPU, and rank 0 gathers the samples in problem order and computes the metrics, so the results
-# are those of one process over all problems (identical under greedy decoding). With --tensor-parallel-size t each
+# are those of one process over all problems (identical under greedy decoding, and when vLLM samples). With --tensor-parallel-size t each
 # vLLM engine spans t consecutive ranks (vLLM's layout), which share one shard.
 def init_data_parallel(tensor_parallel: int = 1) -> tuple[int, int, bool]:
     """(this rank's shard, the number of shards, whether this rank hands its shard's samples to rank 0). Under
@@ -757,7 +798,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="auto: vLLM when it is installed, else HF generate")
     parser.add_argument("--limit", type=int, default=0, help="only the first this many problems per benchmark; 0: all")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64, help="prompts per HF generate call")
+    parser.add_argument("--batch-size", type=int, default=64, help="sequences per HF generate call (a prompt's "
+                        "--n samples are split over calls where n is larger)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="under torchrun with --engine vllm: "
                         "ranks per vLLM engine, for models too big for one GPU (the engines split the problems)")
     parser.add_argument("--output-dir", default=None, help="default runs/eval-<time>")
@@ -800,7 +842,7 @@ def main(args: argparse.Namespace) -> dict:
                   + ", ".join(f"{k}={v}" for k, v in decoding.items()), file=sys.stderr)
         start = time.time()
         samples = sample_and_grade(engine, tokenizer, problems[name][first:end], seed=args.seed, progress=lead,
-                                   batch_size=args.batch_size, **decoding)
+                                   batch_size=args.batch_size, first_index=first, **decoding)
         samples = gather_samples(samples, first, reports)
         if not lead:
             continue

@@ -13,9 +13,9 @@ The reward of every RLVR script and the accuracy of eval.py come from here. API:
     score_batch(responses, golds, mode="boxed", workers=None, timeout=5.0) -> list[float]
         Same as `score` item by item, in parallel worker processes (None: one per CPU, at most 8), order kept.
         A pair (answer, gold) seen twice is checked once: finished verdicts are remembered (GRPO groups repeat).
-    gold_is_parseable(gold, timeout=5.0) -> bool
+    gold_is_parseable(gold, timeout=5.0) -> bool | None
         Whether math-verify can parse the gold at all; a gold that cannot be parsed scores 0 against anything
-        (and is logged once, with its text).
+        (and is logged once, with its text). None: unknown, the parse timed out or its worker died (ask again).
 
 What counts as correct: the extracted answer, wrapped as `\\boxed{answer}`, parses (LaTeX only) to something that
 math-verify's `verify` finds equal to the gold, itself parsed as `\\boxed{gold}`. A gold that gives no sympy object
@@ -196,10 +196,10 @@ def score_batch(
     return scores
 
 
-def gold_is_parseable(gold: str, timeout: float = 5.0) -> bool:
+def gold_is_parseable(gold: str, timeout: float = 5.0) -> bool | None:
     _check_timeout(timeout)
     [(_, gold_ok)] = _check_pairs([(None, _gold_text(gold))], 1, timeout)
-    return gold_ok is True
+    return gold_ok
 
 
 def _check_mode(mode):

@@ -149,7 +149,7 @@ def test_training_time_evaluation_splits_the_set_between_ranks(tmp_path, one_pro
 def test_tensor_parallel_needs_vllm():
     out = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--engine", "hf", "--tensor-parallel-size", "2"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert out.returncode != 0 and "--engine vllm" in out.stderr, out.stderr[-2000:]
+    assert out.returncode != 0 and "--engine vllm" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["evaluate"]:

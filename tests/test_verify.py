@@ -445,6 +445,12 @@ def test_worker_stuck_in_c_code_is_killed_at_the_timeout(workers_with_test_fault
     assert verify.score_batch(responses, golds, timeout=0.3) == [1.0] * 6 + [0.0] + [1.0] * 6
 
 
+def test_a_gold_whose_parse_times_out_or_kills_its_worker_is_unknown_not_unparseable(workers_with_test_faults):
+    assert verify.gold_is_parseable("<hang>", timeout=0.3) is None
+    assert verify.gold_is_parseable("<crash>") is None
+    assert verify.gold_is_parseable("\\unknowncmd") is False and verify.gold_is_parseable("\\frac{3}{7}") is True
+
+
 def started_workers(n):
     """The pool's workers once n of them have started (a remembered verdict reaches no worker: ask new ones)."""
     for k in range(1000):
