@@ -696,8 +696,8 @@ def gold_parses(gold: str) -> bool | None:
 # ---- data-parallel evaluation under torchrun (idle in a single process) -----------------------------------------
 # `torchrun --nproc_per_node 8 eval.py ...`: each rank samples and grades a contiguous share of every benchmark's
 # problems on its own GPU, and rank 0 gathers the samples in problem order and computes the metrics, so the results
-# are those of one process over all problems (identical under greedy decoding, and when vLLM samples). With --tensor-parallel-size t each
-# vLLM engine spans t consecutive ranks (vLLM's layout), which share one shard.
+# are those of one process over all problems (identical under greedy decoding, and when vLLM samples). With
+# --tensor-parallel-size t each vLLM engine spans t consecutive ranks (vLLM's layout), which share one shard.
 def init_data_parallel(tensor_parallel: int = 1) -> tuple[int, int, bool]:
     """(this rank's shard, the number of shards, whether this rank hands its shard's samples to rank 0). Under
     torchrun (WORLD_SIZE > 1) join its process group: NCCL on GPUs, gloo on CPUs."""

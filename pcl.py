@@ -299,17 +299,24 @@ def generate(engine, model, tokenizer, prompt_ids: list[list[int]], args, step: 
 def generate_vllm(engine, prompt_ids: list[list[int]], args, step: int, stops: list[int]) -> list[dict]:
     """The engine's n samples per prompt, with its log-probs of the sampled tokens (after temperature).
 
-    Requests carry no seed: vLLM then samples from torch's generator, seeded here per step and engine, so every
-    sample is drawn independently (with per-request seeds the n samples of each prompt would use the same n streams
-    for every prompt, and copies of one prompt, as in 1-shot RLVR, would get identical responses), a resumed run
-    draws what the uninterrupted one drew, and the trainer's own random stream is left as it was."""
+    Requests carry no seed: vLLM then samples from torch's generator (its GPU model runner V2: from a seed it draws
+    per request from numpy's), both seeded here per step and engine, so every sample is drawn independently (with
+    per-request seeds the n samples of each prompt would use the same n streams for every prompt, and copies of one
+    prompt, as in 1-shot RLVR, would get identical responses), a resumed run draws what the uninterrupted one drew,
+    and the trainer's own random streams are left as they were."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     params = SamplingParams(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
                             max_tokens=args.max_new_tokens, stop_token_ids=stops, logprobs=0)
+    seed, numpy_state = rollout_seed(args, step), np.random.get_state()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        torch.manual_seed(rollout_seed(args, step))
-        outputs = engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+        torch.manual_seed(seed)
+        np.random.seed([seed % 2**32, seed >> 32])
+        try:
+            outputs = engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
+                                      use_tqdm=False)
+        finally:
+            np.random.set_state(numpy_state)
     return [{"prompt_ids": ids, "response_ids": list(c.token_ids), "truncated": c.finish_reason == "length",
              "engine_logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]}
             for ids, o in zip(prompt_ids, outputs) for c in o.outputs]
@@ -922,7 +929,7 @@ def load_prompts(args, tokenizer) -> list[dict]:
         raise SystemExit(f"--template: {e}") from None
     kept = []
     for p, prompt in zip(problems, prompts):
-        ids = tokenizer.encode(prompt)
+        ids = evaluation.encode_prompt(tokenizer, prompt)  # one BOS, also where the template writes it
         if len(ids) <= args.max_prompt_tokens:
             kept.append({**p, "prompt_ids": ids})
     if len(kept) < len(problems):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -312,6 +313,15 @@ def read_metrics(output_dir):
     return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
 
 
+def test_training_prompts_get_one_bos_where_the_chat_template_writes_it(tmp_path):
+    """Llama 3's chat template writes <|begin_of_text|> and its tokenizer's encode adds another: one is kept."""
+    from test_eval import llama_style_tokenizer
+    tokenizer = llama_style_tokenizer()
+    (tmp_path / "train.jsonl").write_text(json.dumps({"problem": "What is 1+1?", "answer": "2"}) + "\n")
+    prompts = grpo.load_prompts(grpo.Args(train_data=str(tmp_path / "train.jsonl"), template="chat"), tokenizer)
+    assert prompts[0]["prompt_ids"].count(tokenizer.bos_token_id) == 1, prompts[0]["prompt_ids"]
+
+
 def test_the_readme_training_data_loads(tiny):
     """DSR-sub, the 1-shot paper's 1,209-problem set, has one row without an answer: it is dropped, not fatal."""
     dsr_sub = ROOT.parent / "shared" / "data" / "train" / "one_shot_rlvr" / "dsr_sub.jsonl"
@@ -401,9 +411,11 @@ def test_vllm_sampling_is_seeded_per_step_and_leaves_the_trainers_stream_alone(t
     responses = lambda step: [tuple(r["response_ids"]) for r in grpo.generate_vllm(engine, [prompt] * 3, args, step,
                                                                                    stops)]
     torch.manual_seed(123)
-    trainer_stream = torch.get_rng_state()
+    np.random.seed(123)
+    trainer_stream, trainer_numpy = torch.get_rng_state(), np.random.get_state()[1].copy()
     step_5 = responses(5)
     assert torch.equal(torch.get_rng_state(), trainer_stream), "sampling moved the trainer's random stream"
+    assert (np.random.get_state()[1] == trainer_numpy).all(), "sampling moved the trainer's numpy stream"
     assert responses(5) == step_5, "the same step must draw the same samples (a resumed run redraws them)"
     assert responses(6) != step_5
     groups = [step_5[i:i + 8] for i in range(0, 24, 8)]
