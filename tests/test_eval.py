@@ -319,7 +319,8 @@ def test_a_gold_whose_parse_timed_out_is_asked_again_and_not_counted_unparseable
     monkeypatch.setattr(evaluation, "_gold_verdicts", {})
     verdicts, asked = iter([None, True]), []  # None: verify's answer when the parse timed out or its worker died
     monkeypatch.setattr(verify, "gold_is_parseable", lambda gold: asked.append(gold) or next(verdicts))
-    problems, wrong = [{"problem": "p", "answer": "7"}], [[{"text": "\\boxed{1}", "token_ids": [1], "truncated": False}]]
+    problems = [{"problem": "p", "answer": "7"}]
+    wrong = [[{"text": "\\boxed{1}", "token_ids": [1], "truncated": False}]]
     first = evaluation.grade(problems, ["q"], wrong)
     assert first[0]["gold_parseable"] is None and evaluation.summarize(first, n=1)["unparseable_golds"] == 0
     second = evaluation.grade(problems, ["q"], wrong)
