@@ -894,28 +894,35 @@ def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, schedu
 
 def check_resume(args) -> None:
     """--resume continues a run: the folder must hold what resuming needs, and --model must be the run's. The
-    weights come from the checkpoint, but the reference model and the evaluation defaults come from --model."""
+    weights come from the checkpoint, but the reference model and the evaluation defaults come from --model, so a
+    resume that leaves --model out is refused; another spelling of a model (a moved folder, a hub id) is noted."""
     folder = Path(args.resume)
     if not (folder / "trainer_state.pt").is_file():
-        weights_only = " (this one kept its weights only: --keep-resume-states)" if (folder / "config.json").is_file() \
-            else " (give a checkpoint-<step> folder)"
-        raise SystemExit(f"--resume {args.resume}: no trainer_state.pt there{weights_only}")
-    run_args = folder.parent / "args.json"  # written by the run into its output folder
-    model_then = json.loads(run_args.read_text()).get("model") if run_args.is_file() else None
-    if model_then is not None and model_then != args.model:
-        raise SystemExit(f"--resume {args.resume}: that run trained --model {model_then}, this command says --model "
-                         f"{args.model}; give the run's --model")
+        why = " (a checkpoint that --keep-resume-states left with its weights only, or not a checkpoint)" \
+            if (folder / "config.json").is_file() else " (give a checkpoint-<step> folder)"
+        raise SystemExit(f"--resume {args.resume}: no trainer_state.pt there{why}")
+    # the run wrote args.json into its output folder (one_shot.py's pool run: one folder further up)
+    written = [d / "args.json" for d in (folder.parent, folder.parent.parent) if (d / "args.json").is_file()]
+    model_then = json.loads(written[0].read_text()).get("model") if written else None
+    if model_then is None or model_then == args.model:
+        return
+    if args.model == type(args)().model:
+        raise SystemExit(f"--resume {args.resume}: that run trained --model {model_then}, and this command leaves "
+                         f"--model at its default ({args.model}); give the run's --model")
+    print(f"--resume: the run trained --model {model_then}; taking --model {args.model} to be the same model")
 
 
-def drop_old_resume_states(output_dir: Path, keep: int) -> None:
-    """Only the newest `keep` checkpoints keep what resuming needs (the optimizer state, twice the fp32 weights, and
-    the RNG); older ones keep their weights and tokenizer, which is what evaluating them needs. 0 keeps everything."""
+def drop_old_resume_states(output_dir: Path, keep: int, step: int) -> None:
+    """Only the newest `keep` checkpoints up to `step` (the one just written) keep what resuming needs (the
+    optimizer state, twice the fp32 weights, and the RNG); older ones keep their weights and tokenizer, which is what
+    evaluating them needs. 0 keeps everything. Later checkpoints, left by a continuation that this run's resume
+    abandoned, are not touched."""
     if keep <= 0:
         return
     steps = sorted(int(f.name[len("checkpoint-"):]) for f in output_dir.glob("checkpoint-*")
-                   if f.name[len("checkpoint-"):].isdigit())
-    for step in steps[:-keep]:
-        for path in (output_dir / f"checkpoint-{step}").iterdir():
+                   if f.name[len("checkpoint-"):].isdigit() and int(f.name[len("checkpoint-"):]) <= step)
+    for old in steps[:-keep]:
+        for path in (output_dir / f"checkpoint-{old}").iterdir():
             if path.name == "trainer_state.pt" or path.name.startswith("rng-rank"):
                 path.unlink()
             elif path.is_dir() and path.name.endswith("optimizer"):  # the sharded optimizer states
@@ -1235,7 +1242,7 @@ def train(args, phase, problems, model, output_dir, state, reference, engine, to
             else:
                 save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra=extra)
             if rank == 0:  # older checkpoints keep their weights only (--keep-resume-states)
-                drop_old_resume_states(output_dir, args.keep_resume_states)
+                drop_old_resume_states(output_dir, args.keep_resume_states, step + 1)
         if rank == 0:
             logger.log(metrics)
     if rank == 0:

@@ -361,21 +361,26 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     lrs = lambda run: [m["lr"] for m in read_metrics(tmp_path / run)]
     # the logged rate is the one each step's update used: a scheduler restarted on resume would show step 1's at step 3
     assert lrs("resumed") == lrs("straight")[2:] and lrs("straight")[2] not in lrs("straight")[:1] + lrs("straight")[3:]
+    assert lrs("straight")[0] == grpo.Args().lr, "step 1's update ran at the full rate (warmup 1): log that one"
 
 
 def test_older_checkpoints_keep_only_their_weights_and_resume_checks_the_model(tmp_path):
-    """--keep-resume-states 1: the newest checkpoint keeps the optimizer and RNG state, older ones their weights."""
-    run_script("--rollout", "hf", "--prompts-per-step", "2", "--mini-batch", "16", "--micro-batch", "8",
-               "--total-steps", "3", "--save-every", "1", "--keep-resume-states", "1", "--eval-every", "0",
-               "--eval-max-problems", "2", "--output-dir", str(tmp_path))
+    """--keep-resume-states 1: the newest checkpoint keeps the optimizer and RNG state, older ones their weights;
+    a later checkpoint already in the folder (a continuation this run's resume abandoned) is left alone."""
+    stale = tmp_path / "checkpoint-9"
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.pt").write_bytes(b"")
+    run_script("--model", "tiny-verbose", "--rollout", "hf", "--prompts-per-step", "2", "--mini-batch", "16",
+               "--micro-batch", "8", "--total-steps", "3", "--save-every", "1", "--keep-resume-states", "1",
+               "--eval-every", "0", "--eval-max-problems", "2", "--output-dir", str(tmp_path))
     for step in (1, 2, 3):
         folder = tmp_path / f"checkpoint-{step}"
         assert (folder / "model.safetensors").is_file() and (folder / "tokenizer_config.json").is_file()
         assert (folder / "trainer_state.pt").is_file() == (step == 3), step
+    assert (stale / "trainer_state.pt").is_file()
     evaluation.load_model(str(tmp_path / "checkpoint-1"))  # still a model eval.py and vLLM load
-    for argv, message in ((["--resume", str(tmp_path / "checkpoint-1")], "kept its weights only"),
-                          (["--resume", str(tmp_path / "checkpoint-3"), "--model", "tiny-verbose"],
-                           "that run trained --model tiny")):
+    for argv, message in ((["--model", "tiny-verbose", "--resume", str(tmp_path / "checkpoint-1")], "weights only"),
+                          (["--resume", str(tmp_path / "checkpoint-3")], "that run trained --model tiny-verbose")):
         out = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--rollout", "hf", *argv],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]

@@ -212,6 +212,7 @@ def test_resumed_run_equals_uninterrupted_run_weights_history_and_lr(resume_runs
     # the rate each step's update used: a scheduler restarted on resume would show step 1's at step 3
     assert straight_steps[2]["lr"] not in (straight_steps[0]["lr"], straight_steps[3]["lr"]), "the check is vacuous"
     assert [m["lr"] for m in resumed_steps] == [m["lr"] for m in straight_steps[2:]], "the scheduler was not restored"
+    assert straight_steps[0]["lr"] == hapo.Args().lr, "step 1's update ran at the full rate (warmup 1): log that one"
     state = lambda run: torch.load(tmp_path / run / "checkpoint-4" / "trainer_state.pt", weights_only=False)
     assert state("straight")["history"], "no history was saved"
     assert state("resumed")["history"] == state("straight")["history"]

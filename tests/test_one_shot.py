@@ -372,6 +372,7 @@ def test_resume_and_a_history_file_reproduce_the_uninterrupted_run(resume_runs):
     # the rate each step's update used: a scheduler restarted on resume would show step 1's at step 3
     assert steps[3]["lr"] != steps[1]["lr"], "the check below could not fail"
     assert resumed_step[0]["lr"] == steps[3]["lr"], "the scheduler was not restored"
+    assert steps[1]["lr"] == one_shot.Args().lr, "step 1's update ran at the full rate (warmup 1): log that one"
     best = lambda run: torch.load(tmp_path / run / "checkpoint-3" / "trainer_state.pt", weights_only=False)["best"]
     assert best("first")["step"] < 3, "step 3 is the best: a resume that forgot the best so far would pass unnoticed"
     assert best("resumed") == best("first"), "the best evaluation was not carried over"

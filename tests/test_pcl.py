@@ -217,6 +217,7 @@ def test_resumed_run_equals_uninterrupted_run_policy_and_value_model(tmp_path):
     straight_metrics = read_metrics(tmp_path / "straight")
     # the logged rate is the one each step's update used: a scheduler restarted on resume would show step 1's at step 3
     assert straight_metrics[2]["lr"] not in (straight_metrics[0]["lr"], straight_metrics[3]["lr"]), straight_metrics
+    assert straight_metrics[0]["lr"] == pcl.Args().lr, "step 1's update ran at the full rate (warmup 1): log that one"
     assert [[m[k] for k in same] for m in straight_metrics[2:]] == \
         [[m[k] for k in same] for m in read_metrics(tmp_path / "resumed")]
 

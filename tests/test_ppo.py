@@ -317,6 +317,26 @@ def test_reference_on_cpu_visits_the_device_and_keeps_its_cpu_weights(tiny, monk
     assert all(torch.equal(a, b) for a, b in zip(visited, plain)) and len(visited) == len(plain) == 4
 
 
+def test_a_copy_that_fails_midway_leaves_the_reference_whole_on_the_cpu(monkeypatch):
+    """An out-of-memory error while the reference's weights are copied to the device: every module gets its CPU
+    tensors back, the tied weights tied."""
+    reference = ppo.load_reference(ppo.Args(kl_coef=0.05, reference_on_cpu=True))
+    before = {name: t for name, t in reference.named_parameters(remove_duplicate=False)}
+    copies, real_to = [], torch.Tensor.to
+
+    def to_until_out_of_memory(t, *args, **kwargs):
+        copies.append(1)
+        if len(copies) == 10:
+            raise torch.OutOfMemoryError("the device is full")
+        return real_to(t, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", to_until_out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        ppo.visit_device(reference, torch.device("meta"))
+    monkeypatch.undo()
+    assert all(t is before[name] for name, t in reference.named_parameters(remove_duplicate=False))
+    assert reference.lm_head.weight is reference.model.embed_tokens.weight
+
+
 def saved_activation_bytes_and_grads(model, forward):
     """Bytes that autograd keeps for backward during `forward(model)`, and the gradient of its sum."""
     saved = [0]
@@ -430,6 +450,7 @@ def test_resumed_run_equals_uninterrupted_run_for_policy_and_critic(straight_run
     # the rate each step's update used: warmup to the full rate, then decaying; a restarted scheduler would repeat
     assert lrs == sorted(lrs, reverse=True) and lrs[2] not in (lrs[0], lrs[3]), f"the rate does not decay: {lrs}"
     assert [m["lr"] for m in resumed] == lrs[2:], "the resumed policy's learning rate is not the uninterrupted one's"
+    assert lrs[0] == ppo.Args().lr, "step 1's update ran at the full rate (warmup 1): log that one"
     kls = [m["kl"] for m in straight]
     assert kls[0] == 0 and any(k != 0 for k in kls[1:]), f"the KL penalty is not measured: {kls}"
 
