@@ -526,7 +526,9 @@ def summarize(samples: list[dict], n: int, ks=()) -> dict:
                "response_len_mean": sum(lengths) / len(lengths),
                "response_len_p90": percentile(lengths, 0.9),
                "truncated_share": sum(s["truncated"] for s in samples) / len(samples),
-               "unparseable_golds": sum(group[0]["gold_parseable"] is False for group in per_problem)}
+               "unparseable_golds": sum(group[0]["gold_parseable"] is False for group in per_problem),
+               # parses that timed out or killed their worker: every response to them was scored wrong too
+               "unknown_golds": sum(group[0]["gold_parseable"] is None for group in per_problem)}
     for k in sorted(set(ks)):
         if k <= n:
             metrics[f"pass@{k}"] = mean_pass_at_k(correct_counts, n, k)
@@ -952,6 +954,11 @@ def paper_average(benchmarks: dict) -> dict | None:
             "complete": len(present) == len(PAPER_BENCHMARKS)}
 
 
+def bad_golds(metrics: dict) -> str:
+    unknown = metrics.get("unknown_golds", 0)
+    return f"{metrics['unparseable_golds']}" + (f" (+{unknown} timed out)" if unknown else "")
+
+
 def results_table(results: dict) -> str:
     ks = sorted({int(key[5:]) for r in results["benchmarks"].values() for key in r if key.startswith("pass@")})
     header = ["benchmark", "problems", "n", "temp", "accuracy", *[f"pass@{k}" for k in ks], "len mean", "len p90",
@@ -959,7 +966,7 @@ def results_table(results: dict) -> str:
     rows = [[name, str(r["problems"]), str(r["n"]), f"{r['temperature']:g}", f"{100 * r['accuracy']:.1f}",
              *[f"{100 * r[f'pass@{k}']:.1f}" if f"pass@{k}" in r else "-" for k in ks],
              f"{r['response_len_mean']:.0f}", str(r["response_len_p90"]), f"{100 * r['truncated_share']:.1f}%",
-             str(r["unparseable_golds"])] for name, r in results["benchmarks"].items()]
+             bad_golds(r)] for name, r in results["benchmarks"].items()]
     average = results["average"]
     if average and (average["complete"] or len(results["benchmarks"]) > 1):
         label = "Avg." if average["complete"] else f"Avg. ({len(average['over'])} of 6)"

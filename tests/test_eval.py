@@ -247,13 +247,6 @@ def test_a_prompt_that_starts_with_the_bos_gets_no_second_one():
     assert evaluation.encode_prompt(tokenizer, plain).count(0) == 1
 
 
-def test_encode_prompt_leaves_qwen_style_prompts_as_they_were(tiny):
-    _, tokenizer = tiny
-    for template in evaluation.TEMPLATES:
-        prompt = evaluation.build_prompt("Mia counts from one to 7. Where does the count stop?", tokenizer, template)
-        assert evaluation.encode_prompt(tokenizer, prompt) == tokenizer(prompt).input_ids, template
-
-
 def test_hf_generate_gives_the_model_one_bos(tiny, monkeypatch):
     model, _ = tiny
     tokenizer = llama_style_tokenizer()  # its ids are all in the tiny model's vocabulary
@@ -304,6 +297,17 @@ def test_vllm_sampling_seeds_follow_the_problems_index_in_its_benchmark():
     assert engine.params[0].seed is None, "greedy needs no seed (a seed would cost vLLM its fused sampler)"
 
 
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_a_torchrun_shard_of_evaluate_seeds_its_problems_by_their_index_in_the_benchmark(monkeypatch):
+    """evaluate() as the training scripts call it, on the second of two shards (problems 2 and 3 of 4)."""
+    tokenizer, engine = llama_style_tokenizer(), FakeVLLM()
+    monkeypatch.setattr(evaluation, "engine_shard", lambda engine: (1, 2, True))
+    monkeypatch.setattr(evaluation, "gather_samples", lambda samples, *args, **kwargs: samples)
+    problems = [{"problem": word, "answer": "1"} for word in ("What", "is", "1", "?")]
+    evaluation.evaluate(engine, tokenizer, problems, template="plain", n=2, temperature=0.6, seed=3)
+    assert [p.seed for p in engine.params] == [evaluation.sampling_seed(3, 2), evaluation.sampling_seed(3, 3)]
+
+
 # ---- grading and evaluate() (the training scripts' entry point) -------------------------------------------------
 
 def test_an_unparseable_gold_is_counted_and_never_correct():
@@ -323,6 +327,7 @@ def test_a_gold_whose_parse_timed_out_is_asked_again_and_not_counted_unparseable
     wrong = [[{"text": "\\boxed{1}", "token_ids": [1], "truncated": False}]]
     first = evaluation.grade(problems, ["q"], wrong)
     assert first[0]["gold_parseable"] is None and evaluation.summarize(first, n=1)["unparseable_golds"] == 0
+    assert evaluation.bad_golds(evaluation.summarize(first, n=1)) == "0 (+1 timed out)", "unknown, and shown so"
     second = evaluation.grade(problems, ["q"], wrong)
     assert second[0]["gold_parseable"] is True and asked == ["7", "7"], "an unknown verdict is not remembered"
     evaluation.grade(problems, ["q"], wrong)
