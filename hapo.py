@@ -418,8 +418,7 @@ def push_weights(engine, model) -> None:
     from neither the old nor the new weights."""
     if engine is None:
         return
-    state = full_weights(model)
-    engine.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
+    engine.collective_rpc("reload_weights", kwargs={"weights_iterator": streamed_weights(model)})
     engine.reset_prefix_cache()
 
 
@@ -686,19 +685,28 @@ def clip_gradients(model, max_norm: float) -> torch.Tensor:
 def full_weights(model) -> dict:
     """name -> full tensor, lm_head.weight included even when tied. Under FSDP the shards are gathered, which is a
     collective: every rank must call this."""
-    if is_distributed():  # the FSDP root keeps its gathered (on GPUs bf16) weights after forward: read the shards
-        model.reshard()
-    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
-    state = {name: full(t) for name, t in model.state_dict().items()}
-    if "lm_head.weight" not in state:
-        state["lm_head.weight"] = full(model.get_output_embeddings().weight)
-    return state
+    return dict(streamed_weights(model))
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def streamed_weights(model):
+    """full_weights one tensor at a time. Under FSDP each is gathered when it is asked for: a weight push that loads
+    and drops them one by one holds one full tensor (the 0.9 GB embedding at 1.5B in fp32), not the whole model
+    (6 GB). Every rank must go through it in the same order, since each gather is a collective."""
+    if is_distributed():  # the FSDP root keeps its gathered (on GPUs bf16) weights after forward: read the shards
+        model.reshard()
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+    names = set()
+    for name, t in model.state_dict().items():
+        names.add(name)
+        yield name, full(t)
+    if "lm_head.weight" not in names:
+        yield "lm_head.weight", full(model.get_output_embeddings().weight)
 
 
 def init_distributed() -> tuple[int, int, torch.device]:

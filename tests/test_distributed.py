@@ -72,7 +72,30 @@ def one_training_step(local_counts: bool = False, masked: set = frozenset(), dro
                                dataclasses.replace(args, mini_batch=args.mini_batch // world),
                                torch.autocast("cpu", enabled=False), tokenizer.pad_token_id, device)
     return {"weights": {k: v.detach().clone() for k, v in grpo.full_weights(model).items()}, "stats": stats,
-            "rank": rank}
+            "rank": rank, "most_held_in_push": most_held_in_push(model)}
+
+
+class EngineCountingHeldWeights:
+    """A stand-in vLLM engine whose weight reload counts how many of the tensors it was handed are still alive
+    while it loads the next one (vLLM's loader copies each into its own weights and drops it)."""
+    most_held = 0
+
+    def collective_rpc(self, method, kwargs):
+        import weakref
+        handed = []
+        for _, tensor in kwargs["weights_iterator"]:  # the one in hand counts too
+            handed.append(weakref.ref(tensor))
+            self.most_held = max(self.most_held, sum(ref() is not None for ref in handed))
+            del tensor
+
+    def reset_prefix_cache(self):
+        pass
+
+
+def most_held_in_push(model) -> int:
+    engine = EngineCountingHeldWeights()
+    grpo.push_weights(engine, model)
+    return engine.most_held
 
 
 def worker(output: str, local_counts: bool, masked: set, mini_batches: int) -> None:
@@ -156,6 +179,8 @@ def test_one_step_on_two_ranks_equals_one_step_in_one_process(tmp_path):
     moved = max_difference(one["weights"], before)
     assert moved > 1e-4, f"the step moved the weights by only {moved}: the comparison could not fail"
     assert_same_statistics(two["stats"], one["stats"])
+    # under FSDP a push gathers each weight when vLLM loads it: one full tensor at a time, not the whole model
+    assert two["most_held_in_push"] == 1, f"{two['most_held_in_push']} gathered weights held at once"
     gap = max_difference(two["weights"], one["weights"])
     wrong = max_difference(local["weights"], one["weights"])
     print(f"step moved weights by {moved:.3g}; 2 ranks vs 1 process {gap:.3g}; per-rank counts vs 1 process {wrong:.3g}")
