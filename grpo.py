@@ -798,9 +798,9 @@ def drop_old_resume_states(output_dir: Path, keep: int, step: int) -> None:
     abandoned, are not touched."""
     if keep <= 0:
         return
-    steps = sorted(int(f.name[len("checkpoint-"):]) for f in output_dir.glob("checkpoint-*")
-                   if f.name[len("checkpoint-"):].isdigit() and int(f.name[len("checkpoint-"):]) <= step)
-    for old in steps[:-keep]:
+    names = (f.name.removeprefix("checkpoint-") for f in output_dir.glob("checkpoint-*"))
+    written = sorted(s for s in map(int, filter(str.isdigit, names)) if s <= step)
+    for old in written[:-keep]:
         for path in (output_dir / f"checkpoint-{old}").iterdir():
             if path.name == "trainer_state.pt" or path.name.startswith("rng-rank"):
                 path.unlink()
