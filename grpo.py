@@ -99,16 +99,22 @@ class Args:
 class ChunkedLogprobEntropy(torch.autograd.Function):
     """log p(target) and entropy H of p = softmax(hidden @ weight.T / T), never holding a [tokens x vocab] tensor.
 
-    Forward walks over chunks of tokens and keeps three numbers per token (log p(target), H, log-sum-exp).
+    Forward walks over chunks of tokens and keeps three numbers per token (log p(target), H, log-sum-exp). The GEMM
+    writes y = logits / T itself (1/T is its alpha), and exp(y) is taken with no max shift: a policy's logits keep
+    sum exp(y) well inside fp32's range, and the rare rows outside it (found with one host sync per forward) are
+    computed again with the shift (`softmax_statistics`).
     Backward walks over blocks of the vocabulary, recomputing the logits of every token for one block at a time.
     With z the logits divided by T, g1 and g2 the incoming gradients of log p(target) and H:
         d log p(t) / dz_j = [j = t] - p_j          d H / dz_j = -p_j (log p_j + H)
         so dL/dz_j = p_j (a + b log p_j) + [j = t] g1 / T,   a = -(g1 + g2 H) / T,   b = -g2 / T  (per token),
-    the 1/T coming from z = logits / T. Blocking the vocabulary makes each block's weight gradient one complete
-    GEMM, written once in the weight's dtype: no fp32 accumulator of the weight's size. Only the small hidden-state
-    gradient [tokens x hidden] is accumulated, in fp32.
-    Cost per element of a block, counted in passes over fp32 memory: forward 6 reads + 2 writes after its GEMM,
-    backward 5 reads + 3.5 writes (3 reads + 2.5 writes when the entropy's gradient is not needed).
+    the 1/T coming from z = logits / T. The block's GEMM writes log p = z / T - lse itself: the hidden states carry
+    -lse * T in extra contraction columns against columns of ones in the weight block (`with_shift_columns`), and
+    1/T is the GEMM's alpha. Blocking the vocabulary makes each block's weight gradient one complete GEMM, written
+    once in the weight's dtype: no fp32 accumulator of the weight's size. Only the small hidden-state gradient
+    [tokens x hidden] is accumulated, in fp32, by the GEMM itself (C += A B).
+    Cost per element of a block, counted in passes over fp32 memory after its GEMM (`bench/logprob.py --passes`):
+    forward 4 reads + 1 write, backward 4 reads + 3 writes (2 reads + 2 writes when the entropy's gradient is not
+    needed). On an H200 at 32k tokens the GEMMs take half of the time, these passes the rest (bench/results/).
     Chunk sizes come from a memory budget (memory_mib) for these temporaries, not a fixed count.
     Under CUDA autocast the GEMMs run in the autocast dtype with fp32 outputs (logits are never rounded to bf16);
     the statistics are fp32 (fp64 inputs stay fp64: the tests' exact reference)."""
@@ -122,17 +128,15 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
             h, w = hidden.to(dtype), weight.to(dtype)
             n, vocab = h.shape[0], w.shape[0]
             logp, entropy, lse = (torch.empty(n, dtype=stats, device=h.device) for _ in range(3))
-            rows = chunk_length(memory_mib, bytes_per_item=2 * vocab * stats.itemsize)  # logits + their exp
+            rows = chunk_length(memory_mib, bytes_per_item=2 * vocab * stats.itemsize)  # y and exp(y)
             for s in range(0, n, rows):
-                z = matmul(h[s:s + rows], w.T, stats)
-                shift = z.amax(1, keepdim=True).mul_(-inv_temperature)
-                y = torch.add(shift, z, alpha=inv_temperature, out=z)  # y = (z - max z) / T, in z's memory
-                e = torch.exp(y)
-                log_total = e.sum(1).log()
-                dot_ey = torch.bmm(e[:, None, :], y[:, :, None]).view(-1)  # sum_j e_j y_j, one read of each
-                logp[s:s + rows] = y.gather(1, targets[s:s + rows, None]).squeeze(1) - log_total
-                entropy[s:s + rows] = log_total - dot_ey / log_total.exp()  # H = log sum e - sum e y / sum e
-                lse[s:s + rows] = log_total - shift.squeeze(1)
+                y = scaled_matmul(h[s:s + rows], w.T, inv_temperature, stats)
+                lse[s:s + rows], logp[s:s + rows], entropy[s:s + rows] = softmax_statistics(y, targets[s:s + rows])
+            redo = ((lse < -60) | (lse > 80) | ~entropy.isfinite()).nonzero().squeeze(1)  # the one host sync
+            for s in range(0, len(redo), rows):
+                index = redo[s:s + rows]
+                y = scaled_matmul(h[index], w.T, inv_temperature, stats)
+                lse[index], logp[index], entropy[index] = softmax_statistics(y, targets[index], shift=True)
         ctx.save_for_backward(hidden, weight, targets, logp, entropy, lse)
         ctx.inv_temperature, ctx.memory_mib, ctx.dtype = inv_temperature, memory_mib, dtype
         return logp, entropy
@@ -156,15 +160,20 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
             at_target = at_target.to(ctx.dtype)  # the target's entry, from fp32 statistics, rounded once
             grad_hidden = torch.empty(hidden.shape, dtype=stats, device=h.device) if ctx.needs_input_grad[0] else None
             grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
-            bytes_per_column = n * (2 * stats.itemsize + ctx.dtype.itemsize)  # log p, p, and the dtype's dL/dz
-            cols = chunk_length(ctx.memory_mib, bytes_per_column)
+            h_shift, w_ones = with_shift_columns(h, -lse / inv_t)
+            # the budget holds h_shift, and per column: log p, p, the dtype's dL/dz and the weight block's copy
+            spare_mib = ctx.memory_mib - h_shift.numel() * h_shift.element_size() / 2**20
+            bytes_per_column = n * (2 * stats.itemsize + ctx.dtype.itemsize) + h_shift.shape[1] * w.element_size()
+            cols = chunk_length(spare_mib, bytes_per_column)
             if cols > 128:  # keep blocks a multiple of 128 wide: a misaligned width sends cuBLAS to kernels 3x slower
                 cols -= cols % 128
+            w_block_ones = w_ones(min(cols, vocab))
             token = torch.arange(n, device=h.device)
             for v in range(0, vocab, cols):
                 w_block = w[v:v + cols]
-                z = matmul(h, w_block.T, stats)
-                log_p = torch.add(-lse[:, None], z, alpha=inv_t, out=z)  # log p = z / T - lse, in z's memory
+                w_shift = w_block_ones[:w_block.shape[0]]
+                w_shift[:, :w.shape[1]] = w_block
+                log_p = scaled_matmul(h_shift, w_shift.T, inv_t, stats)  # z / T - lse, from the GEMM
                 grad_z = torch.empty(log_p.shape, dtype=ctx.dtype, device=h.device)
                 if b is None:
                     torch.mul(log_p.exp_(), a[:, None], out=grad_z)  # a p
@@ -181,10 +190,47 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
                     if v == 0:
                         matmul(grad_z, w_block, stats, out=grad_hidden)
                     else:
-                        grad_hidden += matmul(grad_z, w_block, stats)
+                        matmul_accumulate(grad_hidden, grad_z, w_block)
         if grad_hidden is not None:
             grad_hidden = grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight, None, None, None
+
+
+def softmax_statistics(y, targets, shift: bool = False):
+    """(log-sum-exp, log p(target), entropy) of each row of softmax(y); y is overwritten when shifted.
+
+    Unshifted, e = exp(y) is read and summed as it is: exact while the row's sum stays inside fp32's range, which
+    the forward checks afterwards (a sum above e^80 may hold an overflowed term, one below e^-60 is denormal) and
+    redoes with shift=True, the textbook y - max y. H = log sum e - sum e y / sum e."""
+    top = y.amax(1, keepdim=True) if shift else None
+    if shift:
+        y.sub_(top)
+    e = torch.exp(y)
+    total = e.sum(1)
+    log_total = total.log()
+    dot_ey = torch.bmm(e[:, None, :], y[:, :, None]).view(-1)  # sum_j e_j y_j, one read of each
+    logp = y.gather(1, targets[:, None]).squeeze(1) - log_total
+    lse = log_total + top.squeeze(1) if shift else log_total
+    return lse, logp, log_total - dot_ey / total
+
+
+def with_shift_columns(h, column, parts: int = 3, width: int = 8):
+    """h with `width` more columns: `column` split into `parts` values of h's dtype that add up to it (bf16 holds 8
+    mantissa bits, 3 parts hold fp32's 24; the GEMM adds them in fp32), then zeros (a multiple of 8 wide keeps
+    tensor cores aligned). And a maker of weight blocks [cols x (hidden + width)] with ones against those parts,
+    into which each block's weights are copied: h_shift @ w_shift.T = h @ w.T + column."""
+    split, rest = [], column
+    for _ in range(parts):
+        split.append(rest.to(h.dtype))
+        rest = rest - split[-1].to(column.dtype)
+    zeros = h.new_zeros(h.shape[0], width - parts)
+    h_shift = torch.cat([h, torch.stack(split, 1), zeros], 1)
+
+    def w_ones(cols: int):
+        w_shift = h.new_zeros(cols, h.shape[1] + width)
+        w_shift[:, h.shape[1]:h.shape[1] + parts] = 1
+        return w_shift
+    return h_shift, w_ones
 
 
 def gemm_dtype(hidden):
@@ -204,6 +250,30 @@ def matmul(a, b, out_dtype, out=None):
     wide = torch.promote_types(a.dtype, out_dtype)
     product = torch.mm(a.to(wide), b.to(wide)).to(out_dtype)
     return product if out is None else out.copy_(product)
+
+
+def scaled_matmul(a, b, scale: float, out_dtype):
+    """scale * (a @ b) as matmul makes it, the scale being the GEMM's alpha (no extra pass over the output)."""
+    unused = a.new_zeros(1, 1)  # addmm's input, ignored at beta=0
+    if a.dtype == out_dtype:
+        return torch.addmm(unused, a, b, beta=0, alpha=scale)
+    if a.is_cuda and out_dtype == torch.float32:
+        return torch.addmm(unused, a, b, beta=0, alpha=scale, out_dtype=out_dtype)
+    return matmul(a, b, out_dtype).mul_(scale)
+
+
+def matmul_accumulate(acc, a, b) -> None:
+    """acc += a @ b with acc as the GEMM's C: no [tokens x hidden] product written and then read back. Half-precision
+    a and b on a GPU add into the fp32 acc through cuBLAS's fp32-output GEMM; elsewhere they are upcast first."""
+    if a.dtype == acc.dtype:
+        torch.addmm(acc, a, b, out=acc)
+    elif a.is_cuda and acc.dtype == torch.float32:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        except RuntimeError:  # an older torch may want the input in a's dtype: add the fp32 product in a pass
+            acc += matmul(a, b, acc.dtype)
+    else:
+        acc += torch.mm(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def chunk_length(memory_mib: float, bytes_per_item: int) -> int:

@@ -7,11 +7,6 @@ weight (tied embeddings are trained). Methods, each one forward+backward:
   naive           log_softmax((hidden @ weight.T).float() / T) over the full [tokens x vocab] tensor, same loss
   GEMM floor      the three matmuls alone: hidden @ W.T, grad @ W, grad.T @ hidden
   Liger FLCE      liger_kernel's LigerFusedLinearCrossEntropyLoss(reduction="none"), log-prob only (if installed)
-  candidate A     bench/logprob_candidate.py (the lse shift and the hidden-state gradient's sum inside the backward
-                  GEMMs), with and without entropy
-  candidate B     A with a forward built on torch's softmax kernel
-  candidate C     A with a forward without the max shift (rows whose exp would leave fp32's range are redone)
-  candidate D     C's forward with ours' backward (the forward's change alone)
 Time: median of --reps runs after a warm-up (on CPU the warm-up is a 64-token run: a full one costs as much as a
 rep). Memory: peak growth over the inputs (grads included): CUDA max_memory_allocated; CPU peak RSS (ru_maxrss) in
 a fresh subprocess per case. Exactness: max |logp - reference| and max |entropy - reference|, the reference being
@@ -38,10 +33,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grpo import logprobs_and_entropy  # noqa: E402
-from logprob_candidate import logprobs_and_entropy as candidate_logprobs_and_entropy  # noqa: E402
-from logprob_candidate import logprobs_and_entropy_b as candidate_b_logprobs_and_entropy  # noqa: E402
-from logprob_candidate import logprobs_and_entropy_c as candidate_c_logprobs_and_entropy  # noqa: E402
-from logprob_candidate import logprobs_and_entropy_d as candidate_d_logprobs_and_entropy  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 HIDDEN, VOCAB, T = 1536, 151936, 0.6
@@ -82,14 +73,9 @@ def liger(h, w, t, g1, g2, memory_mib):
 
 
 CASES = {"ours": fused(logprobs_and_entropy, True), "ours (logp only)": fused(logprobs_and_entropy, False),
-         "candidate A": fused(candidate_logprobs_and_entropy, True),
-         "candidate A (logp only)": fused(candidate_logprobs_and_entropy, False),
-         "candidate B": fused(candidate_b_logprobs_and_entropy, True),
-         "candidate C": fused(candidate_c_logprobs_and_entropy, True),
-         "candidate D": fused(candidate_d_logprobs_and_entropy, True), "naive": naive, "GEMM floor": gemm_floor,
-         "Liger FLCE": liger}
+         "naive": naive, "GEMM floor": gemm_floor, "Liger FLCE": liger}
 # rows that report the exactness column
-CHECKED = {"ours", "candidate A", "candidate B", "candidate C", "candidate D", "Liger FLCE"}
+CHECKED = {"ours", "Liger FLCE"}
 
 
 @torch.no_grad()
@@ -175,7 +161,8 @@ class CountPasses(TorchDispatchMode):
     """Adds up the bytes that each non-GEMM op reads and writes in the [chunk x vocab] temporaries: tensors of at
     least `big` elements whose last dimension is not the hidden size (so not the weight or the hidden states)."""
     NO_TRAFFIC = ("view", "slice", "t.", "transpose", "permute", "unsqueeze", "squeeze", "select", "as_strided",
-                  "expand", "detach", "alias", "empty", "new_empty", "gather", "index", "_index_put_impl_", "clamp")
+                  "expand", "detach", "alias", "empty", "new_empty", "new_zeros", "gather", "index", "_index_put_impl_",
+                  "clamp")
 
     def __init__(self, big):
         super().__init__()
@@ -204,14 +191,10 @@ def count_passes(args):
     print(f"tokens {n}, vocab {VOCAB}, fp32 on CPU (on a GPU under bf16 autocast dL/dz is written in bf16: half)\n")
     print("| method | phase | reads | writes | GEMM output writes |")
     print("|---|---|---:|---:|---:|")
-    functions = {"ours": logprobs_and_entropy, "candidate A": candidate_logprobs_and_entropy,
-                 "candidate B": candidate_b_logprobs_and_entropy, "candidate C": candidate_c_logprobs_and_entropy,
-                 "candidate D": candidate_d_logprobs_and_entropy}
-    for name in ("ours", "ours (logp only)", "candidate A", "candidate A (logp only)", "candidate B", "candidate C",
-                 "candidate D"):
+    for name in ("ours", "ours (logp only)"):
         h.grad = w.grad = None
         with CountPasses(big=2**20) as fwd:
-            logp, entropy = functions[name.replace(" (logp only)", "")](h, w, t, T, args.memory_mib)
+            logp, entropy = logprobs_and_entropy(h, w, t, T, args.memory_mib)
             loss = (logp * g1).sum() + ((entropy * g2).sum() if "logp only" not in name else 0)
         with CountPasses(big=2**20) as bwd:
             loss.backward()

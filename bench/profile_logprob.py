@@ -8,8 +8,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grpo import logprobs_and_entropy  # noqa: E402
-from logprob_candidate import logprobs_and_entropy as candidate_a, logprobs_and_entropy_b as candidate_b  # noqa: E402
-from logprob_candidate import logprobs_and_entropy_c as candidate_c  # noqa: E402
 
 N, D, V, T = 32768, 1536, 151936, 0.6
 
@@ -31,19 +29,17 @@ def main():
     t = torch.randint(V, (N,), device="cuda")
     g1, g2 = torch.randn(N, device="cuda"), torch.randn(N, device="cuda")
 
-    for name, function in (("ours", logprobs_and_entropy), ("candidate A", candidate_a), ("candidate B", candidate_b),
-                           ("candidate C", candidate_c)):
-        def step():
-            logp, entropy = function(h, w, t, T)
-            (logp * g1 + entropy * g2).sum().backward()
-            h.grad = w.grad = None
+    def step():
+        logp, entropy = logprobs_and_entropy(h, w, t, T)
+        (logp * g1 + entropy * g2).sum().backward()
+        h.grad = w.grad = None
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            step()
-            torch.cuda.synchronize()
-        print(f"## {name}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
+    print("## ours")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
 
     rows, cols = 883, 3276
     z = torch.randn(rows, V, device="cuda")
@@ -75,12 +71,13 @@ def main():
     cols = 3200
     h_aug, w_aug = torch.randn(N, D + 8, device="cuda").bfloat16(), torch.randn(cols, D + 8, device="cuda").bfloat16()
     zero = torch.zeros(1, 1, device="cuda", dtype=torch.bfloat16)
-    timed("mm fp32 out [N x 3200], K=1536", lambda: torch.mm(hc, wc[:cols].T, out_dtype=torch.float32))
-    timed("addmm alpha fp32 out [N x 3200], K=1544 (candidate)",
+    timed("mm fp32 out [N x 3200], K=1536 (before #9)", lambda: torch.mm(hc, wc[:cols].T, out_dtype=torch.float32))
+    timed("addmm alpha fp32 out [N x 3200], K=1544 (ours)",
           lambda: torch.addmm(zero, h_aug, w_aug.T, beta=0, alpha=1 / T, out_dtype=torch.float32))
     zb, lse = torch.randn(N, cols, device="cuda"), torch.randn(N, device="cuda")
     a, b = torch.randn(N, 1, device="cuda"), torch.randn(N, 1, device="cuda")
-    timed("backward broadcast add [N x 3200] (lse)", lambda: torch.add(-lse[:, None], zb, alpha=1 / T, out=zb))
+    timed("backward broadcast add [N x 3200] (lse, before #9)",
+          lambda: torch.add(-lse[:, None], zb, alpha=1 / T, out=zb))
     timed("backward exp [N x 3200]", lambda: torch.exp(zb))
     timed("backward addcmul broadcast [N x 3200]", lambda: torch.addcmul(a, zb, b))
     gzb = torch.empty(N, cols, device="cuda", dtype=torch.bfloat16)
@@ -91,9 +88,9 @@ def main():
     timed("grad_h block gz @ w_b fp32 out", lambda: torch.mm(gz, wb, out_dtype=torch.float32))
     timed("grad_h block gz @ w_b bf16 out", lambda: gz @ wb)
     grad_h = torch.zeros(N, D, device="cuda")
-    timed("grad_h += (gz @ w_b, fp32 out) (ours)", lambda: grad_h.add_(torch.mm(gz, wb, out_dtype=torch.float32)))
+    timed("grad_h += (gz @ w_b, fp32 out) (before #9)", lambda: grad_h.add_(torch.mm(gz, wb, out_dtype=torch.float32)))
     try:  # older torch refuses an fp32 input beside bf16 matrices
-        timed("grad_h addmm in place, fp32 input and out (candidate)",
+        timed("grad_h addmm in place, fp32 input and out (ours)",
               lambda: torch.addmm(grad_h, gz, wb, out_dtype=torch.float32, out=grad_h))
     except RuntimeError as e:
         print(f"grad_h addmm in place: {str(e)[:120]}")

@@ -6,7 +6,7 @@ The step is grpo.py's: fp32 master weights, bf16 autocast, gradient checkpointin
 tokens in one forward/backward, the first --prompt-len of each row being prompt (no log-prob), the rest response;
 loss = -(advantage * log p) - 0.001 * entropy, mean over response tokens.
 
-    python bench/train_step.py                    # 16 x 4096 tokens: ours, the #9 candidates, naive
+    python bench/train_step.py                    # 16 x 4096 tokens: ours, naive
 """
 import argparse
 import statistics
@@ -19,8 +19,6 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
-from logprob_candidate import logprobs_and_entropy as candidate_a, logprobs_and_entropy_b as candidate_b  # noqa: E402
-from logprob_candidate import logprobs_and_entropy_c as candidate_c, logprobs_and_entropy_d as candidate_d  # noqa: E402
 
 QWEN25_MATH_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096,
@@ -30,17 +28,6 @@ T = 0.6
 
 def ours(model, batch):
     return grpo.response_logprobs(model, batch, T, memory_mib=1024)
-
-
-def candidate(function):
-    """grpo.py's step with a bench/logprob_candidate.py function in place of grpo.logprobs_and_entropy."""
-    def logprob_fn(model, batch):
-        original, grpo.logprobs_and_entropy = grpo.logprobs_and_entropy, function
-        try:
-            return ours(model, batch)
-        finally:
-            grpo.logprobs_and_entropy = original
-    return logprob_fn
 
 
 def naive(model, batch):
@@ -69,7 +56,7 @@ def main():
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
-    ap.add_argument("--methods", default="ours,candidate A,candidate B,candidate C,candidate D,naive")
+    ap.add_argument("--methods", default="ours,naive")
     args = ap.parse_args()
     torch.manual_seed(0)
     config = Qwen2Config(**QWEN25_MATH_15B)
@@ -93,8 +80,7 @@ def main():
     print("| log-prob | step time (s) | peak GPU memory (GiB) | response tokens / s |")
     print("|---|---:|---:|---:|")
     for name in args.methods.split(","):
-        fn = {"ours": ours, "candidate A": candidate(candidate_a), "candidate B": candidate(candidate_b),
-              "candidate C": candidate(candidate_c), "candidate D": candidate(candidate_d), "naive": naive}[name]
+        fn = {"ours": ours, "naive": naive}[name]
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:

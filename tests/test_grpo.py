@@ -90,6 +90,31 @@ def test_fused_logprob_in_float32_is_close_to_float64():
     torch.testing.assert_close(entropy.double(), ref_entropy.detach(), rtol=1e-4, atol=1e-4)
 
 
+# log-sum-exp of z / T for 8 of the 37 rows: a term overflows fp32 (e^120); the sum underflows to 0 (e^-120); the
+# sum is denormal, finite but inexact (e^-95, below fp32's smallest normal e^-87.3)
+@pytest.mark.parametrize("row_lse", [120.0, -120.0, -95.0])
+def test_fused_logprob_redoes_rows_outside_fp32_range_with_the_max_shift(row_lse):
+    """The forward skips the max shift; rows whose exp(z / T) would overflow (a sum above e^80) or whose sum would
+    be denormal (below e^-60) must be found and computed again with it. A logit added to every vocabulary entry of
+    a row changes nothing in its softmax but moves its log-sum-exp to row_lse."""
+    hidden, weight, targets, g_logp, g_entropy = random_problem()
+    with torch.no_grad():
+        weight[:, 0] = 1.0  # the same in every vocabulary row: hidden[:, 0] adds to all of a row's logits
+        hidden[:, 0] = 0.0
+        lse = torch.logsumexp(hidden @ weight.T / 0.6, 1)
+        hidden[::5, 0] = (row_lse - lse[::5]) * 0.6
+    ref_logp, ref_entropy = reference_logprobs_and_entropy(hidden, weight, targets, 0.6)
+    (ref_logp @ g_logp + ref_entropy @ g_entropy).backward()
+    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    logp, entropy = grpo.logprobs_and_entropy(h32, w32, targets, 0.6, memory_mib=0.003)
+    (logp @ g_logp.float() + entropy @ g_entropy.float()).backward()
+    torch.testing.assert_close(logp.double(), ref_logp.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(entropy.double(), ref_entropy.detach(), rtol=1e-4, atol=1e-4)
+    # the rows' shift makes weight.grad[:, 0] ~370: fp32 errors are measured against each gradient's largest entry
+    for grad, ref in ((h32.grad, hidden.grad), (w32.grad, weight.grad)):
+        assert (grad.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
 # ---- advantages and loss ---------------------------------------------------------------------------------------
 def test_group_advantages_by_hand():
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
