@@ -179,18 +179,18 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
             at_target = at_target.to(ctx.dtype)  # the target's entry, from fp32 statistics, rounded once
             grad_hidden = torch.empty(hidden.shape, dtype=stats, device=h.device) if ctx.needs_input_grad[0] else None
             grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
-            h_shift, w_ones = with_shift_columns(h, -lse / inv_t)
+            h_shift = with_shift_columns(h, -lse / inv_t)
             # the budget holds h_shift, and per column: log p, p, the dtype's dL/dz and the weight block's copy
             spare_mib = ctx.memory_mib - h_shift.numel() * h_shift.element_size() / 2**20
             bytes_per_column = n * (2 * stats.itemsize + ctx.dtype.itemsize) + h_shift.shape[1] * w.element_size()
             cols = chunk_length(spare_mib, bytes_per_column)
             if cols > 128:  # keep blocks a multiple of 128 wide: a misaligned width sends cuBLAS to kernels 3x slower
                 cols -= cols % 128
-            w_block_ones = w_ones(min(cols, vocab))
+            w_shift_buffer = w.new_ones(min(cols, vocab), h_shift.shape[1])  # ones meet the shift's columns
             token = torch.arange(n, device=h.device)
             for v in range(0, vocab, cols):
                 w_block = w[v:v + cols]
-                w_shift = w_block_ones[:w_block.shape[0]]
+                w_shift = w_shift_buffer[:w_block.shape[0]]
                 w_shift[:, :w.shape[1]] = w_block
                 log_p = scaled_matmul(h_shift, w_shift.T, inv_t, stats)  # z / T - lse, from the GEMM
                 grad_z = torch.empty(log_p.shape, dtype=ctx.dtype, device=h.device)
@@ -236,20 +236,12 @@ def softmax_statistics(y, targets, shift: bool = False):
 def with_shift_columns(h, column, parts: int = 3, width: int = 8):
     """h with `width` more columns: `column` split into `parts` values of h's dtype that add up to it (bf16 holds 8
     mantissa bits, 3 parts hold fp32's 24; the GEMM adds them in fp32), then zeros (a multiple of 8 wide keeps
-    tensor cores aligned). And a maker of weight blocks [cols x (hidden + width)] with ones against those parts,
-    into which each block's weights are copied: h_shift @ w_shift.T = h @ w.T + column."""
+    tensor cores aligned). Against a weight block with ones in those columns, h_shift @ w_shift.T = h @ w.T + column."""
     split, rest = [], column
     for _ in range(parts):
         split.append(rest.to(h.dtype))
         rest = rest - split[-1].to(column.dtype)
-    zeros = h.new_zeros(h.shape[0], width - parts)
-    h_shift = torch.cat([h, torch.stack(split, 1), zeros], 1)
-
-    def w_ones(cols: int):
-        w_shift = h.new_zeros(cols, h.shape[1] + width)
-        w_shift[:, h.shape[1]:h.shape[1] + parts] = 1
-        return w_shift
-    return h_shift, w_ones
+    return torch.cat([h, torch.stack(split, 1), h.new_zeros(h.shape[0], width - parts)], 1)
 
 
 def gemm_dtype(hidden):

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,6 @@ class EngineCountingHeldWeights:
     most_held = 0
 
     def collective_rpc(self, method, kwargs):
-        import weakref
         handed = []
         for _, tensor in kwargs["weights_iterator"]:  # the one in hand counts too
             handed.append(weakref.ref(tensor))
