@@ -2,7 +2,7 @@
 same batch, and a resumed 2-rank run equals an uninterrupted one.
 
 The file is also the worker that torchrun starts (`python -m torch.distributed.run ... test_distributed.py
-one-step OUT`): sampling on 2 ranks cannot equal sampling in one process, so the step test feeds fixed rollouts
+steps OUT`): sampling on 2 ranks cannot equal sampling in one process, so the step test feeds fixed rollouts
 to the real update path (shard_model, rank_share, update_policy, full_weights)."""
 import dataclasses
 import importlib.util
@@ -98,10 +98,17 @@ def most_held_in_push(model) -> int:
     return engine.most_held
 
 
-def worker(output: str, local_counts: bool, masked: set, mini_batches: int) -> None:
-    result = one_training_step(local_counts, masked, mini_batches=mini_batches)
-    if result["rank"] == 0:
-        torch.save(result, output)
+# the variants the tests compare with one process, all in one torchrun launch (a launch costs two interpreters)
+STEPS = {"plain": {}, "rank-1-masked": {"masked": RANK_1_MASKED}, "masked": {"masked": MASKED},
+         "two-mini-batches": {"mini_batches": 2}, "local-counts": {"local_counts": True}}  # local counts: the last
+
+
+def worker(output: str) -> None:
+    joined = grpo.init_distributed()
+    grpo.init_distributed = lambda: joined  # one process group for every variant
+    results = {name: one_training_step(**kwargs) for name, kwargs in STEPS.items()}
+    if joined[0] == 0:
+        torch.save(results, output)
     evaluation.leave_process_group()
 
 
@@ -161,20 +168,38 @@ def test_logged_statistics_do_not_depend_on_the_micro_batch():
         assert split[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-12), f"{key}: {split[key]} vs {whole[key]}"
 
 
-def test_a_rank_with_every_response_masked_trains_in_step_with_the_other(tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Every variant of STEPS on 2 ranks, from one torchrun launch: {variant: one_training_step's result}."""
+    output = tmp_path_factory.mktemp("two-ranks") / "two.pt"
+    torchrun(Path(__file__), "steps", output)
+    return torch.load(output)
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    """one_training_step in this process, per variant of STEPS, computed once."""
+    results = {}
+
+    def step(name: str) -> dict:
+        if name not in results:
+            results[name] = one_training_step(**STEPS[name])
+        return results[name]
+    return step
+
+
+@pytest.mark.slow
+def test_a_rank_with_every_response_masked_trains_in_step_with_the_other(two_ranks, one_process):
     """Rank 1's 8 responses are all masked: it runs filler passes only and has no statistics of its own, yet logs
     the whole batch's, as one process does."""
-    torchrun(Path(__file__), "one-step", tmp_path / "two.pt", "--rank-1-masked", timeout=180)
-    two, one = torch.load(tmp_path / "two.pt"), one_training_step(masked=RANK_1_MASKED)
+    two, one = two_ranks["rank-1-masked"], one_process("rank-1-masked")
     assert_same_statistics(two["stats"], one["stats"])
     assert max_difference(two["weights"], one["weights"]) < 1e-9
 
 
-def test_one_step_on_two_ranks_equals_one_step_in_one_process(tmp_path):
-    torchrun(Path(__file__), "one-step", tmp_path / "two.pt")
-    torchrun(Path(__file__), "one-step", tmp_path / "local.pt", "--local-counts")
-    two, local = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "local.pt")
-    one = one_training_step()
+@pytest.mark.slow
+def test_one_step_on_two_ranks_equals_one_step_in_one_process(two_ranks, one_process):
+    two, local, one = two_ranks["plain"], two_ranks["local-counts"], one_process("plain")
     before = grpo.full_weights(evaluation.load_model("tiny", dtype=torch.float64)[0])
     moved = max_difference(one["weights"], before)
     assert moved > 1e-4, f"the step moved the weights by only {moved}: the comparison could not fail"
@@ -189,11 +214,11 @@ def test_one_step_on_two_ranks_equals_one_step_in_one_process(tmp_path):
     assert wrong > 100 * max(gap, 1e-8), f"per-rank token counts went unnoticed: {wrong} vs {gap}"
 
 
-def test_masked_responses_on_two_ranks_equal_one_process(tmp_path):
+@pytest.mark.slow
+def test_masked_responses_on_two_ranks_equal_one_process(two_ranks, one_process):
     """--mask-truncated drops 5 of rank 1's 8 responses and 1 of rank 0's: rank 1 has one micro-batch to rank 0's
     three, and runs two filler passes (loss counted 0) to stay in step with FSDP's collectives."""
-    torchrun(Path(__file__), "one-step", tmp_path / "two.pt", "--masked", timeout=180)
-    two, one, unmasked = torch.load(tmp_path / "two.pt"), one_training_step(masked=MASKED), one_training_step()
+    two, one, unmasked = two_ranks["masked"], one_process("masked"), one_process("plain")
     changed = max_difference(one["weights"], unmasked["weights"])
     assert changed > 1e-4, f"masking changed the step by only {changed}: the comparison could not fail"
     assert_same_statistics(two["stats"], one["stats"])
@@ -205,12 +230,12 @@ def test_masked_responses_on_two_ranks_equal_one_process(tmp_path):
     assert dropped < 1e-9, f"masked responses still move the weights ({dropped}) in one process"
 
 
-def test_several_mini_batches_on_two_ranks_equal_one_process(tmp_path):
+@pytest.mark.slow
+def test_several_mini_batches_on_two_ranks_equal_one_process(two_ranks, one_process):
     """Two optimizer steps on the batch (mini-batches of 8 of its 16 responses): each step must train on the
     responses it trains on in one process, whichever rank holds them. Rank 0 holds the first two prompts' 8, rank 1
     the others, and one shuffle of all 16 decides the mini-batches: a rank may hold 3 of one and 5 of the next."""
-    torchrun(Path(__file__), "one-step", tmp_path / "two.pt", "--two-mini-batches")
-    two, one, whole = torch.load(tmp_path / "two.pt"), one_training_step(mini_batches=2), one_training_step()
+    two, one, whole = two_ranks["two-mini-batches"], one_process("two-mini-batches"), one_process("plain")
     apart = max_difference(one["weights"], whole["weights"])
     assert apart > 1e-4, f"two steps moved the weights like one ({apart}): the comparison could not fail"
     assert_same_statistics(two["stats"], one["stats"])
@@ -232,6 +257,7 @@ def two_rank_run(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_two_rank_resume_equals_uninterrupted_two_rank_run(two_rank_run):
     from safetensors.torch import load_file
     straight = load_file(two_rank_run / "straight" / "checkpoint-4" / "model.safetensors")
@@ -244,6 +270,7 @@ def test_two_rank_resume_equals_uninterrupted_two_rank_run(two_rank_run):
     assert rewards("resumed") == rewards("straight")[2:], "the resumed run sampled other responses"
 
 
+@pytest.mark.slow
 def test_two_rank_checkpoint_is_a_plain_hf_folder(two_rank_run):
     """Rank 0 writes the full model: eval.py (and vLLM) load it like a single-process checkpoint."""
     from safetensors.torch import load_file
@@ -256,14 +283,14 @@ def test_two_rank_checkpoint_is_a_plain_hf_folder(two_rank_run):
         assert torch.equal(tensor, saved[key]), name
 
 
-def test_single_process_resume_of_a_two_rank_checkpoint_fails_clearly(two_rank_run):
-    out = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--rollout", "hf", "--resume",
-                          str(two_rank_run / "straight" / "checkpoint-2")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert out.returncode != 0 and "torchrun --nproc_per_node 2" in out.stderr and "Traceback" not in out.stderr, \
-        out.stderr[-2000:]
+@pytest.mark.slow
+def test_single_process_resume_of_a_two_rank_checkpoint_fails_clearly(two_rank_run, tmp_path):
+    with pytest.raises(SystemExit, match="torchrun --nproc_per_node 2"):
+        grpo.main(grpo.parse_args(["--rollout", "hf", "--resume", str(two_rank_run / "straight" / "checkpoint-2"),
+                                   "--output-dir", str(tmp_path / "out")]))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_each_rank_vllm_engine_samples_from_the_trained_weights(tmp_path):
     """One vLLM engine per rank (external_launcher), fed the weights gathered from the FSDP shards after every step.
@@ -278,6 +305,7 @@ def test_each_rank_vllm_engine_samples_from_the_trained_weights(tmp_path):
     assert len(gaps) == 3 and max(gaps) < 1e-4, f"engine and trainer log-probs differ: {gaps}"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_tensor_parallel_engine_returns_each_rank_its_own_prompts(tmp_path):
     torchrun(Path(__file__), "tensor-parallel", tmp_path / "out")
@@ -289,6 +317,7 @@ def test_tensor_parallel_engine_returns_each_rank_its_own_prompts(tmp_path):
                    for r in result["rollouts"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_tensor_parallel_engine_samples_from_the_trained_weights(tmp_path):
     """--vllm-tensor-parallel 2: one engine over both ranks, each holding half of every layer, loads the weights
@@ -302,15 +331,7 @@ def test_tensor_parallel_engine_samples_from_the_trained_weights(tmp_path):
     assert len(gaps) == 3 and max(gaps) < 1e-4, f"engine and trainer log-probs differ: {gaps}"
 
 
-def test_tensor_parallel_needs_torchrun():
-    out = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--vllm-tensor-parallel", "2"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert out.returncode != 0 and "needs torchrun" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["one-step"]:
-    worker(sys.argv[2], "--local-counts" in sys.argv,
-           MASKED if "--masked" in sys.argv else RANK_1_MASKED if "--rank-1-masked" in sys.argv else set(),
-           mini_batches=2 if "--two-mini-batches" in sys.argv else 1)
+if __name__ == "__main__" and sys.argv[1:2] == ["steps"]:
+    worker(sys.argv[2])
 if __name__ == "__main__" and sys.argv[1:2] == ["tensor-parallel"]:
     tensor_parallel_worker(sys.argv[2])

@@ -1,9 +1,11 @@
 """The forks of grpo.py under torchrun (FSDP2 on the gloo backend, 2 CPU ranks), with their per-problem state made
 global: one step on 2 ranks gives the single-process weights AND state, and a resumed 2-rank run equals an
-uninterrupted one, state included.
+uninterrupted one, state included, where the state is sharded (PCL's value model, PPO's critic). HAPO's and 1-shot's
+histories are dicts that rank 0 writes through the save_sharded_checkpoint these two run (test_shared_blocks: the
+same source), and their single-process resume tests restore them.
 
 As in test_distributed.py, this file is also the worker that torchrun starts (`python -m torch.distributed.run ...
-test_distributed_forks.py hapo-step OUT`): fixed rollouts go through the real scoring and update path."""
+test_distributed_forks.py steps OUT`): fixed rollouts go through the real scoring and update path."""
 import dataclasses
 import json
 import sys
@@ -241,17 +243,29 @@ WORKERS = {"hapo-step": hapo_step, "one-shot-step": one_shot_step, "pcl-step": p
            "ppo-two-mini-batches": lambda: ppo_step(mini_batches=2), "pcl-dynamic-sampling": pcl_dynamic_sampling}
 
 
-def worker(kind: str, output: str) -> None:
-    result = WORKERS[kind]()
-    if result["rank"] == 0:
-        torch.save(result, output)
+def worker(output: str) -> None:
+    """Every worker above in one torchrun launch (a launch costs two interpreters): {kind: its result}."""
+    joined = hapo.init_distributed()
+    for script in (hapo, one_shot, pcl, ppo):  # one process group for them all
+        script.init_distributed = lambda: joined
+    results = {kind: step() for kind, step in WORKERS.items()}
+    if joined[0] == 0:
+        torch.save(results, output)
     evaluation.leave_process_group()
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Every worker's result on 2 ranks, from one torchrun launch."""
+    output = tmp_path_factory.mktemp("two-ranks") / "two.pt"
+    torchrun(Path(__file__), "steps", output)
+    return torch.load(output, weights_only=False)
+
+
 # ---- the tests -------------------------------------------------------------------------------------------------
-def test_hapo_one_step_on_two_ranks_equals_one_process_weights_and_history(tmp_path):
-    torchrun(Path(__file__), "hapo-step", tmp_path / "two.pt")
-    two, one = torch.load(tmp_path / "two.pt", weights_only=False), hapo_step()
+@pytest.mark.slow
+def test_hapo_one_step_on_two_ranks_equals_one_process_weights_and_history(two_ranks):
+    two, one = two_ranks["hapo-step"], hapo_step()
     # the history: every rank holds the single-process one, which needs both ranks' responses
     assert one["histories"][0] == {0: (3, 6), 1: (4, 1), 3: (14, 4)}, one["histories"]
     assert two["histories"] == [one["histories"][0]] * 2, two["histories"]
@@ -268,44 +282,34 @@ def test_hapo_one_step_on_two_ranks_equals_one_process_weights_and_history(tmp_p
     assert gap < 1e-9, f"2 ranks differ from 1 process by {gap} (the step moved weights by {moved})"
 
 
-def resume_pair(script: str, root: Path, extra: list, sub: str = "") -> Path:
+def resume_pair(script: str, root: Path, extra: list) -> Path:
     """4 steps on 2 ranks with a checkpoint after 2, and the same run resumed from that checkpoint (the run's
-    folder: root/straight/sub and root/resumed/sub)."""
+    folders: root/straight and root/resumed)."""
     common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
               "--eval-every", "0", "--eval-max-problems", "2", "--save-every", "2", *extra]
     torchrun(ROOT / script, *common, "--output-dir", root / "straight")
-    torchrun(ROOT / script, *common, "--resume", root / "straight" / sub / "checkpoint-2", "--output-dir",
+    torchrun(ROOT / script, *common, "--resume", root / "straight" / "checkpoint-2", "--output-dir",
              root / "resumed")
     return root
 
 
-def assert_resume_equal(root: Path, sub: str = "") -> list:
+def assert_resume_equal(root: Path) -> list:
     from safetensors.torch import load_file
-    straight = load_file(root / "straight" / sub / "checkpoint-4" / "model.safetensors")
-    halfway = load_file(root / "straight" / sub / "checkpoint-2" / "model.safetensors")
-    resumed = load_file(root / "resumed" / sub / "checkpoint-4" / "model.safetensors")
+    straight = load_file(root / "straight" / "checkpoint-4" / "model.safetensors")
+    halfway = load_file(root / "straight" / "checkpoint-2" / "model.safetensors")
+    resumed = load_file(root / "resumed" / "checkpoint-4" / "model.safetensors")
     assert any(not torch.equal(halfway[k], straight[k]) for k in straight), "steps 3-4 changed nothing"
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), f"{k} differs after resume"
-    metrics = lambda run: [json.loads(line) for line in open(root / run / sub / "metrics.jsonl")]
+    metrics = lambda run: [json.loads(line) for line in open(root / run / "metrics.jsonl")]
     rewards = lambda run: [m["reward_mean"] for m in metrics(run)]
     assert rewards("resumed") == rewards("straight")[2:], "the resumed run sampled other responses"
     return metrics("resumed")
 
 
-def test_hapo_two_rank_resume_equals_uninterrupted_run_with_history(tmp_path):
-    # 4 problems, 4 per step: every step revisits every problem, so from step 2 on the history shapes the rewards
-    root = resume_pair("hapo.py", tmp_path, ["--train-problems", "4", "--total-steps", "4"])
-    resumed = assert_resume_equal(root)
-    assert resumed[0]["scored_with_history"] > 0, "the resumed run's first step saw no history: not restored"
-    state = lambda run: torch.load(root / run / "checkpoint-4" / "trainer_state.pt", weights_only=False)
-    assert state("straight")["history"], "no history was saved"
-    assert state("resumed")["history"] == state("straight")["history"]
-
-
-def test_one_shot_one_step_on_two_ranks_equals_one_process_weights_and_history(tmp_path):
-    torchrun(Path(__file__), "one-shot-step", tmp_path / "two.pt")
-    two, one = torch.load(tmp_path / "two.pt", weights_only=False), one_shot_step()
+@pytest.mark.slow
+def test_one_shot_one_step_on_two_ranks_equals_one_process_weights_and_history(two_ranks):
+    two, one = two_ranks["one-shot-step"], one_shot_step()
     # every rank records every rank's groups, in the batch's order ("a" once on each rank)
     assert one["histories"][0] == {"a": [0.5, 0.5, 0.75], "b": [0.25], "c": [0.25]}, one["histories"]
     assert two["histories"] == [one["histories"][0]] * 2, two["histories"]
@@ -317,20 +321,9 @@ def test_one_shot_one_step_on_two_ranks_equals_one_process_weights_and_history(t
     assert gap < 1e-9, f"2 ranks differ from 1 process by {gap} (the step moved weights by {moved})"
 
 
-def test_one_shot_two_rank_pool_run_resumes_to_the_same_weights_and_history(tmp_path):
-    root = resume_pair("one_shot.py", tmp_path, ["--pool-steps", "4", "--pool-size", "6", "--total-steps", "0"],
-                       sub="pool")
-    assert_resume_equal(root, "pool")
-    history = lambda run: json.loads((root / run / "pool" / "accuracy_history.json").read_text())
-    assert sum(map(len, history("straight").values())) == 4 * 4, "the history lacks a rank's groups"
-    assert history("resumed") == history("straight")
-    state = torch.load(root / "resumed" / "pool" / "checkpoint-4" / "trainer_state.pt", weights_only=False)
-    assert state["history"] == history("straight")
-
-
-def test_pcl_one_step_on_two_ranks_equals_one_process_selection_policy_and_value_model(tmp_path):
-    torchrun(Path(__file__), "pcl-step", tmp_path / "two.pt")
-    two, one = torch.load(tmp_path / "two.pt", weights_only=False), pcl_step()
+@pytest.mark.slow
+def test_pcl_one_step_on_two_ranks_equals_one_process_selection_policy_and_value_model(two_ranks):
+    two, one = two_ranks["pcl-step"], pcl_step()
     # the selection: the same candidates, the same V, the same kept prompts on every rank, as in one process
     assert one["kept"][0] != [0, 1, 2, 3], "V ties everywhere: the selection test could not fail"
     assert two["kept"] == [one["kept"][0]] * 2
@@ -357,6 +350,7 @@ def test_pcl_one_step_on_two_ranks_equals_one_process_selection_policy_and_value
     assert gap < 1e-9, f"2 ranks differ from 1 process by {gap} (the step moved weights by {moved})"
 
 
+@pytest.mark.slow
 def test_pcl_two_rank_resume_equals_uninterrupted_run_with_value_model(tmp_path):
     root = resume_pair("pcl.py", tmp_path, ["--total-steps", "4"])
     assert_resume_equal(root)
@@ -367,9 +361,9 @@ def test_pcl_two_rank_resume_equals_uninterrupted_run_with_value_model(tmp_path)
         assert torch.equal(straight["value_model"][k], resumed["value_model"][k]), f"V's {k} differs after resume"
 
 
-def test_pcl_dynamic_sampling_on_two_ranks_keeps_the_single_process_groups(tmp_path):
-    torchrun(Path(__file__), "pcl-dynamic-sampling", tmp_path / "two.pt")
-    two, one = torch.load(tmp_path / "two.pt", weights_only=False), pcl_dynamic_sampling()
+@pytest.mark.slow
+def test_pcl_dynamic_sampling_on_two_ranks_keeps_the_single_process_groups(two_ranks):
+    two, one = two_ranks["pcl-dynamic-sampling"], pcl_dynamic_sampling()
     group = lambda i: [{"prompt_ids": [i], "response_ids": [100 + i, j]} for j in range(SAMPLES)]  # noqa: E731
     assert one["four"]["kept"] == two["four"]["kept"] == [0, 1, 2, 5]
     # rank 0 trains on prompts 0 and 1, rank 1 on 2 (which rank 0 rolled out) and 5: together one process's batch
@@ -380,6 +374,7 @@ def test_pcl_dynamic_sampling_on_two_ranks_keeps_the_single_process_groups(tmp_p
     assert two["three"]["rollouts"] == [group(1), group(3)]
 
 
+@pytest.mark.slow
 def test_pcl_dynamic_sampling_runs_under_torchrun(tmp_path):
     torchrun(ROOT / "pcl.py", "--select", "dynamic-sampling", "--rollout", "hf", "--prompts-per-step", "4",
              "--mini-batch", "32", "--micro-batch", "8", "--total-steps", "2", "--eval-every", "0",
@@ -399,9 +394,9 @@ def test_pcl_dynamic_sampling_runs_under_torchrun(tmp_path):
             f"the kept groups' {kept_correct:g} correct ones"
 
 
-def test_ppo_one_step_on_two_ranks_equals_one_process_policy_and_critic(tmp_path):
-    torchrun(Path(__file__), "ppo-step", tmp_path / "two.pt")
-    two, one = torch.load(tmp_path / "two.pt", weights_only=False), ppo_step()
+@pytest.mark.slow
+def test_ppo_one_step_on_two_ranks_equals_one_process_policy_and_critic(two_ranks):
+    two, one = two_ranks["ppo-step"], ppo_step()
     # whitening with the whole batch's statistics: the single-process advantages, not each rank's own whitening
     kept_tokens = lambda rows: torch.tensor([a for row, m in zip(rows, one["masked"]) if not m for a in row])
     advantages, local = kept_tokens(two["advantages"]), torch.tensor(two["local_advantages"])
@@ -433,13 +428,13 @@ def test_ppo_one_step_on_two_ranks_equals_one_process_policy_and_critic(tmp_path
     assert critic_gap < 1e-9, f"the critic on 2 ranks differs from 1 process by {critic_gap}"
 
 
-def test_ppo_several_mini_batches_on_two_ranks_equal_one_process_policy_and_critic(tmp_path):
+@pytest.mark.slow
+def test_ppo_several_mini_batches_on_two_ranks_equal_one_process_policy_and_critic(two_ranks):
     """Two optimizer steps of the critic and two of the policy on the batch (mini-batches of 8 of its 16 responses):
     each step must train on the responses it trains on in one process, whichever rank holds them. One shuffle of
     all 16 decides the mini-batches (one for the critic's update, one for the policy's), so a rank may hold 3 of one
     and 5 of the next."""
-    torchrun(Path(__file__), "ppo-two-mini-batches", tmp_path / "two.pt")
-    two, one, whole = torch.load(tmp_path / "two.pt", weights_only=False), ppo_step(mini_batches=2), ppo_step()
+    two, one, whole = two_ranks["ppo-two-mini-batches"], ppo_step(mini_batches=2), ppo_step()
     apart = {"weights": max_difference(one["weights"], whole["weights"]),
              "critic": max_difference(one["critic"], whole["critic"])}
     gaps = {part: max_difference(two[part], one[part]) for part in ("weights", "critic")}
@@ -451,6 +446,7 @@ def test_ppo_several_mini_batches_on_two_ranks_equal_one_process_policy_and_crit
         assert two["stats"][key] == pytest.approx(one["stats"][key], rel=1e-9), key
 
 
+@pytest.mark.slow
 def test_ppo_two_rank_resume_equals_uninterrupted_run_with_critic(tmp_path):
     root = resume_pair("ppo.py", tmp_path, ["--total-steps", "4"])
     assert_resume_equal(root)
@@ -462,6 +458,7 @@ def test_ppo_two_rank_resume_equals_uninterrupted_run_with_critic(tmp_path):
         assert torch.equal(straight[k], resumed[k]), f"the critic's {k} differs after resume"
 
 
+@pytest.mark.slow
 def test_ppo_reference_on_cpu_under_torchrun_equals_the_sharded_reference(tmp_path):
     """--reference-on-cpu on 2 ranks: each rank keeps a whole reference in CPU memory (not an FSDP shard) and moves
     it to its device for the forward; the KL it measures is the sharded reference's, step for step."""
@@ -477,5 +474,5 @@ def test_ppo_reference_on_cpu_under_torchrun_equals_the_sharded_reference(tmp_pa
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-5, abs=1e-9), (a["kl"], b["kl"])
 
 
-if __name__ == "__main__" and sys.argv[1:2] and sys.argv[1] in WORKERS:
-    worker(sys.argv[1], sys.argv[2])
+if __name__ == "__main__" and sys.argv[1:2] == ["steps"]:
+    worker(sys.argv[2])

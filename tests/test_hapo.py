@@ -147,41 +147,41 @@ def tenths(metrics, key):
 
 
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    """One default run (no arguments) shared by the assertions below: it is the expensive part of this file."""
-    output_dir = tmp_path_factory.mktemp("default")
-    evaluation.tiny_model_path(0, hapo.Args().model)  # built once (~1-2 min on a fresh cache), outside the timeout
-    run_script("--output-dir", str(output_dir), timeout=420)
-    return read_metrics(output_dir)
+def hapo_run(default_run):
+    """The default run (no arguments), shared by the assertions below: it is the expensive part of this file."""
+    return default_run("hapo")
 
 
-def test_default_run_accuracy_climbs(default_run):
-    first, last = tenths(default_run, "accuracy")
+@pytest.mark.slow
+def test_default_run_accuracy_climbs(hapo_run):
+    first, last = tenths(hapo_run, "accuracy")
     print(f"accuracy first tenth {first:.3f}, last tenth {last:.3f}")
     assert first <= 0.5, f"the task is too easy at the start: {first:.3f}"  # step 0: ~0.25 (eval.build_tiny_model)
     assert last >= 0.85 and last - first >= 0.3, f"the default run did not learn to answer: {first:.3f} -> {last:.3f}"
 
 
-def test_default_run_responses_get_shorter(default_run):
+@pytest.mark.slow
+def test_default_run_responses_get_shorter(hapo_run):
     """The toy's shortest right answer is 9 tokens with the stop token, and hapo.py's default model (tiny-verbose)
     starts at 17.5-18.7 by padding it with 0-3 filler sentences. GRPO keeps most of them (bench seed 1: 17.5 over
     its first tenth, 15.1 over its last). The issue's bar, HAPO 30% below GRPO at the same accuracy, is checked
     against a real GRPO run by bench/hapo_vs_grpo.py; running grpo.py here too would double this file's time, so the
     test asks for 30% below HAPO's own start instead."""
     for key in ("response_len_mean", "correct_len_mean"):
-        first, last = tenths(default_run, key)
+        first, last = tenths(hapo_run, key)
         print(f"{key} first tenth {first:.2f}, last tenth {last:.2f}")
         assert last <= 0.7 * first, f"the length reward did not shorten responses: {key} {first:.2f} -> {last:.2f}"
         assert last <= 10.0, f"{key} {last:.2f} over the last tenth: the fillers were not cut (answer alone: 9)"
 
 
-def test_default_run_builds_a_history_that_shrinks(default_run):
-    assert default_run[-1]["history_share"] >= 0.95, "nearly every training problem should have a correct answer"
-    assert default_run[-1]["scored_with_history"] >= 0.95
-    first, last = tenths([m for m in default_run if m["history_share"] > 0], "history_len_mean")
+@pytest.mark.slow
+def test_default_run_builds_a_history_that_shrinks(hapo_run):
+    assert hapo_run[-1]["history_share"] >= 0.95, "nearly every training problem should have a correct answer"
+    assert hapo_run[-1]["scored_with_history"] >= 0.95
+    first, last = tenths([m for m in hapo_run if m["history_share"] > 0], "history_len_mean")
     print(f"mean h_i first tenth {first:.2f}, last tenth {last:.2f}")
     assert last <= first - 0.5, f"h_i should fall as shorter correct answers are found: {first:.2f} -> {last:.2f}"
-    assert {"eval/correct_len_mean", "eval/response_len_p90", "correct_len_p90"} <= set(default_run[-1])
+    assert {"eval/correct_len_mean", "eval/response_len_p90", "correct_len_p90"} <= set(hapo_run[-1])
 
 
 # 4 problems, 4 per step: every step revisits every problem, so from step 2 on the history shapes the rewards. A
@@ -203,6 +203,7 @@ def resume_runs(tmp_path_factory):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run_weights_history_and_lr(resume_runs):
     tmp_path = resume_runs
     resumed_steps, straight_steps = read_metrics(tmp_path / "resumed"), read_metrics(tmp_path / "straight")
@@ -225,6 +226,7 @@ def test_resumed_run_equals_uninterrupted_run_weights_history_and_lr(resume_runs
         assert torch.equal(straight[k], resumed[k]), f"{k} differs after resume"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("other", ["more-problems", "reordered-file"])
 def test_resume_over_other_training_problems_is_refused(resume_runs, other):
     """The history is keyed by problem index. 5 problems, or the same 4 in another order, keep every saved index in
@@ -241,15 +243,13 @@ def test_resume_over_other_training_problems_is_refused(resume_runs, other):
         data.write_text("".join(json.dumps({"problem": p["problem"], "answer": p["answer"]}) + "\n"
                                 for p in toy_four[::-1]))
         changed = ["--train-data", str(data)]
-    out = subprocess.run([sys.executable, str(ROOT / "hapo.py"), *RESUME_RUN, *changed,
-                          "--resume", str(checkpoint), "--output-dir", str(resume_runs / other)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode != 0, "resumed a history over other training problems"
-    assert "the checkpoint's history is over other training problems (4 problems" in out.stderr, out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
+    with pytest.raises(SystemExit, match=r"the checkpoint's history is over other training problems \(4 problems"):
+        hapo.main(hapo.parse_args([*RESUME_RUN, *changed, "--resume", str(checkpoint),
+                                   "--output-dir", str(resume_runs / other)]))
     assert not (resume_runs / other / "metrics.jsonl").exists(), "it trained before refusing"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,saved,asked", [("--history-mode", "min", "mean"),
                                                ("--length-reward", "cosine", "linear")])
 def test_resume_under_other_history_settings_is_refused_before_loading(resume_runs, tmp_path, flag, saved, asked):
@@ -276,6 +276,7 @@ def test_evaluation_counts_no_truncated_response_in_correct_lengths(monkeypatch)
     assert metrics["eval/correct_len_mean"] == 5 and metrics["eval/correct_len_p90"] == 5, metrics
 
 
+@pytest.mark.slow
 def test_truncated_right_answers_are_not_counted_as_correct_lengths(tmp_path):
     """With 8 new tokens the tiny model's shortest right answer ("The answer is \\boxed{x}.") fits but its stop
     token does not: verify.py marks it right, the reward (and so correct_len) treats it as wrong."""
@@ -288,18 +289,6 @@ def test_truncated_right_answers_are_not_counted_as_correct_lengths(tmp_path):
     assert "correct_len_mean" not in step and "correct_len_p90" not in step, step
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("length_weight", 1.5, "--length-weight must be in [0, 1]"),
-    ("length_weight", -0.1, "--length-weight must be in [0, 1]"),
-    ("length_reward", "sigmoid", "--length-reward must be cosine or linear"),
-    ("history_mode", "max", "--history-mode must be min or mean"),
-    ("train_problems", -2, "--train-problems must be >= 0"),
-])
-def test_bad_hapo_arguments_fail_before_loading_anything(flag, value, message):
-    with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
-        hapo.main(hapo.Args(**{flag: value}))
-
-
 def test_help_lists_the_hapo_flags(capsys):
     with pytest.raises(SystemExit) as exit_:
         hapo.parse_args(["--help"])
@@ -307,10 +296,3 @@ def test_help_lists_the_hapo_flags(capsys):
     shown = capsys.readouterr().out
     for flag in ("--length-weight", "--length-reward", "--history-mode", "--train-problems"):
         assert flag in shown
-
-
-def test_bad_length_weight_fails_clearly_from_the_command_line():
-    out = subprocess.run([sys.executable, str(ROOT / "hapo.py"), "--length-weight", "2"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120)
-    assert out.returncode != 0 and "--length-weight must be in [0, 1]" in out.stderr
-    assert "Traceback" not in out.stderr

@@ -3,6 +3,7 @@
 Every top-level function or class that a fork defines under the same name as grpo.py must have the same source,
 unless it is listed below with the reason it differs. The list is the map of what each paper changes."""
 import ast
+import functools
 import sys
 from pathlib import Path
 
@@ -44,10 +45,12 @@ MEANT_TO_DIFFER: dict[tuple[str, str], str] = {
 }
 
 
+@functools.cache  # each script parsed once per session, not once per listed difference
 def top_level_blocks(path: Path) -> dict[str, str]:
-    tree = ast.parse(path.read_text())
     source = path.read_text()
-    return {node.name: ast.get_source_segment(source, node) for node in tree.body
+    lines = source.splitlines(keepends=True)
+    # the blocks' own lines: ast.get_source_segment splits the whole file again for every block
+    return {node.name: "".join(lines[node.lineno - 1:node.end_lineno]) for node in ast.parse(source).body
             if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
 
 
