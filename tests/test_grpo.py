@@ -357,6 +357,7 @@ def test_default_run_learns(default_run):
     assert last >= 0.8, f"the default run did not learn: {first:.3f} -> {last:.3f}"
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
     """With vLLM (the default where installed) too: the engine samples each step from its own seed, and the trainer's
     random streams are restored after the engine has started (its start seeds them all). The other scripts' resume
@@ -380,6 +381,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert lrs("straight")[0] == grpo.Args().lr, "step 1's update ran at the full rate (warmup 1): log that one"
 
 
+@pytest.mark.slow
 def test_older_checkpoints_keep_only_their_weights_and_resume_checks_the_model(tmp_path):
     """--keep-resume-states 1: the newest checkpoint keeps the optimizer and RNG state, older ones their weights;
     a later checkpoint already in the folder (a continuation this run's resume abandoned) is left alone."""
