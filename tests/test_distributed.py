@@ -172,7 +172,7 @@ def test_logged_statistics_do_not_depend_on_the_micro_batch():
 def two_ranks(tmp_path_factory):
     """Every variant of STEPS on 2 ranks, from one torchrun launch: {variant: one_training_step's result}."""
     output = tmp_path_factory.mktemp("two-ranks") / "two.pt"
-    torchrun(Path(__file__), "steps", output)
+    torchrun(Path(__file__), "steps", output, timeout=900)
     return torch.load(output)
 
 

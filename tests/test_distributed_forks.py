@@ -258,7 +258,7 @@ def worker(output: str) -> None:
 def two_ranks(tmp_path_factory):
     """Every worker's result on 2 ranks, from one torchrun launch."""
     output = tmp_path_factory.mktemp("two-ranks") / "two.pt"
-    torchrun(Path(__file__), "steps", output)
+    torchrun(Path(__file__), "steps", output, timeout=900)
     return torch.load(output, weights_only=False)
 
 
