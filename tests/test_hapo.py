@@ -314,3 +314,19 @@ def test_bad_length_weight_fails_clearly_from_the_command_line():
                          text=True, cwd=ROOT, timeout=120)
     assert out.returncode != 0 and "--length-weight must be in [0, 1]" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# ---- fidelity (issue 21) ---------------------------------------------------------------------------------------
+def test_the_hapo_template_is_the_papers_system_turn_and_the_bare_question():
+    """HAPO's train_grpo.py sends prompting_utils.py's SYSTEM_PROMPT as the system turn and the question alone as the
+    user turn, through the model's chat template. The source writes "\\\\boxed{}": one backslash reaches the model.
+    Through a Qwen-style chat template that is, byte for byte, Qwen2.5-Math's own evaluation prompt."""
+    from test_eval import llama_style_tokenizer
+    tokenizer = llama_style_tokenizer()
+    tokenizer.chat_template = evaluation.CHAT_TEMPLATE  # the tiny model's: Qwen2's frame without a default system
+    prompt = evaluation.build_prompt("What is 1+1?", tokenizer, "hapo")
+    assert prompt == ("<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}."
+                      "<|im_end|>\n<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt == evaluation.build_prompt("What is 1+1?", None, "qwen25-math-cot")
+    assert hapo.parse_args(["--template", "hapo"]).template == "hapo"
+    hapo.check_choices(hapo.parse_args(["--template", "hapo"]))
