@@ -543,9 +543,9 @@ def test_the_critic_takes_one_optimizer_step_per_critic_mini_batch(tiny):
     c = type(critic)(critic.config)
     c.load_state_dict(critic.state_dict())
     optimizer = torch.optim.SGD(c.parameters(), lr=0.0)
-    steps = []
-    optimizer.step = lambda: steps.append(sum(p.grad.abs().sum().item() for p in c.parameters()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    steps = []  # each optimizer step's gradient size: every step must have a gradient of its own
+    optimizer.step = lambda: steps.append(sum(p.grad.abs().sum().item() for p in c.parameters()))
     ppo.update_critic(c, rollouts, values, [torch.ones_like(v) for v in values], optimizer, scheduler,
                       ppo.Args(mini_batch=8, critic_mini_batch=2, micro_batch=2), torch.autocast("cpu", enabled=False),
                       tokenizer.pad_token_id, torch.device("cpu"))
