@@ -41,22 +41,28 @@ QWEN_MATH_TRAIN = (
     "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{{}}.<|im_end|>\n"
     "<|im_start|>user\n{problem}" + TRAIN_SUFFIX.replace("{}", "{{}}") + "<|im_end|>\n<|im_start|>assistant\n"
 )
-TEMPLATES = ("qwen25-math-cot", "qwen-math-train", "chat", "plain")
+# HAPO's system turn (prompting_utils.py's SYSTEM_PROMPT, written "\\boxed{}" in its Python source: one backslash
+# reaches the model), with the bare question as the user turn, through the model's own chat template (train_grpo.py)
+HAPO_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+TEMPLATES = ("qwen25-math-cot", "qwen-math-train", "chat", "hapo", "plain")
 
 
 def build_prompt(problem: str, tokenizer, template: str = "qwen25-math-cot") -> str:
     """The text the model continues. `chat`: the tokenizer's own chat template (instruct and R1-distill models) around
-    one user message, the problem followed by TRAIN_SUFFIX (those models answer in a box only when asked to).
+    one user message, the problem followed by TRAIN_SUFFIX (those models answer in a box only when asked to). `hapo`:
+    HAPO's paper prompt: its system turn, then the bare problem, through the tokenizer's chat template.
     Tokenize the result with encode_prompt: a chat template may already write the BOS."""
     problem = problem.strip()  # as Qwen2.5-Math's evaluation reads its questions
     if template == "qwen25-math-cot":
         return QWEN25_MATH_COT.format(problem=problem)
     if template == "qwen-math-train":
         return QWEN_MATH_TRAIN.format(problem=problem)
-    if template == "chat":
+    if template in ("chat", "hapo"):
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("--template chat: this tokenizer has no chat template; use qwen25-math-cot or plain")
-        messages = [{"role": "user", "content": problem + TRAIN_SUFFIX}]
+            raise ValueError(f"--template {template}: this tokenizer has no chat template; use qwen25-math-cot or "
+                             "plain")
+        messages = [{"role": "user", "content": problem + TRAIN_SUFFIX}] if template == "chat" else \
+            [{"role": "system", "content": HAPO_SYSTEM}, {"role": "user", "content": problem}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if template == "plain":
         return f"Question: {problem}\nAnswer: Let's think step by step."
@@ -576,8 +582,9 @@ def generate(engine, tokenizer, prompts: list[str], n: int = 1, temperature: flo
             filler = start is None  # a sharded model's rank with no batch left joins the others' forwards
             batch = [(prompt_ids or [encode_prompt(tokenizer, "0")])[0]] if filler else rows[start:start + batch_size]
             enc = tokenizer.pad({"input_ids": batch}, padding_side="left", return_tensors="pt").to(model.device)
-            out = model.generate(**enc, max_new_tokens=max_tokens, eos_token_id=stops,
-                                 pad_token_id=tokenizer.pad_token_id, synced_gpus=is_sharded(model), **sampling)
+            out = generate_exactly(model, dict(max_new_tokens=max_tokens, eos_token_id=stops,
+                                               pad_token_id=tokenizer.pad_token_id, **sampling),
+                                   **enc, synced_gpus=is_sharded(model))
             if filler:
                 continue
             records += [completion_record(tokenizer, ids.tolist(), stops, max_tokens)
@@ -586,6 +593,21 @@ def generate(engine, tokenizer, prompts: list[str], n: int = 1, temperature: flo
     bar.close()
     model.train(was_training)
     return [records[i:i + n] for i in range(0, len(records), n)]
+
+
+def generate_exactly(model, settings: dict, **inputs):
+    """model.generate with the generation settings given and no others. transformers fills every setting a call
+    leaves unset from the checkpoint's generation_config.json (Qwen2.5's instruct models ask for repetition_penalty
+    1.05-1.1): sampling would not be from the model's distribution, so a trainer's log-probs would be off-policy and
+    HF evaluations would differ from vLLM's (which gets explicit parameters). The model's own config is set aside for
+    the call (an empty one in its place), since passing a fresh GenerationConfig alone still inherits it."""
+    from transformers import GenerationConfig
+    own = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        return model.generate(**inputs, generation_config=GenerationConfig(**settings))
+    finally:
+        model.generation_config = own
 
 
 def generate_vllm(engine, tokenizer, prompt_ids: list[list[int]], stops: list[int], n: int, temperature: float,

@@ -294,6 +294,20 @@ def response_logprobs(model, batch: dict, temperature: float, memory_mib: float)
     return logprobs_and_entropy(hidden, model.get_output_embeddings().weight, targets, temperature, memory_mib)
 
 
+def check_lm_head(model) -> None:
+    """The fused log-prob is softmax(hidden @ weight.T / T): a model whose logits take more than that (a bias,
+    Gemma's final soft-capping, Granite's or Cohere's scaling), which vLLM would apply and the trainer would not, would
+    train off-policy without a word. It is refused, naming what the trainer does not model."""
+    config = model.config.get_text_config()
+    unmodelled = [f"config.{name} = {getattr(config, name)}" for name, neutral in
+                  (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0))
+                  if getattr(config, name, None) not in (None, neutral)]
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+        unmodelled.append("lm_head.bias")
+    if unmodelled:
+        raise SystemExit(f"{type(model).__name__}: the trainer's log-probs do not model {', '.join(unmodelled)}")
+
+
 def collate(rollouts: list[dict], pad_id: int, device) -> dict:
     """Right-padded prompt+response rows; response_mask marks the response tokens (stop token included)."""
     width = max(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rollouts)
@@ -407,11 +421,13 @@ def generate_hf(model, tokenizer, prompt_ids, args, stops):
     recorder = SampledLogprobs(args.temperature, args.top_p)  # applies temperature and top-p: generate must not
     sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if args.temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
-                         eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
-                         logits_processor=LogitsProcessorList([recorder]),
-                         synced_gpus=is_distributed(),  # FSDP: ranks done early keep joining the all-gathers
-                         **sampling)
+    # only these settings: the checkpoint's generation_config.json (a repetition penalty, ...) must not apply
+    out = evaluation.generate_exactly(model, dict(max_new_tokens=args.max_new_tokens, eos_token_id=stops,
+                                                  pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
+                                                  **sampling),
+                                      input_ids=input_ids, attention_mask=attention_mask,
+                                      logits_processor=LogitsProcessorList([recorder]),
+                                      synced_gpus=is_distributed())  # FSDP: ranks done early keep joining
     generated = out.sequences[:, width:]
     token_logprobs = recorder.logprobs(generated)
     rollouts = []
@@ -522,7 +538,7 @@ def policy_loss(logp, old_logp, advantages, weights, args, ref_logp=None, entrop
 
 def low_var_kl(logp, ref_logp):
     """k3 estimator of KL(policy || reference): exp(r) - r - 1 with r = ref - logp; unbiased, always >= 0."""
-    r = ref_logp - logp
+    r = torch.clamp(ref_logp - logp, min=-20, max=20)  # as verl: exp of a larger r would give 0 * inf gradients
     return torch.clamp(torch.exp(r) - r - 1, min=-10, max=10)
 
 
@@ -926,6 +942,7 @@ def main(args: Args):
         check_resume(args)
     model_path = args.resume or resolve_on_rank0_first(args.model)
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
+    check_lm_head(model)
     model.train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()

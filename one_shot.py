@@ -95,7 +95,7 @@ class Args:
     entropy_coef: float = 0.001  # entropy bonus: loss -= coef * entropy (paper: 0.001)
     loss_agg: str = "token-mean"  # token-mean (paper), seq-mean-token-mean, seq-mean-token-sum-norm (Dr. GRPO)
     num_updates: int = 1  # passes over each rollout batch (paper: 1)
-    mini_batch: int = 128  # responses per optimizer step (paper: 1024, one per batch, as its code; its text: 128)
+    mini_batch: int = 128  # responses per optimizer step (paper: 1024, one step per batch: its "128" counts prompts)
     micro_batch: int = 32  # responses per forward/backward; gradients accumulate over a mini-batch
     # optimisation
     lr: float = 2e-4  # AdamW learning rate (paper: 1e-6; the tiny model needs far more)
@@ -307,6 +307,20 @@ def response_logprobs(model, batch: dict, temperature: float, memory_mib: float)
     return logprobs_and_entropy(hidden, model.get_output_embeddings().weight, targets, temperature, memory_mib)
 
 
+def check_lm_head(model) -> None:
+    """The fused log-prob is softmax(hidden @ weight.T / T): a model whose logits take more than that (a bias,
+    Gemma's final soft-capping, Granite's or Cohere's scaling), which vLLM would apply and the trainer would not, would
+    train off-policy without a word. It is refused, naming what the trainer does not model."""
+    config = model.config.get_text_config()
+    unmodelled = [f"config.{name} = {getattr(config, name)}" for name, neutral in
+                  (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0))
+                  if getattr(config, name, None) not in (None, neutral)]
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+        unmodelled.append("lm_head.bias")
+    if unmodelled:
+        raise SystemExit(f"{type(model).__name__}: the trainer's log-probs do not model {', '.join(unmodelled)}")
+
+
 def collate(rollouts: list[dict], pad_id: int, device) -> dict:
     """Right-padded prompt+response rows; response_mask marks the response tokens (stop token included)."""
     width = max(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rollouts)
@@ -420,11 +434,13 @@ def generate_hf(model, tokenizer, prompt_ids, args, stops):
     recorder = SampledLogprobs(args.temperature, args.top_p)  # applies temperature and top-p: generate must not
     sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if args.temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
-                         eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
-                         logits_processor=LogitsProcessorList([recorder]),
-                         synced_gpus=is_distributed(),  # FSDP: ranks done early keep joining the all-gathers
-                         **sampling)
+    # only these settings: the checkpoint's generation_config.json (a repetition penalty, ...) must not apply
+    out = evaluation.generate_exactly(model, dict(max_new_tokens=args.max_new_tokens, eos_token_id=stops,
+                                                  pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
+                                                  **sampling),
+                                      input_ids=input_ids, attention_mask=attention_mask,
+                                      logits_processor=LogitsProcessorList([recorder]),
+                                      synced_gpus=is_distributed())  # FSDP: ranks done early keep joining
     generated = out.sequences[:, width:]
     token_logprobs = recorder.logprobs(generated)
     rollouts = []
@@ -535,7 +551,7 @@ def policy_loss(logp, old_logp, advantages, weights, args, ref_logp=None, entrop
 
 def low_var_kl(logp, ref_logp):
     """k3 estimator of KL(policy || reference): exp(r) - r - 1 with r = ref - logp; unbiased, always >= 0."""
-    r = ref_logp - logp
+    r = torch.clamp(ref_logp - logp, min=-20, max=20)  # as verl: exp of a larger r would give 0 * inf gradients
     return torch.clamp(torch.exp(r) - r - 1, min=-10, max=10)
 
 
@@ -1072,6 +1088,7 @@ def main(args: Args):
         check_same_examples(state, args)
     base_path = resolve_on_rank0_first(args.model)
     model, tokenizer = evaluation.load_model(args.resume or base_path)  # fp32 master weights; bf16 compute on GPU
+    check_lm_head(model)
     problems = load_prompts(args, tokenizer)
     eval_sets = load_eval_problems(args)
     chosen = None  # the examples' ids, once known; all checked here, before any training
@@ -1338,10 +1355,15 @@ def group_accuracy_over_ranks(rewards: torch.Tensor, group_size: int) -> list[fl
 
 
 def record_accuracy(history: dict, batch: list[dict], group_accuracy: list[float]) -> None:
-    """The pool run's accuracy history: each example's accuracy appended every time it is sampled. `batch` is the
-    whole batch (every rank's share), so under torchrun every rank records every rank's rollouts."""
+    """The pool run's accuracy history: each sampled example's accuracy appended once per step. A batch that spans
+    an epoch boundary may hold an example twice: its groups count as one record, the accuracy of all its samples
+    (the paper's trainer never samples an example twice in a step). `batch` is the whole batch (every rank's share),
+    so under torchrun every rank records every rank's rollouts."""
+    this_step = {}
     for p, accuracy in zip(batch, group_accuracy):
-        history.setdefault(p["id"], []).append(accuracy)
+        this_step.setdefault(p["id"], []).append(accuracy)
+    for key, accuracies in this_step.items():
+        history.setdefault(key, []).append(sum(accuracies) / len(accuracies))
 
 
 def check_world_size(args, world: int) -> None:

@@ -102,7 +102,8 @@ class Args:
     critic_model: str = ""  # hub id or folder for the critic's transformer; "": --model (paper: the base model)
     critic_lr: float = 1e-3  # the critic's AdamW learning rate (paper: 1e-5; the tiny model needs far more)
     critic_weight_decay: float = 0.01  # (paper: 0.01)
-    critic_warmup_steps: int = 0  # rollout batches at the start that train only the critic (paper: 0)
+    critic_mini_batch: int = 0  # responses per critic optimizer step; 0: --mini-batch (paper: 128, 8 steps a batch)
+    critic_warmup_steps: int = 0  # verl's critic_warmup: the policy trains from step W on (steps from 1) (paper: 0)
     critic_max_grad_norm: float = 1.0  # the critic's gradient-norm clip (paper: 1.0)
     value_clip: float = 0.5  # new values stay within +-value_clip of the rollout-time values in the loss (paper: 0.5)
     # optimisation
@@ -330,6 +331,20 @@ def response_values(critic, batch: dict):
     return critic.score(hidden[:, :-1][predicts_response]).squeeze(-1).float()
 
 
+def check_lm_head(model) -> None:
+    """The fused log-prob is softmax(hidden @ weight.T / T): a model whose logits take more than that (a bias,
+    Gemma's final soft-capping, Granite's or Cohere's scaling), which vLLM would apply and the trainer would not, would
+    train off-policy without a word. It is refused, naming what the trainer does not model."""
+    config = model.config.get_text_config()
+    unmodelled = [f"config.{name} = {getattr(config, name)}" for name, neutral in
+                  (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0))
+                  if getattr(config, name, None) not in (None, neutral)]
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+        unmodelled.append("lm_head.bias")
+    if unmodelled:
+        raise SystemExit(f"{type(model).__name__}: the trainer's log-probs do not model {', '.join(unmodelled)}")
+
+
 def collate(rollouts: list[dict], pad_id: int, device) -> dict:
     """Right-padded prompt+response rows; response_mask marks the response tokens (stop token included)."""
     width = max(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rollouts)
@@ -443,11 +458,13 @@ def generate_hf(model, tokenizer, prompt_ids, args, stops):
     recorder = SampledLogprobs(args.temperature, args.top_p)  # applies temperature and top-p: generate must not
     sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if args.temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
-                         eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
-                         logits_processor=LogitsProcessorList([recorder]),
-                         synced_gpus=is_distributed(),  # FSDP: ranks done early keep joining the all-gathers
-                         **sampling)
+    # only these settings: the checkpoint's generation_config.json (a repetition penalty, ...) must not apply
+    out = evaluation.generate_exactly(model, dict(max_new_tokens=args.max_new_tokens, eos_token_id=stops,
+                                                  pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
+                                                  **sampling),
+                                      input_ids=input_ids, attention_mask=attention_mask,
+                                      logits_processor=LogitsProcessorList([recorder]),
+                                      synced_gpus=is_distributed())  # FSDP: ranks done early keep joining
     generated = out.sequences[:, width:]
     token_logprobs = recorder.logprobs(generated)
     rollouts = []
@@ -644,7 +661,7 @@ def policy_loss(logp, old_logp, advantages, weights, args, ref_logp=None, entrop
 
 def low_var_kl(logp, ref_logp):
     """k3 estimator of KL(policy || reference): exp(r) - r - 1 with r = ref - logp; unbiased, always >= 0."""
-    r = ref_logp - logp
+    r = torch.clamp(ref_logp - logp, min=-20, max=20)  # as verl: exp of a larger r would give 0 * inf gradients
     return torch.clamp(torch.exp(r) - r - 1, min=-10, max=10)
 
 
@@ -1066,6 +1083,7 @@ def main(args: Args):
     model_path = args.resume or resolve_on_rank0_first(args.model)
     # each model is loaded into CPU memory and put on the device (under torchrun: sharded) before the next one loads
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
+    check_lm_head(model)
     with_own_memory(model).train()
     if args.gradient_checkpointing:
         use_gradient_checkpointing(model)
@@ -1087,10 +1105,16 @@ def main(args: Args):
     if batch_size % args.mini_batch or args.mini_batch % args.micro_batch:
         raise SystemExit(f"need mini_batch | prompts_per_step*samples_per_prompt ({batch_size}) and "
                          f"micro_batch | mini_batch; got mini_batch={args.mini_batch}, micro_batch={args.micro_batch}")
+    critic_mini_batch = args.critic_mini_batch or args.mini_batch
+    if batch_size % critic_mini_batch or critic_mini_batch % args.micro_batch or critic_mini_batch % world:
+        raise SystemExit(f"--critic-mini-batch {critic_mini_batch}: must divide the batch ({batch_size}) and be a "
+                         f"multiple of --micro-batch ({args.micro_batch}) and of the number of ranks ({world})")
     updates_per_step = args.num_updates * batch_size // args.mini_batch
-    optimizer, scheduler = make_optimizer(model, args, (args.total_steps - args.critic_warmup_steps) * updates_per_step)
+    policy_steps = args.total_steps - max(0, args.critic_warmup_steps - 1)
+    optimizer, scheduler = make_optimizer(model, args, policy_steps * updates_per_step)
     critic_args = dataclasses.replace(args, lr=args.critic_lr, weight_decay=args.critic_weight_decay)
-    critic_optimizer, critic_scheduler = make_optimizer(critic, critic_args, args.total_steps * updates_per_step)
+    critic_optimizer, critic_scheduler = make_optimizer(
+        critic, critic_args, args.total_steps * args.num_updates * batch_size // critic_mini_batch)
     output_dir = Path(gather_from_ranks([args.output_dir or f"runs/{Path(__file__).stem}-"
                                          f"{time.strftime('%Y%m%d-%H%M%S')}"])[0])  # rank 0's clock names it
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -1107,7 +1131,8 @@ def main(args: Args):
         print(f"resumed from {args.resume} at step {start_step}")
     stops = evaluation.stop_token_ids(tokenizer, model)
     logger = Logger(output_dir, args) if rank == 0 else None
-    rank_args = dataclasses.replace(args, mini_batch=args.mini_batch // world)  # each rank's share of a mini-batch
+    rank_args = dataclasses.replace(args, mini_batch=args.mini_batch // world,  # each rank's share of a mini-batch
+                                    critic_mini_batch=critic_mini_batch // world)
     pad_id = tokenizer.pad_token_id
     bad_steps = 0
 
@@ -1149,7 +1174,7 @@ def main(args: Args):
         lr = scheduler.get_last_lr()[0]  # the rate of this step's (first) policy update
         train_stats = update_critic(critic, rollouts, old_values, returns, critic_optimizer, critic_scheduler,
                                     rank_args, autocast, pad_id, device)
-        if step >= args.critic_warmup_steps:
+        if step + 1 >= args.critic_warmup_steps:  # verl: critic_warmup <= global_steps, which count from 1
             policy_stats = update_policy(model, rollouts, advantages, old_logp, ref_logp if args.kl_in_loss else None,
                                          optimizer, scheduler, rank_args, autocast, pad_id, device)
             train_stats["skipped"] |= policy_stats.pop("skipped")
@@ -1277,8 +1302,8 @@ def check_args(args: Args) -> None:
         raise SystemExit(f"--value-clip must be positive; got {args.value_clip}")
     if args.kl_coef < 0:
         raise SystemExit(f"--kl-coef must be >= 0 (0: no KL term and no reference model); got {args.kl_coef}")
-    if not 0 <= args.critic_warmup_steps < args.total_steps:
-        raise SystemExit(f"--critic-warmup-steps must lie in [0, total_steps={args.total_steps}); "
+    if not 0 <= args.critic_warmup_steps <= args.total_steps:
+        raise SystemExit(f"--critic-warmup-steps must lie in [0, total_steps={args.total_steps}]; "
                          f"got {args.critic_warmup_steps}")
 
 
@@ -1335,13 +1360,13 @@ def with_own_memory(model):
 
 
 def update_critic(critic, rollouts, old_values, returns, optimizer, scheduler, args, autocast, pad_id, device):
-    """num_updates passes of the clipped value loss over the batch in shuffled mini-batches; token-mean per
-    mini-batch, one optimizer step per mini-batch."""
+    """num_updates passes of the clipped value loss over the batch in shuffled mini-batches of critic_mini_batch
+    (0: mini_batch) responses; token-mean per mini-batch, one optimizer step per mini-batch."""
     # logged sums over the batch: each micro-batch's share of its mini-batch's loss, the clip fraction per token
     sums = dict.fromkeys(("value_loss", "value_clip_frac", "tokens"), 0.0)
     grad_norms, skipped = [], False
     for _ in range(args.num_updates):
-        for share in mini_batch_shares(len(rollouts), args.mini_batch):
+        for share in mini_batch_shares(len(rollouts), args.critic_mini_batch or args.mini_batch):
             mini = [i for i in share if not rollouts[i].get("masked")]
             # under torchrun: the counts of every rank's share, so the summed gradients are the whole batch's
             mini_tokens, mini_seqs = summed_over_ranks([sum(len(rollouts[i]["response_ids"]) for i in mini),

@@ -510,3 +510,27 @@ def vllm_samples_in_a_child_engine(output: str) -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["vllm-samples"]:  # a main module: vLLM spawns its engine core
     vllm_samples_in_a_child_engine(sys.argv[2])
+
+
+# ---- fidelity (issue 21) ---------------------------------------------------------------------------------------
+def penalised_tiny_copy(folder: Path) -> str:
+    """The tiny model whose generation_config.json asks for a strong repetition penalty, an n-gram ban and a small
+    top-k, as hub checkpoints do (Qwen2.5's instruct models: repetition_penalty 1.05-1.1)."""
+    import shutil
+    shutil.copytree(evaluation.resolve_model_path("tiny"), folder, dirs_exist_ok=True)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config.update(repetition_penalty=3.0, no_repeat_ngram_size=2, top_k=2, do_sample=True, temperature=0.3)
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_hf_generation_ignores_the_checkpoints_generation_config(tiny, tmp_path):
+    """eval.py's HF greedy answers must be the model's own, as vLLM's are: a penalty the checkpoint asks for must not
+    change them."""
+    model, tokenizer = tiny
+    penalised, _ = evaluation.load_model(penalised_tiny_copy(tmp_path))
+    assert penalised.generation_config.repetition_penalty == 3.0
+    prompts = [evaluation.build_prompt(p["problem"], tokenizer, "qwen-math-train")
+               for p in evaluation.toy_problems(6, seed=4)]
+    clean = evaluation.generate(model, tokenizer, prompts, max_tokens=40)
+    assert evaluation.generate(penalised, tokenizer, prompts, max_tokens=40) == clean

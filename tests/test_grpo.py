@@ -471,3 +471,68 @@ def test_vllm_greedy_equals_hf_greedy_after_a_training_step_and_push(tmp_path, t
     before = [c[0]["token_ids"] for c in evaluation.generate(stale, tokenizer, prompts, max_tokens=24)]
     assert hf != before, "the training step did not change greedy outputs: the test cannot tell a missed push"
     assert vllm == hf
+
+
+# ---- fidelity (issue 21) ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("temperature", [1.0, 0.6])  # top-p 1: with top-p the recorder logs renormalised log-probs
+def test_hf_rollouts_sample_from_the_policy_whatever_the_generation_config_says(tmp_path, temperature):
+    """The recorder logs log-probs of the policy's distribution: a repetition penalty, an n-gram ban or a top-k from
+    the checkpoint's generation_config.json would sample from another one and show as a logprob_gap."""
+    from test_eval import penalised_tiny_copy
+    model, tokenizer = evaluation.load_model(penalised_tiny_copy(tmp_path))
+    args = grpo.Args(temperature=temperature, samples_per_prompt=4, max_new_tokens=40)
+    prompts = [tokenizer.encode(evaluation.build_prompt(p["problem"], tokenizer, args.template))
+               for p in evaluation.toy_problems(4, seed=5)]
+    torch.manual_seed(0)
+    rollouts = grpo.generate_hf(model, tokenizer, prompts, args, evaluation.stop_token_ids(tokenizer, model))
+    with torch.no_grad():
+        trainer = torch.cat(grpo.token_logprobs(model, rollouts, args, tokenizer.pad_token_id, "cpu"))
+    engine = torch.tensor([lp for r in rollouts for lp in r["engine_logprobs"]])
+    gap = (engine - trainer).abs()
+    assert gap.max() < 1e-4, f"logprob_gap {gap.mean():.3g} (max {gap.max():.3g}): HF sampled off-policy"
+
+
+def test_k3_kl_gradient_is_finite_for_a_token_the_reference_finds_100_nats_likelier():
+    """exp(100) overflows fp32: without clamping the log-ratio first (verl clamps it to +-20) the clamped value's
+    backward is 0 * inf = NaN, and one such token makes the whole step's gradient NaN."""
+    logp = torch.tensor([-101.0, -1.0, -0.5], requires_grad=True)
+    ref = torch.tensor([-1.0, -101.0, -0.7])  # 100 nats above, 100 below, and an ordinary token
+    loss, _ = grpo.policy_loss(logp, logp.detach(), torch.zeros(3), torch.full((3,), 1 / 3), grpo.Args(kl_coef=0.1),
+                               ref_logp=ref)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all(), logp.grad
+    assert logp.grad[2] == pytest.approx(0.1 / 3 * (1 - math.exp(-0.2)), rel=1e-5), "an ordinary token's gradient"
+
+
+@pytest.mark.parametrize("script", ["grpo", "hapo", "one_shot", "pcl", "ppo"])
+@pytest.mark.parametrize("attribute, value", [("final_logit_softcapping", 30.0), ("logits_scaling", 8.0),
+                                              ("logit_scale", 0.0625)])
+def test_a_model_whose_logits_the_fused_logprob_does_not_model_is_refused_before_anything_is_written(
+        tmp_path, monkeypatch, script, attribute, value):
+    """Gemma's soft-capping, Granite's and Cohere's scaling: vLLM would apply them, the trainer would not."""
+    import importlib
+    import shutil
+    folder = tmp_path / "model"
+    shutil.copytree(evaluation.resolve_model_path("tiny"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, attribute: value}))
+    module = importlib.import_module(script)
+
+    def went_on(*args, **kwargs):
+        raise AssertionError(f"{script} went on to read its data with {attribute} = {value}")
+    monkeypatch.setattr(module, "load_prompts", went_on)
+    extra = ["--example-index", "0"] if script == "one_shot" else []
+    args = module.parse_args(["--model", str(folder), "--rollout", "hf", "--output-dir", str(tmp_path / "out"),
+                              *extra])
+    with pytest.raises(SystemExit, match=f"config.{attribute} = {value}"):
+        module.main(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_lm_head_bias_is_refused(tiny):
+    model, _ = tiny
+    grpo.check_lm_head(model)  # the tiny model's head is the fused log-prob's: accepted
+    biased = type(model)(model.config)
+    biased.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+    with pytest.raises(SystemExit, match="lm_head.bias"):
+        grpo.check_lm_head(biased)

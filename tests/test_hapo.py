@@ -296,3 +296,17 @@ def test_help_lists_the_hapo_flags(capsys):
     shown = capsys.readouterr().out
     for flag in ("--length-weight", "--length-reward", "--history-mode", "--train-problems"):
         assert flag in shown
+# ---- fidelity (issue 21) ---------------------------------------------------------------------------------------
+def test_the_hapo_template_is_the_papers_system_turn_and_the_bare_question():
+    """HAPO's train_grpo.py sends prompting_utils.py's SYSTEM_PROMPT as the system turn and the question alone as the
+    user turn, through the model's chat template. The source writes "\\\\boxed{}": one backslash reaches the model.
+    Through a Qwen-style chat template that is, byte for byte, Qwen2.5-Math's own evaluation prompt."""
+    from test_eval import llama_style_tokenizer
+    tokenizer = llama_style_tokenizer()
+    tokenizer.chat_template = evaluation.CHAT_TEMPLATE  # the tiny model's: Qwen2's frame without a default system
+    prompt = evaluation.build_prompt("What is 1+1?", tokenizer, "hapo")
+    assert prompt == ("<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}."
+                      "<|im_end|>\n<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt == evaluation.build_prompt("What is 1+1?", None, "qwen25-math-cot")
+    assert hapo.parse_args(["--template", "hapo"]).template == "hapo"
+    hapo.check_choices(hapo.parse_args(["--template", "hapo"]))

@@ -480,3 +480,20 @@ def test_each_phase_logs_to_its_own_finished_wandb_run(chained_run):
     assert runs[1].active_at_init == 0, "the pool run's wandb run was still active when 1-shot RLVR started its own"
     assert all(run.finished for run in runs)
     assert runs[0].steps == [1] and runs[1].steps == [1]
+
+
+# ---- fidelity (issue 21) ---------------------------------------------------------------------------------------
+def test_the_pool_run_records_an_example_once_per_step_across_an_epoch_boundary():
+    """A batch that spans two epochs can draw one example twice (here 4 of 5 problems per step, so step 1 takes the
+    last problem of epoch 0 and three of epoch 1). The paper's trainer, whose batches never span epochs, records an
+    example once per step: its two groups make one record, the accuracy over all its samples."""
+    drawn = one_shot.batch_indices(1, 5, 4, seed=3)
+    assert len(set(drawn)) < len(drawn), f"no repeat in {drawn}: the test would pass vacuously"
+    batch = [{"id": str(i)} for i in drawn]
+    accuracy = [0.25 * k for k in range(len(batch))]
+    history = {}
+    one_shot.record_accuracy(history, batch, accuracy)
+    assert sorted(history) == sorted({str(i) for i in drawn}) and all(len(v) == 1 for v in history.values()), history
+    twice = next(i for i in drawn if drawn.count(i) == 2)
+    expected = sum(a for i, a in zip(drawn, accuracy) if i == twice) / 2
+    assert history[str(twice)] == [pytest.approx(expected)]

@@ -484,7 +484,8 @@ def test_resume_keeps_no_reference_to_the_loaded_trainer_state(straight_run, tmp
 
 @pytest.mark.slow
 def test_critic_warmup_leaves_the_policy_alone(tmp_path):
-    run_script(*SHORT, "--total-steps", "2", "--critic-warmup-steps", "1", "--save-every", "1",
+    # verl's critic_warmup 2: the policy trains once global_steps (from 1) reaches 2, so step 1 is the critic's alone
+    run_script(*SHORT, "--total-steps", "2", "--critic-warmup-steps", "2", "--save-every", "1",
                "--kl-coef", "0.05", "--kl-in-loss", "--output-dir", str(tmp_path))
     from safetensors.torch import load_file
     initial = load_file(Path(evaluation.resolve_model_path("tiny")) / "model.safetensors")
@@ -507,3 +508,29 @@ def test_resume_from_a_checkpoint_without_critic_fails_clearly(tmp_path):
     torch.save({"step": 2}, folder / "trainer_state.pt")  # a checkpoint of another script: everything but critic/
     with pytest.raises(SystemExit, match="critic"):
         ppo.main(ppo.parse_args([*SHORT, "--resume", str(folder), "--output-dir", str(tmp_path / "run")]))
+
+
+# ---- fidelity (issue 21) ---------------------------------------------------------------------------------------
+def test_the_critic_takes_one_optimizer_step_per_critic_mini_batch(tiny):
+    """The paper's code (verl) scales the actor's mini-batch by the samples per prompt and not the critic's: 128
+    prompts x 8 samples make 1 policy step and 8 critic steps of 128 responses. Here 8 responses, 4 critic steps."""
+    _, tokenizer, critic = tiny
+    rollouts = fake_rollouts(tokenizer, seed=2)
+    values = [torch.zeros(len(r["response_ids"])) for r in rollouts]
+    c = type(critic)(critic.config)
+    c.load_state_dict(critic.state_dict())
+    optimizer = torch.optim.SGD(c.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    steps = []  # each optimizer step's gradient size: every step must have a gradient of its own
+    optimizer.step = lambda: steps.append(sum(p.grad.abs().sum().item() for p in c.parameters()))
+    ppo.update_critic(c, rollouts, values, [torch.ones_like(v) for v in values], optimizer, scheduler,
+                      ppo.Args(mini_batch=8, critic_mini_batch=2, micro_batch=2), torch.autocast("cpu", enabled=False),
+                      tokenizer.pad_token_id, torch.device("cpu"))
+    assert len(steps) == 4 and scheduler.last_epoch == 4 and all(g > 0 for g in steps), steps
+
+
+def test_critic_warmup_counts_steps_from_1_as_verl(tmp_path):
+    """verl updates the actor when critic_warmup <= global_steps, global_steps counting from 1: a warm-up of 1 trains
+    the policy at step 1 already (as 0 does), a warm-up of 2 leaves step 1 to the critic alone."""
+    run_script(*SHORT, "--total-steps", "1", "--critic-warmup-steps", "1", "--output-dir", str(tmp_path))
+    assert "policy_loss" in read_metrics(tmp_path)[0], "warm-up 1 kept the policy from training at step 1"
