@@ -56,7 +56,7 @@ class Args:
     seed: int = 1  # seeds python, numpy, torch and the rollout sampler
     output_dir: str = ""  # default runs/one_shot-<time>
     total_steps: int = 30  # 1-shot RLVR steps; 0: only the pool run (paper: 2000; it reports the best checkpoint)
-    eval_every: int = 5  # evaluate every this many steps, before the first and at the end; 0: at the end (paper: 20)
+    eval_every: int = 2  # evaluate every this many steps, before the first and at the end; 0: at the end (paper: 20)
     save_every: int = 0  # checkpoint every this many steps (and at the end); 0: only at the end (paper: 20)
     keep_resume_states: int = 0  # only the newest this many checkpoints keep the optimizer and RNG state; 0: all
     resume: str = ""  # a checkpoint folder to continue from (of the pool run or of 1-shot training)
@@ -101,7 +101,7 @@ class Args:
     mini_batch: int = 128  # responses per optimizer step (paper: 1024, one per batch, as its code; its text: 128)
     micro_batch: int = 32  # responses per forward/backward; gradients accumulate over a mini-batch
     # optimisation
-    lr: float = 2e-4  # AdamW learning rate (paper: 1e-6; the tiny model needs far more)
+    lr: float = 1e-4  # AdamW learning rate (paper: 1e-6; the tiny model needs far more)
     weight_decay: float = 0.01  # (paper: 0.01)
     lr_schedule: str = "constant"  # "constant" (paper), "cosine" or "linear" (to 0; both after warmup)
     warmup_steps: int = 0  # linear warmup, in optimizer steps

@@ -4,6 +4,7 @@ import gc
 import importlib.machinery
 import json
 import os
+import random
 import subprocess
 import sys
 import types
@@ -142,6 +143,15 @@ def test_ablations_reach_the_loss_and_the_metrics(tmp_path, monkeypatch):
     assert len(true_label_scores) == 1, "the policy's answers were not scored once against the data's own answers"
     assert metrics["true_label_accuracy"] == pytest.approx(sum(true_label_scores[0]) / 16)
     assert metrics["loss"] == pytest.approx(-0.001 * metrics["entropy"], rel=1e-5)
+
+
+# ---- the default model ------------------------------------------------------------------------------------------
+def test_tiny_formats_unboxed_and_hedged_answers_hold_the_right_number_and_score_zero():
+    """What one example can teach `tiny-format` is the form: its failed answers still hold the right number."""
+    rng = random.Random(0)
+    for style, reward in (("boxed", 1.0), ("unboxed", 0.0), ("hedged", 0.0)):
+        text = evaluation.toy_response("6", rng, style=style)
+        assert "6" in text and one_shot.verify.score(text, "6") == reward, (style, text)
 
 
 # ---- arguments and errors --------------------------------------------------------------------------------------
