@@ -134,13 +134,26 @@ def toy_splits(seed: int = 0, n_test: int = 100) -> tuple[list[dict], list[dict]
 
 
 def toy_response(answer: str, rng: random.Random, fillers: tuple[str, ...] = TOY_FILLERS,
-                 max_fillers: int = 3) -> str:
+                 max_fillers: int = 3, style: str = "boxed") -> str:
     """A response in the format a base model would write: the boxed answer, then some idle checking sentences.
 
     The answer comes first so that it sits at a fixed distance from the prompt's number (a tiny model learns to
-    read by position within seconds, by content only after thousands of steps); the checking is what HAPO trims."""
+    read by position within seconds, by content only after thousands of steps); the checking is what HAPO trims.
+    The other styles are `tiny-format`'s answers that a boxed grader scores 0: the number without a box
+    ("unboxed", decided at the first token), or a second, other boxed number after the first ("hedged", decided
+    right after the number, where the model sees which number it wrote)."""
+    head = f"I think it is {answer}." if style == "unboxed" else f"The answer is \\boxed{{{answer}}}" + (
+        "." if style == "boxed" else f" or \\boxed{{{rng.choice([d for d in '123456789' if d != answer])}}}.")
     checking = " ".join(rng.choice(fillers) for _ in range(rng.randint(0, max_fillers)))
-    return f"The answer is \\boxed{{{answer}}}." + (" " + checking if checking else "")
+    return head + (" " + checking if checking else "")
+
+
+def toy_style(problem: dict, rng: random.Random, level_hedged: dict, unboxed: float = 0.15) -> str:
+    """`tiny-format`'s answer style for a toy problem: unboxed with a share the same for every problem, else hedged
+    with its level's share (`level_hedged`), as a base model hedges more on problems it is less sure of, else boxed."""
+    if rng.random() < unboxed:
+        return "unboxed"
+    return "hedged" if rng.random() < level_hedged[problem["level"]] else "boxed"
 
 
 # The built-in models, each built once per seed by one recipe (build_tiny_model). `tiny`: every script but hapo.py.
@@ -150,16 +163,21 @@ def toy_response(answer: str, rng: random.Random, fillers: tuple[str, ...] = TOY
 # higher so that its accuracy by level stays near `tiny`'s: at T=1, 0.49 / 0.13 / 0.06 (`tiny`: 0.54 / 0.15 / 0.05).
 # The value models of ppo.py and pcl.py learn it more slowly (pooled explained variance 0.04, V's correlation 0.17,
 # against 0.34 and 0.68 on `tiny`), which is why it is not everyone's default.
+# `tiny-format` is one_shot.py's: it reads the number as surely as a trained model (its doubt stage keeps 95/90/85%
+# right answers by level) but often fails the answer's form, as a base model does: 15% of its answers leave the box
+# out, and it hedges with a second, other boxed number after the first in 25/60/75% of the rest by level. One
+# example then teaches a form that every question shares rather than an answer (see one_shot.py).
 TINY_NAME = "tiny"
 TINY_MODELS = {"tiny": dict(fillers=TOY_FILLERS, level_correct=TOY_LEVEL_CORRECT, doubt_steps=150),
                "tiny-verbose": dict(fillers=TOY_VERBOSE_FILLERS, level_correct={**TOY_LEVEL_CORRECT, 1: 0.56},
-                                    doubt_steps=250)}
+                                    doubt_steps=250),
+               "tiny-format": dict(fillers=TOY_FILLERS, level_correct={1: 0.95, 2: 0.9, 3: 0.85}, doubt_steps=300,
+                                   level_hedged={1: 0.25, 2: 0.6, 3: 0.75})}
 TINY_VERSION = 8  # bump when anything below changes what gets built
 
 
 def load_model(name: str = TINY_NAME, dtype=torch.float32, seed: int = 0):
-    """(model, tokenizer) for a hub name or local folder, or for a built-in tiny model (`tiny`, `tiny-verbose`),
-    offline."""
+    """(model, tokenizer) for a hub name or local folder, or for a built-in tiny model (TINY_MODELS), offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = resolve_model_path(name, seed)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -213,7 +231,8 @@ def wait_for_tiny_model(path: Path, timeout_s: float = 900) -> str:
 
 
 def build_tiny_model(folder: Path, seed: int = 0, fillers: tuple[str, ...] = TOY_FILLERS,
-                     level_correct: dict = TOY_LEVEL_CORRECT, doubt_steps: int = 150) -> None:
+                     level_correct: dict = TOY_LEVEL_CORRECT, doubt_steps: int = 150,
+                     level_hedged: dict | None = None) -> None:
     """A Qwen2 model of 0.45M parameters and a BPE tokenizer trained on toy text, saved like a hub checkpoint.
 
     The weights start random and then get ~60 s (2 cores) of supervised pretraining (cached afterwards; see
@@ -233,7 +252,7 @@ def build_tiny_model(folder: Path, seed: int = 0, fillers: tuple[str, ...] = TOY
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=im_end,
     )
     model = Qwen2ForCausalLM(config)
-    format_pretrain(model, tokenizer, rng, fillers, level_correct, doubt_steps=doubt_steps)
+    format_pretrain(model, tokenizer, rng, fillers, level_correct, doubt_steps=doubt_steps, level_hedged=level_hedged)
     model.generation_config = GenerationConfig(eos_token_id=[im_end, config.bos_token_id],
                                                pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(folder)
@@ -270,7 +289,8 @@ def train_tiny_tokenizer(rng: random.Random, fillers: tuple[str, ...] = TOY_FILL
 
 
 def format_pretrain(model, tokenizer, rng: random.Random, fillers: tuple[str, ...] = TOY_FILLERS,
-                    level_correct: dict = TOY_LEVEL_CORRECT, read_steps: int = 450, doubt_steps: int = 150) -> None:
+                    level_correct: dict = TOY_LEVEL_CORRECT, read_steps: int = 450, doubt_steps: int = 150,
+                    level_hedged: dict | None = None) -> None:
     """Supervised steps on response tokens, in two stages.
 
     1. Toy questions answered right: the model learns to find the number in its prompt (this takes ~400 steps to
@@ -279,16 +299,18 @@ def format_pretrain(model, tokenizer, rng: random.Random, fillers: tuple[str, ..
        for 7-9),
        else another digit, at a lower learning rate so that the model settles near these shares rather than
        wherever a few large steps leave it: it still finds the number but doubts it, more so for larger counts.
-       RL has to make it sure, as RLVR does with a base model that can solve a problem sometimes."""
+       RL has to make it sure, as RLVR does with a base model that can solve a problem sometimes.
+       With `level_hedged` (`tiny-format`) this stage also varies the answer's form (toy_style)."""
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for steps, lr, doubt in ((read_steps, 2e-3, False), (doubt_steps, 5e-4, True)):
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
         for _ in range(steps):
-            rows = [(p["problem"], toy_label(p, rng, level_correct) if doubt else p["answer"])
+            rows = [(p["problem"], toy_label(p, rng, level_correct) if doubt else p["answer"],
+                     toy_style(p, rng, level_hedged) if doubt and level_hedged else "boxed")
                     for p in toy_problems(32, seed=rng.randrange(2**31))]
             loss = response_loss(model, tokenizer, [(tokenizer.encode(QWEN_MATH_TRAIN.format(problem=q)),
-                                                     tokenizer.encode(toy_response(a, rng, fillers)) + [im_end])
-                                                    for q, a in rows])
+                                                     tokenizer.encode(toy_response(a, rng, fillers, style=style))
+                                                     + [im_end]) for q, a, style in rows])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -4,6 +4,7 @@ import gc
 import importlib.machinery
 import json
 import os
+import random
 import subprocess
 import sys
 import types
@@ -144,6 +145,15 @@ def test_ablations_reach_the_loss_and_the_metrics(tmp_path, monkeypatch):
     assert metrics["loss"] == pytest.approx(-0.001 * metrics["entropy"], rel=1e-5)
 
 
+# ---- the default model ------------------------------------------------------------------------------------------
+def test_tiny_formats_unboxed_and_hedged_answers_hold_the_right_number_and_score_zero():
+    """What one example can teach `tiny-format` is the form: its failed answers still hold the right number."""
+    rng = random.Random(0)
+    for style, reward in (("boxed", 1.0), ("unboxed", 0.0), ("hedged", 0.0)):
+        text = evaluation.toy_response("6", rng, style=style)
+        assert "6" in text and one_shot.verify.score(text, "6") == reward, (style, text)
+
+
 # ---- arguments and errors --------------------------------------------------------------------------------------
 def test_flags_take_several_values():
     args = one_shot.parse_args(["--rank", "1", "13", "--example-index", "124", "--label", "12.7"])
@@ -260,14 +270,52 @@ def read_metrics(path):
     return [json.loads(line) for line in open(path)]
 
 
+def curve(output_dir) -> dict:
+    """Held-out accuracy at the base model, at saturation and at the end, as bench/one_shot_entropy.py reads it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from one_shot_entropy import summary
+    return summary(read_metrics(output_dir / "metrics.jsonl"))
+
+
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     """One run with no arguments, shared by the tests below: the toy pool run, pi_1, 1-shot RLVR from the base."""
     output_dir = tmp_path_factory.mktemp("default")
-    out = run_script("--output-dir", str(output_dir), timeout=900)
+    out = run_script("--output-dir", str(output_dir), timeout=1200)
     return output_dir, out.stdout
 
 
+@pytest.mark.slow
+def test_default_run_lifts_held_out_accuracy_well_above_the_base_model(default_run):
+    """The paper's main claim on the toy: training on one example lifts accuracy on held-out problems."""
+    c = curve(default_run[0])
+    print("held-out toy accuracy:", c)
+    assert c["end"] >= c["base"] + 0.25, f"held-out accuracy {c['base']:.2f} (base) -> {c['end']:.2f} (end)"
+
+
+@pytest.mark.slow
+def test_default_run_keeps_held_out_accuracy_after_the_example_saturates(default_run):
+    """No collapse once the reward on the example has saturated (the toy's `tiny` model learns to give the
+    example's answer to every question instead: 0.48 -> 0.10)."""
+    c = curve(default_run[0])
+    assert c["saturated_step"] is not None, "the reward on the example never reached 0.9"
+    assert c["end"] >= c["at_saturation"], (f"held-out accuracy fell after saturation (step "
+                                            f"{c['saturated_step']}): {c['at_saturation']:.2f} -> {c['end']:.2f}")
+
+
+@pytest.mark.slow
+def test_the_entropy_bonus_ablation_runs_and_is_reported(default_run, tmp_path):
+    """--entropy-coef 0 beside the default (seed 1): both curves logged. The difference is printed, not asserted:
+    see bench/results/one_shot_entropy_cpu.md for seeds 1-3."""
+    run_script("--entropy-coef", "0", "--output-dir", str(tmp_path), timeout=1200)
+    with_bonus, without = curve(default_run[0]), curve(tmp_path)
+    print("entropy bonus 0.001:", with_bonus, "\nentropy bonus 0:", without)
+    entropy = lambda d: [m["entropy"] for m in read_metrics(d / "metrics.jsonl") if m["step"] > 0]
+    assert all(e > 0 for e in entropy(tmp_path)) and len(entropy(tmp_path)) == len(entropy(default_run[0]))
+    assert without["saturated_step"] is not None and 0 <= without["end"] <= 1
+
+
+@pytest.mark.slow
 def test_default_run_saturates_on_the_chosen_example(default_run):
     output_dir, _ = default_run
     steps = [m for m in read_metrics(output_dir / "metrics.jsonl") if m["step"] > 0]
@@ -278,6 +326,7 @@ def test_default_run_saturates_on_the_chosen_example(default_run):
     assert last >= 0.9, f"training accuracy on the example did not saturate: {first:.2f} -> {last:.2f}"
 
 
+@pytest.mark.slow
 def test_default_run_chooses_pi1_of_its_own_pool_history(default_run):
     output_dir, stdout = default_run
     history = json.loads((output_dir / "pool" / "accuracy_history.json").read_text())
@@ -289,6 +338,7 @@ def test_default_run_chooses_pi1_of_its_own_pool_history(default_run):
     assert f"example {pi1}," in stdout
 
 
+@pytest.mark.slow
 def test_default_run_logs_held_out_accuracy_and_the_best(default_run):
     output_dir, _ = default_run
     metrics = read_metrics(output_dir / "metrics.jsonl")
