@@ -95,14 +95,16 @@ def main() -> None:
     for ax, name in zip(axes[0], names):
         title, ylim, lines, dots = PANELS[name]
         for r, (run, rows) in enumerate(runs):
-            colour = colours[r % len(colours)]
-            prefix = f"{run}: " if len(runs) > 1 else ""
-            for i, key in enumerate(keys_matching([(run, rows)], lines)):
-                ax.plot(*series(rows, key, args.smooth), styles[i % len(styles)], color=colour, lw=1.2,
-                        label=prefix + key)
-            for i, key in enumerate(keys_matching([(run, rows)], dots)):
-                ax.plot(*series(rows, key, 1), "os^vD"[i % 5], color=colour, ms=4, mfc="white",
-                        label=prefix + key)
+            keys = keys_matching([(run, rows)], lines) + keys_matching([(run, rows)], dots)
+            for i, key in enumerate(keys):
+                # one run: a colour per metric; several: a colour per run, a line style (or marker) per metric
+                colour = colours[(i if len(runs) == 1 else r) % len(colours)]
+                label = f"{run}: {key}" if len(runs) > 1 else key
+                if key in lines:
+                    ax.plot(*series(rows, key, args.smooth), styles[0 if len(runs) == 1 else i % len(styles)],
+                            color=colour, lw=1.2, label=label)
+                else:
+                    ax.plot(*series(rows, key, 1), "os^vD"[i % 5], color=colour, ms=4, mfc="white", label=label)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         if ylim:
