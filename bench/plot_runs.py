@@ -18,7 +18,8 @@ import math
 import re
 from pathlib import Path
 
-EVAL_ACCURACY = re.compile(r"eval/(?!.*(len|share|time|truncated))[^/]+$")  # eval/accuracy, eval/average, eval/<set>
+# eval/accuracy, eval/average, 1-shot's eval/<set>; not the lengths, shares and gold counts logged beside them
+EVAL_ACCURACY = re.compile(r"eval/(?!.*(len|share|time|truncated|gold|pass))[^/]+$")
 # (title, y-limits or None, keys drawn as lines, keys drawn as dots); a panel is drawn when a run has one of its keys
 PANELS = {
     "reward": ("reward / accuracy", (-0.02, 1.02), ["reward_mean", "accuracy"], [EVAL_ACCURACY]),
@@ -107,7 +108,9 @@ def main() -> None:
                     ax.plot(*series(rows, key, 1), "os^vD"[i % 5], color=colour, ms=4, mfc="white", label=label)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
-        if ylim:
+        drawn = [y for line in ax.get_lines() for y in line.get_ydata()]
+        # HAPO's reward reaches 2 and is shown whole; an explained variance of -8 on one step is cut off
+        if ylim and (name != "reward" or (drawn and ylim[0] <= min(drawn) and max(drawn) <= ylim[1])):
             ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
