@@ -72,6 +72,7 @@ class Args:
     value_model: str = ""  # initialisation of V's backbone; "": the policy's base checkpoint (our choice)
     value_lr: float = 3e-4  # AdamW learning rate of V (ours; the paper does not give it; 1e-3 did not fit on toy)
     value_weight_decay: float = 0.0  # V's AdamW weight decay (ours)
+    value_probe: int = 64  # training prompts drawn once and never trained on: V is scored on them at each evaluation
     # rollout
     rollout: str = "auto"  # "vllm", "hf" (transformers generate) or "auto" (vllm when installed)
     prompts_per_step: int = 16  # m, prompts trained on per step (paper: 512)
@@ -740,6 +741,34 @@ def value_fit(predicted: torch.Tensor, realised: torch.Tensor) -> dict:
     return {"value_corr": corr, "value_explained_var": float(1 - (r - v).var() / r.var())}
 
 
+def split_probe(problems: list[dict], size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(probe, training pool): `size` prompts drawn once (seeded) and taken out of the pool, so that neither the
+    selection nor the policy's updates ever touch them (ours)."""
+    if size < 0 or size >= len(problems):
+        raise SystemExit(f"--value-probe {size}: must be >= 0 and leave training prompts ({len(problems)} in all)")
+    drawn = set(np.random.default_rng([seed, 1]).permutation(len(problems))[:size].tolist())
+    return [problems[i] for i in sorted(drawn)], [p for i, p in enumerate(problems) if i not in drawn]
+
+
+def probe_value_model(value_model, engine, model, tokenizer, probe, args, step, stops, pad_id, device, autocast):
+    """V's predictions on the fixed probe against the current policy's accuracy on it (n samples per prompt at the
+    training temperature): correlation and mean absolute error, where V's own selection cannot hide its errors.
+    The samples come from a stream of their own (step -(step + 1)): the training run draws what it would without
+    the probe. Under torchrun each rank rolls out its share of the probe."""
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
+    share = rank_share(probe, rank, world)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(rollout_seed(args, -(step + 1)))
+        rollouts = generate(engine, model, tokenizer, [p["prompt_ids"] for p in share], args, -(step + 1), stops)
+    accuracy = realised_accuracy_over_ranks(score(rollouts, share, tokenizer, args)[1], args.samples_per_prompt)
+    predicted = predict_values(value_model, [p["prompt_ids"] for p in probe[:len(accuracy)]], args, pad_id, device,
+                               autocast)
+    v, a = predicted.double().numpy(), accuracy.double().numpy()
+    corr = float(np.corrcoef(v, a)[0, 1]) if v.var() > 0 and a.var() > 0 else float("nan")
+    return {"value_probe_corr": corr, "value_probe_mae": float(np.abs(v - a).mean()),
+            "value_probe_accuracy": float(a.mean()), "value_probe_accuracy_std": float(a.std())}
+
+
 TRAINED_BATCH_METRICS = ("reward_mean", "accuracy", "effective_ratio", "response_len_mean", "truncated_share")
 
 
@@ -1181,7 +1210,7 @@ def main(args: Args):
     value_model = shard_value_model(value_model, device) if world > 1 else value_model.to(device)
     value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=args.value_lr,
                                         weight_decay=args.value_weight_decay)
-    problems = load_prompts(args, tokenizer)
+    probe, problems = split_probe(load_prompts(args, tokenizer), args.value_probe, args.seed)
     eval_problems = load_eval_problems(args)
     if batch_size % args.mini_batch or args.mini_batch % args.micro_batch:
         raise SystemExit(f"need mini_batch | prompts_per_step*samples_per_prompt ({batch_size}) and "
@@ -1302,6 +1331,9 @@ def main(args: Args):
                        time_value=t5 - t4, lr=lr, **train_stats)
         last = step + 1 == args.total_steps
         if last or (args.eval_every and (step + 1) % args.eval_every == 0):
+            if probe:
+                metrics.update(probe_value_model(value_model, engine, model, tokenizer, probe, args, step, stops,
+                                                 pad_id, device, autocast))
             # every rank evaluates its share of the set (eval.evaluate) and gets all results; rank 0 logs
             metrics.update(run_evaluation(engine or model, tokenizer, eval_problems, args))
         if last or (args.save_every and (step + 1) % args.save_every == 0):
@@ -1317,7 +1349,8 @@ def main(args: Args):
         if rank == 0:
             metrics = blank_if_nothing_kept(metrics)  # a step with no kept prompt has no batch to describe
             logger.log(metrics, line_keys=("reward_mean", "accuracy", "effective_ratio", "value_corr", "value_loss",
-                                           "kept_prompts", "time_select", "time_generate", "time_train"))
+                                           "value_probe_corr", "kept_prompts", "time_select", "time_generate",
+                                           "time_train"))
     if world > 1 and engine is None:  # a vLLM engine tears the process group down itself when it shuts down
         evaluation.leave_process_group()
     return output_dir
