@@ -19,8 +19,10 @@ Under torchrun (grpo.py's scale-out blocks) V is sharded like the policy: every 
 with it, keeps the same prompts (rank 0's choice), rolls out its share of them, and regresses V on its share of the
 kept prompts with the whole batch's normaliser; FSDP sums the gradients, so V takes the single-process step.
 No code of the paper is public: the value model's architecture (the policy's backbone + a scalar sigmoid head on
-the last prompt token), its initialisation, optimizer and learning rate, the tie rule and what dynamic sampling does
-when fewer than m prompts survive are our choices; the README section lists them.
+the last prompt token), its initialisation, optimizer, learning rate and steps per training step (4: with 1, V stayed
+near 0.5 on the toy), the tie rule and what dynamic sampling does when fewer than m prompts survive are our choices;
+the README section lists them. V is scored where its own selection cannot hide its errors: at each evaluation, on a
+fixed probe of training prompts that are never trained on, against the policy's sampled accuracy on them.
 """
 from __future__ import annotations
 
@@ -72,6 +74,8 @@ class Args:
     value_model: str = ""  # initialisation of V's backbone; "": the policy's base checkpoint (our choice)
     value_lr: float = 3e-4  # AdamW learning rate of V (ours; the paper does not give it; 1e-3 did not fit on toy)
     value_weight_decay: float = 0.0  # V's AdamW weight decay (ours)
+    value_updates: int = 4  # V's AdamW steps per training step, each on all kept prompts (ours; 1 fitted too slowly)
+    value_probe: int = 64  # training prompts drawn once and never trained on: V is scored on them at each evaluation
     # rollout
     rollout: str = "auto"  # "vllm", "hf" (transformers generate) or "auto" (vllm when installed)
     prompts_per_step: int = 16  # m, prompts trained on per step (paper: 512)
@@ -630,26 +634,31 @@ def value_loss(predicted: torch.Tensor, realised_accuracy: torch.Tensor) -> torc
 
 
 def update_value_model(value_model, optimizer, prompt_ids, realised_accuracy, args, pad_id, device, autocast):
-    """One AdamW step of V on this step's kept prompts: V lags the policy by one step, as in the paper.
+    """--value-updates AdamW steps of V, each over all of this step's kept prompts: V lags the policy by one step, as
+    in the paper. The logged loss is the first step's: V's error on targets it has not been fitted to yet.
 
     Under torchrun V is sharded (FSDP sums the ranks' gradients): each rank regresses on its share of the prompts,
     its loss divided by the whole batch's count, so the summed gradient is the single-process one."""
     total = len(prompt_ids)
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
     prompt_ids, realised_accuracy = rank_share(prompt_ids, rank, world), rank_share(realised_accuracy, rank, world)
-    loss_sum = 0.0
-    for u, batch in prompt_batches(prompt_ids, args.micro_batch, pad_id, device):
-        with autocast:
-            predicted = value_model(batch["input_ids"], batch["attention_mask"])
-        target = realised_accuracy[u:u + len(predicted)].to(device)
-        loss = value_loss(predicted, target) * len(predicted) / total  # micro-batches sum to the batch mean
-        loss.backward()
-        loss_sum += loss.item()
-    grad_norm = clip_gradients(value_model, args.max_grad_norm)
-    if torch.isfinite(grad_norm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"value_loss": sum(gather_from_ranks([loss_sum])), "value_grad_norm": grad_norm.item()}
+    losses, grad_norms = [], []
+    for _ in range(args.value_updates):
+        loss_sum = 0.0
+        for u, batch in prompt_batches(prompt_ids, args.micro_batch, pad_id, device):
+            with autocast:
+                predicted = value_model(batch["input_ids"], batch["attention_mask"])
+            target = realised_accuracy[u:u + len(predicted)].to(device)
+            loss = value_loss(predicted, target) * len(predicted) / total  # micro-batches sum to the batch mean
+            loss.backward()
+            loss_sum += loss.item()
+        grad_norm = clip_gradients(value_model, args.max_grad_norm)
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss_sum)
+        grad_norms.append(grad_norm.item())
+    return {"value_loss": sum(gather_from_ranks(losses[:1])), "value_grad_norm": sum(grad_norms) / len(grad_norms)}
 
 
 def check_value_tokenizer(args, model_path: str) -> None:
@@ -754,6 +763,34 @@ def value_fit(predicted: torch.Tensor, realised: torch.Tensor) -> dict:
         return {"value_corr": float("nan"), "value_explained_var": float("nan")}
     corr = float(np.corrcoef(v, r)[0, 1]) if v.var() > 0 else float("nan")
     return {"value_corr": corr, "value_explained_var": float(1 - (r - v).var() / r.var())}
+
+
+def split_probe(problems: list[dict], size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(probe, training pool): `size` prompts drawn once (seeded) and taken out of the pool, so that neither the
+    selection nor the policy's updates ever touch them (ours)."""
+    if size < 0 or size >= len(problems):
+        raise SystemExit(f"--value-probe {size}: must be >= 0 and leave training prompts ({len(problems)} in all)")
+    drawn = set(np.random.default_rng([seed, 1]).permutation(len(problems))[:size].tolist())
+    return [problems[i] for i in sorted(drawn)], [p for i, p in enumerate(problems) if i not in drawn]
+
+
+def probe_value_model(value_model, engine, model, tokenizer, probe, args, step, stops, pad_id, device, autocast):
+    """V's predictions on the fixed probe against the current policy's accuracy on it (n samples per prompt at the
+    training temperature): correlation and mean absolute error, where V's own selection cannot hide its errors.
+    The samples come from a stream of their own (step -(step + 1)): the training run draws what it would without
+    the probe. Under torchrun each rank rolls out its share of the probe."""
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
+    share = rank_share(probe, rank, world)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(rollout_seed(args, -(step + 1)))
+        rollouts = generate(engine, model, tokenizer, [p["prompt_ids"] for p in share], args, -(step + 1), stops)
+    accuracy = realised_accuracy_over_ranks(score(rollouts, share, tokenizer, args)[1], args.samples_per_prompt)
+    predicted = predict_values(value_model, [p["prompt_ids"] for p in probe[:len(accuracy)]], args, pad_id, device,
+                               autocast)
+    v, a = predicted.double().numpy(), accuracy.double().numpy()
+    corr = float(np.corrcoef(v, a)[0, 1]) if v.var() > 0 and a.var() > 0 else float("nan")
+    return {"value_probe_corr": corr, "value_probe_mae": float(np.abs(v - a).mean()),
+            "value_probe_accuracy": float(a.mean()), "value_probe_accuracy_std": float(a.std())}
 
 
 TRAINED_BATCH_METRICS = ("reward_mean", "accuracy", "effective_ratio", "response_len_mean", "truncated_share")
@@ -1164,6 +1201,7 @@ def main(args: Args):
     for bad, message in ((args.candidates_factor < 1,
                           f"--candidates-factor must be >= 1, not {args.candidates_factor}"),
                          (not 0.0 <= args.tau <= 1.0, f"--tau is a target accuracy in [0, 1], not {args.tau}"),
+                         (args.value_updates < 1, f"--value-updates must be >= 1, not {args.value_updates}"),
                          (args.prompts_per_step < 1, f"--prompts-per-step must be >= 1, not {args.prompts_per_step}"),
                          (args.samples_per_prompt < 2, "--samples-per-prompt must be >= 2 (a group of one has no "
                                                        f"advantage), not {args.samples_per_prompt}"),
@@ -1198,7 +1236,7 @@ def main(args: Args):
     value_model = shard_value_model(value_model, device) if world > 1 else value_model.to(device)
     value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=args.value_lr,
                                         weight_decay=args.value_weight_decay)
-    problems = load_prompts(args, tokenizer)
+    probe, problems = split_probe(load_prompts(args, tokenizer), args.value_probe, args.seed)
     eval_problems = load_eval_problems(args)
     if batch_size % args.mini_batch or args.mini_batch % args.micro_batch:
         raise SystemExit(f"need mini_batch | prompts_per_step*samples_per_prompt ({batch_size}) and "
@@ -1319,6 +1357,9 @@ def main(args: Args):
                        time_value=t5 - t4, lr=lr, **train_stats)
         last = step + 1 == args.total_steps
         if last or (args.eval_every and (step + 1) % args.eval_every == 0):
+            if probe:
+                metrics.update(probe_value_model(value_model, engine, model, tokenizer, probe, args, step, stops,
+                                                 pad_id, device, autocast))
             # every rank evaluates its share of the set (eval.evaluate) and gets all results; rank 0 logs
             metrics.update(run_evaluation(engine or model, tokenizer, eval_problems, args))
         if last or (args.save_every and (step + 1) % args.save_every == 0):
@@ -1334,7 +1375,8 @@ def main(args: Args):
         if rank == 0:
             metrics = blank_if_nothing_kept(metrics)  # a step with no kept prompt has no batch to describe
             logger.log(metrics, line_keys=("reward_mean", "accuracy", "effective_ratio", "value_corr", "value_loss",
-                                           "kept_prompts", "time_select", "time_generate", "time_train"))
+                                           "value_probe_corr", "kept_prompts", "time_select", "time_generate",
+                                           "time_train"))
     if world > 1 and engine is None:  # a vLLM engine tears the process group down itself when it shuts down
         evaluation.leave_process_group()
     return output_dir
