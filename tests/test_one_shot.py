@@ -278,46 +278,47 @@ def curve(output_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    """One run with no arguments, shared by the tests below: the toy pool run, pi_1, 1-shot RLVR from the base."""
+def one_shot_run(tmp_path_factory):
+    """One run with no arguments, shared by the tests below: the toy pool run, pi_1, 1-shot RLVR from the base.
+    Not named default_run: conftest would start a second, unused run in the background for that name."""
     output_dir = tmp_path_factory.mktemp("default")
     out = run_script("--output-dir", str(output_dir), timeout=1200)
     return output_dir, out.stdout
 
 
 @pytest.mark.slow
-def test_default_run_lifts_held_out_accuracy_well_above_the_base_model(default_run):
+def test_default_run_lifts_held_out_accuracy_well_above_the_base_model(one_shot_run):
     """The paper's main claim on the toy: training on one example lifts accuracy on held-out problems."""
-    c = curve(default_run[0])
+    c = curve(one_shot_run[0])
     print("held-out toy accuracy:", c)
     assert c["end"] >= c["base"] + 0.25, f"held-out accuracy {c['base']:.2f} (base) -> {c['end']:.2f} (end)"
 
 
 @pytest.mark.slow
-def test_default_run_keeps_held_out_accuracy_after_the_example_saturates(default_run):
+def test_default_run_keeps_held_out_accuracy_after_the_example_saturates(one_shot_run):
     """No collapse once the reward on the example has saturated (the toy's `tiny` model learns to give the
     example's answer to every question instead: 0.48 -> 0.10)."""
-    c = curve(default_run[0])
+    c = curve(one_shot_run[0])
     assert c["saturated_step"] is not None, "the reward on the example never reached 0.9"
     assert c["end"] >= c["at_saturation"], (f"held-out accuracy fell after saturation (step "
                                             f"{c['saturated_step']}): {c['at_saturation']:.2f} -> {c['end']:.2f}")
 
 
 @pytest.mark.slow
-def test_the_entropy_bonus_ablation_runs_and_is_reported(default_run, tmp_path):
+def test_the_entropy_bonus_ablation_runs_and_is_reported(one_shot_run, tmp_path):
     """--entropy-coef 0 beside the default (seed 1): both curves logged. The difference is printed, not asserted:
     see bench/results/one_shot_entropy_cpu.md for seeds 1-3."""
     run_script("--entropy-coef", "0", "--output-dir", str(tmp_path), timeout=1200)
-    with_bonus, without = curve(default_run[0]), curve(tmp_path)
+    with_bonus, without = curve(one_shot_run[0]), curve(tmp_path)
     print("entropy bonus 0.001:", with_bonus, "\nentropy bonus 0:", without)
     entropy = lambda d: [m["entropy"] for m in read_metrics(d / "metrics.jsonl") if m["step"] > 0]
-    assert all(e > 0 for e in entropy(tmp_path)) and len(entropy(tmp_path)) == len(entropy(default_run[0]))
+    assert all(e > 0 for e in entropy(tmp_path)) and len(entropy(tmp_path)) == len(entropy(one_shot_run[0]))
     assert without["saturated_step"] is not None and 0 <= without["end"] <= 1
 
 
 @pytest.mark.slow
-def test_default_run_saturates_on_the_chosen_example(default_run):
-    output_dir, _ = default_run
+def test_default_run_saturates_on_the_chosen_example(one_shot_run):
+    output_dir, _ = one_shot_run
     steps = [m for m in read_metrics(output_dir / "metrics.jsonl") if m["step"] > 0]
     rewards = [m["reward_mean"] for m in steps]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
@@ -327,8 +328,8 @@ def test_default_run_saturates_on_the_chosen_example(default_run):
 
 
 @pytest.mark.slow
-def test_default_run_chooses_pi1_of_its_own_pool_history(default_run):
-    output_dir, stdout = default_run
+def test_default_run_chooses_pi1_of_its_own_pool_history(one_shot_run):
+    output_dir, stdout = one_shot_run
     history = json.loads((output_dir / "pool" / "accuracy_history.json").read_text())
     assert min(len(accs) for accs in history.values()) >= 5, "the pool is too large for a history per example"
     pi1 = one_shot.rank_by_variance(history)[0]
@@ -339,8 +340,8 @@ def test_default_run_chooses_pi1_of_its_own_pool_history(default_run):
 
 
 @pytest.mark.slow
-def test_default_run_logs_held_out_accuracy_and_the_best(default_run):
-    output_dir, _ = default_run
+def test_default_run_logs_held_out_accuracy_and_the_best(one_shot_run):
+    output_dir, _ = one_shot_run
     metrics = read_metrics(output_dir / "metrics.jsonl")
     evals = {m["step"]: m["eval/toy"] for m in metrics if "eval/toy" in m}
     assert 0 in evals and max(evals) == metrics[-1]["step"] and len(evals) >= 5, evals
