@@ -310,8 +310,8 @@ def assert_resume_equal(root: Path) -> list:
 @pytest.mark.slow
 def test_one_shot_one_step_on_two_ranks_equals_one_process_weights_and_history(two_ranks):
     two, one = two_ranks["one-shot-step"], one_shot_step()
-    # every rank records every rank's groups, in the batch's order ("a" once on each rank)
-    assert one["histories"][0] == {"a": [0.5, 0.5, 0.75], "b": [0.25], "c": [0.25]}, one["histories"]
+    # every rank records every rank's groups; "a", drawn on both ranks, once for the step (as the paper's trainer)
+    assert one["histories"][0] == {"a": [0.5, 0.625], "b": [0.25], "c": [0.25]}, one["histories"]
     assert two["histories"] == [one["histories"][0]] * 2, two["histories"]
     before = one_shot.full_weights(evaluation.load_model("tiny", dtype=torch.float64)[0])
     moved, gap = max_difference(one["weights"], before), max_difference(two["weights"], one["weights"])
