@@ -361,7 +361,8 @@ def train_in_process(*argv):
 # the `tiny` model at 2e-4 (the default `tiny-format` learns steadily, so its best evaluation would be the last step)
 RESUME_LR = 2e-4
 RESUME_COMMON = ["--model", "tiny", "--lr", str(RESUME_LR), "--rollout", "hf", "--prompts-per-step", "4",
-                 "--mini-batch", "16", "--micro-batch", "8", "--pool-size", "4", "--eval-every", "1", "--eval-max-problems", "4", "--lr-schedule", "linear",
+                 "--mini-batch", "16", "--micro-batch", "8", "--pool-size", "4", "--eval-every", "1",
+                 "--eval-max-problems", "4", "--lr-schedule", "linear",
                  "--warmup-steps", "1"]
 
 
