@@ -339,12 +339,13 @@ def find_examples(problems: list[dict], ids: list[str], labels=()) -> list[dict]
     return examples
 
 
-def record_accuracy(history: dict, accuracies: list[tuple[str, float]]) -> None:
-    """Each example's training accuracy (its group's mean reward) appended to its history, once per step. A batch
-    that spans an epoch boundary may hold an example twice: its groups make one record, the accuracy of all its
-    samples (the paper's trainer never samples an example twice in a step)."""
+def record_accuracy(history: dict, batch: list[dict], rewards: torch.Tensor, group_size: int) -> None:
+    """Each example's training accuracy this step (its group's mean reward; under torchrun, of every rank's groups)
+    appended to its history, once per step. A batch that spans an epoch boundary may hold an example twice: its
+    groups make one record, the accuracy of all its samples (the paper's trainer never samples one twice a step)."""
     this_step = {}
-    for example_id, accuracy in accuracies:
+    accuracies = rewards.view(-1, group_size).mean(1).tolist()
+    for example_id, accuracy in gather_from_ranks([(p["id"], a) for p, a in zip(batch, accuracies)]):
         this_step.setdefault(example_id, []).append(accuracy)
     for example_id, values in this_step.items():
         history.setdefault(example_id, []).append(float(np.mean(values)))
@@ -1029,8 +1030,7 @@ def main(args: Args) -> Path:
                        truncated_share=np.mean(gather_from_ranks([r["truncated"] for r in rollouts])),
                        time_generate=t1 - t0, time_train=time.time() - t1, tokens_per_s=sum(lengths) / (t1 - t0))
         #    each example's accuracy this step: the pool run's history is what --history ranks
-        record_accuracy(history, gather_from_ranks([(p["id"], a) for p, a in zip(
-            batch, rewards.view(-1, args.samples_per_prompt).mean(1).tolist())]))
+        record_accuracy(history, batch, rewards, args.samples_per_prompt)
         if not args.pool and len(history) > 1:
             metrics.update({f"accuracy/{i}": accuracies[-1] for i, accuracies in history.items()})
         if args.label:  # the label-noise ablation: how often the policy still gives the data's own answer
