@@ -59,7 +59,7 @@ class Experiment:
     _argument_group_name = "experiment"
     seed: int = arg(1, "seeds python, numpy, torch and the rollout sampler")
     output_dir: str = arg("", "the run's folder; default runs/<script>-<time>")
-    total_steps: int = arg(30, "rollout batches (paper: 2000; 500 for the pool run)")
+    total_steps: int = arg(20, "rollout batches (paper: 2000; 500 for the pool run)")
     eval_every: int = arg(2, "evaluate every this many steps, and at steps 0 and the last; 0: only those")
     save_every: int = arg(0, "checkpoint every this many steps; 0: only at the end (and on Ctrl-C)")
     resume: str = arg("", "continue a run: its folder (its latest checkpoint) or one of its checkpoint-<step>")
