@@ -3,7 +3,6 @@ runs (pool, then 1-shot RLVR) learning on the toy, resume, and clear errors."""
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -339,50 +338,56 @@ def test_the_entropy_bonus_ablation_runs_and_is_reported(toy_runs, tmp_path):
 # the `tiny` model at 2e-4 (`tiny-format` learns steadily, so its best evaluation would be the last step)
 RESUME_COMMON = ["--model", "tiny", "--lr", "2e-4", "--rollout", "hf", "--prompts-per-step", "4", "--mini-batch",
                  "16", "--micro-batch", "8", "--eval-every", "1", "--eval-max-problems", "4", "--lr-schedule",
-                 "linear", "--warmup-steps", "1", "--save-every", "1"]
+                 "linear", "--warmup-steps", "1", "--total-steps", "3"]
 
 
-def resume_in_a_copy(run: Path, step: int, copy: Path) -> None:
-    """--resume <copy>/checkpoint-<step>: a copy of the run as it stood at that step, continued in place."""
-    shutil.copytree(run, copy, ignore=lambda folder, names: [n for n in names if n.startswith("checkpoint-")
-                                                             and int(n.split("-")[1]) > step])
-    one_shot.main(one_shot.parse_args(["--resume", str(copy / f"checkpoint-{step}")]))
+class StopAt:
+    """Stands in for grpo.py's CtrlC: the run is asked to stop during step `step`, as by a Ctrl-C."""
+
+    def __init__(self, step: int):
+        self.step, self.reads = step, 0
+
+    @property
+    def asked(self) -> bool:  # read once per step
+        self.reads += 1
+        return self.reads >= self.step
 
 
 @pytest.fixture(scope="module")
 def resume_runs(tmp_path_factory):
-    """In this process, to save interpreter starts: a 2-step pool run and a 3-step 1-shot run on its pi_1, each
-    saved at every step, then each resumed from a copy of its checkpoint-1 / checkpoint-2."""
+    """In this process, to save interpreter starts: a 3-step pool run and a 3-step 1-shot run on its pi_1, each also
+    stopped at step 2 (a checkpoint, as on Ctrl-C) and resumed in place (`--resume <run>`)."""
     root = tmp_path_factory.mktemp("resume")
-    for argv in (["--pool", "--pool-size", "4", "--total-steps", "2", "--output-dir", str(root / "pool")],
-                 ["--history", str(root / "pool"), "--total-steps", "3", "--output-dir", str(root / "one-shot")]):
-        one_shot.main(one_shot.parse_args(RESUME_COMMON + argv))
-    resume_in_a_copy(root / "pool", 1, root / "pool-resumed")
-    resume_in_a_copy(root / "one-shot", 2, root / "one-shot-resumed")
+    train = lambda argv: one_shot.main(one_shot.parse_args(argv))
+    for name, argv in (("pool", ["--pool", "--pool-size", "4"]), ("one-shot", ["--history", str(root / "pool")])):
+        train([*RESUME_COMMON, *argv, "--output-dir", str(root / name)])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(one_shot, "CtrlC", lambda: StopAt(2))
+            train([*RESUME_COMMON, *argv, "--output-dir", str(root / f"{name}-resumed")])
+        assert (root / f"{name}-resumed" / "checkpoint-2").is_dir()
+        train(["--resume", str(root / f"{name}-resumed")])
     return root
 
 
-@pytest.mark.parametrize("run,last", [("pool", 2), ("one-shot", 3)])
-def test_a_resumed_run_equals_the_uninterrupted_one(resume_runs, run, last):
-    """The weights, the schedule, and the run's own state: the pool run's accuracy history, 1-shot RLVR's best
-    evaluation so far."""
+@pytest.mark.parametrize("run", ["pool", "one-shot"])
+def test_a_resumed_run_equals_the_uninterrupted_one(resume_runs, run):
+    """The weights, the schedule, and the run's own state: the accuracy history (the pool run's is what --history
+    ranks) and the best evaluation so far."""
     from safetensors.torch import load_file
     weights = lambda folder, step: load_file(resume_runs / folder / f"checkpoint-{step}" / "model.safetensors")
-    state = lambda folder: torch.load(resume_runs / folder / f"checkpoint-{last}" / "trainer_state.pt",
-                                      weights_only=False)
-    straight, resumed = weights(run, last), weights(f"{run}-resumed", last)
-    assert any(not torch.equal(weights(run, last - 1)[k], straight[k]) for k in straight), "the last step did nothing"
+    state = lambda folder: torch.load(resume_runs / folder / "checkpoint-3" / "trainer_state.pt", weights_only=False)
+    straight, resumed = weights(run, 3), weights(f"{run}-resumed", 3)
+    halfway = weights(f"{run}-resumed", 2)
+    assert any(not torch.equal(halfway[k], straight[k]) for k in straight), "step 3 did nothing"
     assert all(torch.equal(straight[k], resumed[k]) for k in straight), "the resumed run's weights differ"
-    steps = {m["step"]: m for m in read_metrics(resume_runs / run)}
-    resumed_steps = read_metrics(resume_runs / f"{run}-resumed")
-    assert [m["step"] for m in resumed_steps] == list(range(last + 1)), "metrics.jsonl does not read as one run"
-    assert steps[last]["lr"] != steps[1]["lr"] and resumed_steps[-1]["lr"] == steps[last]["lr"], "the schedule"
-    assert state(f"{run}-resumed")["history"] == state(run)["history"]
+    steps, resumed_steps = read_metrics(resume_runs / run), read_metrics(resume_runs / f"{run}-resumed")
+    assert [m["step"] for m in resumed_steps] == [0, 1, 2, 3], "metrics.jsonl does not read as one run"
+    assert steps[3]["lr"] != steps[1]["lr"] and resumed_steps[3]["lr"] == steps[3]["lr"], "the schedule"
     history = json.loads((resume_runs / run / "accuracy_history.json").read_text())
+    assert max(map(len, history.values())) >= 2, "no example was recorded twice: the history could not differ"
     assert json.loads((resume_runs / f"{run}-resumed" / "accuracy_history.json").read_text()) == history
-    if run == "pool":
-        assert max(map(len, history.values())) >= 2, "no example was recorded twice: the history could not differ"
-    else:
+    assert state(f"{run}-resumed")["history"] == state(run)["history"] == history
+    if run == "one-shot":
         best = state(run)["best"]
-        assert best["step"] < last, "the best is the last step: a resume that forgot the best would pass"
+        assert best["step"] < 3, "the best is the last step: a resume that forgot the best would pass unnoticed"
         assert state(f"{run}-resumed")["best"] == best, "the best evaluation was not carried over"
