@@ -3,23 +3,22 @@
 Wang et al., 2025, "Reinforcement Learning for Reasoning in Large Language Models with One Training Example": one
 math problem, copied to fill the batch, lifts Qwen2.5-Math-1.5B on MATH500 from 36.0% to 72.8% (pi_1). The example
 is picked by its historical variance: a GRPO run over a pool (DSR-sub, 1209 problems) records each example's
-training accuracy every time it is sampled, and the examples are ranked by the standard deviation of that record,
-largest first; pi_1 is the top one. Held-out accuracy keeps rising after the accuracy on the example saturates, so
-the held-out sets are evaluated all along and the best evaluation is kept. Two runs, on the toy task on a CPU:
+training accuracy every time it is sampled; ranked by the standard deviation of that record, largest first, pi_1 is
+the top one. Held-out accuracy keeps rising after the accuracy on the example saturates, so it is evaluated all
+along and the best evaluation is kept. Two runs, on the toy task on a CPU (a few minutes each):
 
     python one_shot.py --pool --pool-size 32 --output-dir runs/toy-pool   # GRPO over 32 problems: their history
     python one_shot.py --history runs/toy-pool     # pi_1 of that history, 1-shot RLVR from the base model
     python one_shot.py --history acc_step_500.json --model Qwen/Qwen2.5-Math-1.5B ...   # the paper's pi_1: README
 
-The toy's model is `tiny-format` (eval.py): it finds the right number but often leaves the box out or hedges with a
-second boxed number, so what one example teaches it is the answer's form and commitment, which every question
-shares (the toy has no reasoning to improve). Differs from grpo.py in the 1-shot RLVR section and, in main, in:
-- the problems: the pool run's first --pool-size problems, or --prompts-per-step copies of the example(s) (equal
-  shares of several), each copy its own group; every run writes accuracy_history.json, the pool run's being the
-  one ranked; the paper's ablations: --entropy-only (no outcome reward), --label (a replaced answer);
-- evaluation: several sets (the paper's six benchmarks), each decoded as eval.py decodes it; eval/accuracy is their
-  mean and the best evaluation is kept (best.json), as the paper reports its best checkpoint;
-- the paper's KL and entropy coefficients on by default.
+Beside grpo.py (whose loss this is, with the paper's KL and entropy terms on): every run writes accuracy_history.json,
+the pool run's being the one ranked; the 1-shot run's problems are copies of the example(s), each copy its own group;
+several evaluation sets (the paper's six), each decoded as eval.py decodes it, whose mean is eval/accuracy; best.json;
+the paper's ablations (--entropy-only, --label). Simplifications (docs/one_shot.md):
+- verify.py grades the response's last box, and a truncated response scores 0 (the paper reads prompt + response);
+- the toy's `tiny-format` finds the right number but often leaves the box out or hedges: one example teaches it the
+  answer's form and commitment, which every question shares (the toy has no reasoning to improve);
+- a pool run of ours ranks our own rollouts: acc_step_500.json gives the paper's pi_i.
 """
 from __future__ import annotations
 
