@@ -32,7 +32,7 @@ MEANT_TO_DIFFER: dict[tuple[str, str], str] = {
                                            "sharded optimizer go next to it: save_sharded_critic)",
     ("hapo.py", "run_evaluation"): "HAPO measures length: adds the mean and p90 length of the correct responses "
                                    "(from eval.py's graded samples) to eval.py's metrics",
-    ("one_shot.py", "Experiment"): "the toy's 1-shot run: 30 steps, evaluated every 2 (post-saturation "
+    ("one_shot.py", "Experiment"): "the toy's 1-shot run: 20 steps, evaluated every 2 (post-saturation "
                                    "generalisation is a curve)",
     ("one_shot.py", "ModelData"): "tiny-format (what one example can teach it is the answer's form); --eval-data "
                                   "takes several sets, `paper` by default on a real model",
