@@ -369,6 +369,7 @@ def resume_runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["pool", "one-shot"])
 def test_a_resumed_run_equals_the_uninterrupted_one(resume_runs, run):
     """The weights, the schedule, and the run's own state: the accuracy history (the pool run's is what --history
