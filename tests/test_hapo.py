@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -177,38 +176,35 @@ def test_default_run_builds_a_history_that_shrinks(hapo_run):
     assert {"eval/correct_len_mean", "eval/response_len_p90", "correct_len_p90"} <= set(hapo_run[-1])
 
 
-# 4 problems, 4 per step: every step revisits every problem, so from step 2 on the history shapes the rewards. A
-# learning rate that changes at every update (warmup, then linear decay over the run's 8 updates) makes a scheduler
-# not restored on resume show in the weights.
+# 4 problems, 4 per step: every step revisits every problem, so from step 2 on the history shapes the rewards. The rate
+# warms up over the first 3 updates (2 per step), so a schedule not restored on resume would log step 1's at step 3.
 RESUME_RUN = ["--rollout", "hf", "--prompts-per-step", "4", "--train-problems", "4", "--mini-batch", "16",
-              "--micro-batch", "8", "--eval-every", "0", "--eval-max-problems", "4", "--lr-schedule", "linear",
-              "--warmup-steps", "1", "--total-steps", "4"]
+              "--micro-batch", "8", "--eval-every", "0", "--eval-max-problems", "4", "--warmup-steps", "3"]
 
 
 @pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run_weights_history_and_lr(tmp_path):
-    """4 steps straight, saved at step 2 too; a copy of that run as it stood at step 2, resumed in place to step 4.
-    Only its folder is given: the run's own args.json and its latest checkpoint (2) bring the rest back."""
-    run_script(*RESUME_RUN, "--save-every", "2", "--output-dir", str(tmp_path / "straight"))
-    shutil.copytree(tmp_path / "straight", tmp_path / "resumed", ignore=shutil.ignore_patterns("checkpoint-4"))
-    run_script("--resume", str(tmp_path / "resumed"))
+    """4 steps straight; 2 steps, then that run resumed in place to 4 (its folder and --total-steps 4 alone: the
+    run's own args.json and latest checkpoint bring back the rest, the history included)."""
+    run_script(*RESUME_RUN, "--total-steps", "4", "--output-dir", str(tmp_path / "straight"))
+    run_script(*RESUME_RUN, "--total-steps", "2", "--output-dir", str(tmp_path / "resumed"))
+    run_script("--resume", str(tmp_path / "resumed"), "--total-steps", "4")
     resumed_steps, straight_steps = read_metrics(tmp_path / "resumed"), read_metrics(tmp_path / "straight")
     assert [m["step"] for m in resumed_steps] == [1, 2, 3, 4], "metrics.jsonl should read as one run"
     assert resumed_steps[2]["scored_with_history"] > 0, "the resumed run's first step saw no history: not restored"
     assert any(m["length_reward_mean"] != 0 for m in resumed_steps[2:]), "the history changed no reward: vacuous"
-    for key in ("reward_mean", "length_reward_mean", "history_len_mean", "lr"):
-        assert [m[key] for m in resumed_steps] == [m[key] for m in straight_steps], key
-    # the rate each step's update used: a scheduler restarted on resume would show step 1's at step 3
-    assert straight_steps[2]["lr"] not in (straight_steps[0]["lr"], straight_steps[3]["lr"]), "the check is vacuous"
-    assert straight_steps[0]["lr"] == hapo.Args().lr, "step 1's update ran at the full rate (warmup 1): log that one"
+    steady = lambda steps: [{k: v for k, v in m.items() if not k.startswith(("time_", "tokens_per_s", "eval/"))}
+                            for m in steps]
+    assert steady(resumed_steps) == steady(straight_steps), "the resumed run logged other numbers"
+    assert straight_steps[2]["lr"] != straight_steps[0]["lr"], "the rate did not change: the check is vacuous"
     state = lambda run: torch.load(tmp_path / run / "checkpoint-4" / "trainer_state.pt", weights_only=False)
     assert state("straight")["history"], "no history was saved"
     assert state("resumed")["history"] == state("straight")["history"]
     from safetensors.torch import load_file
     straight = load_file(tmp_path / "straight" / "checkpoint-4" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors")
-    first = load_file(tmp_path / "straight" / "checkpoint-2" / "model.safetensors")
-    assert any(not torch.equal(first[k], straight[k]) for k in straight), "steps 3-4 changed nothing"
+    halfway = load_file(tmp_path / "resumed" / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(halfway[k], straight[k]) for k in straight), "steps 3-4 changed nothing"
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), f"{k} differs after resume"
 
