@@ -11,7 +11,7 @@ history from before the batch; then h = min(h, the batch's shortest correct leng
 reward (`length_reward`, `history_length_rewards`), the history (saved in checkpoints), --train-problems, the length
 metrics, and the paper's hyperparameters in Args.
 
-    python hapo.py                                    # the tiny built-in model on the toy task: CPU, ~3 minutes
+    python hapo.py                                    # the tiny built-in model on the toy task: CPU, a few minutes
     python hapo.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B ...   # a real run: see docs/hapo.md
     torchrun --nproc_per_node 8 hapo.py --model ...   # several GPUs: FSDP2, one vLLM engine per rank
 
