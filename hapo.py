@@ -144,7 +144,7 @@ class HAPO:
     train_problems: int = arg(0, "train on the first N problems, each seen again and again; 0: all of a "
                                  "--train-data file (paper), 320 of the toy task")
 
-    def __post_init__(self):  # before anything is built
+    def __post_init__(self):  # as the flags are read, before anything is built
         if self.length_weight > 1:
             raise SystemExit(f"--length-weight {self.length_weight}: at most 1, or a short wrong answer could "
                              "outscore a long right one")
@@ -334,7 +334,7 @@ def length_metrics(lengths: list[int], right: list[bool]) -> dict:
     kept = [n for n, r in zip(lengths, right) if r]
     out = {"response_len_p90": evaluation.percentile(lengths, 0.9)}
     if kept:
-        out.update(correct_len_mean=float(np.mean(kept)), correct_len_p90=evaluation.percentile(kept, 0.9))
+        out.update(correct_len_mean=sum(kept) / len(kept), correct_len_p90=evaluation.percentile(kept, 0.9))
     return out
 
 
@@ -983,7 +983,7 @@ def main(args: Args) -> Path:
         golds = [p["answer"] for p in batch for _ in range(args.samples_per_prompt)]
         correct = verify.score_batch([r["text"] for r in rollouts], golds, mode=args.answer_mode)
         right = [bool(c) and not r["truncated"] for r, c in zip(rollouts, correct)]
-        keys = [p["problem"] for p in batch for _ in range(args.samples_per_prompt)]  # the history's keys
+        keys = [p["problem"] for p in batch for _ in range(args.samples_per_prompt)]  # keys of the history
         with_history = np.mean(gather_from_ranks([k in history for k in keys]))
         length_rewards = history_length_rewards(history, keys, [response_length(r) for r in rollouts], right, args)
         rewards = torch.tensor([float(c) + b for c, b in zip(right, length_rewards)])
