@@ -263,6 +263,8 @@ def load_critic(path: str, tokenizer, args):
     if critic.get_input_embeddings().num_embeddings < len(tokenizer):
         raise SystemExit(f"critic {path}: its vocabulary ({critic.get_input_embeddings().num_embeddings}) is smaller "
                          f"than the policy tokenizer's ({len(tokenizer)}); the critic must read the policy's tokens")
+    for weight in critic.parameters():  # read from safetensors, a weight sits at the file's byte offset, and CPU
+        weight.data = weight.data.clone()  # kernels round otherwise there: a resumed critic drifted ~1e-8 a step
     if args.gradient_checkpointing:
         critic.gradient_checkpointing_enable()
         critic.config.use_cache = False
