@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -96,6 +97,7 @@ class Rollout:
 
 
 @dataclass
+@dataclass
 class PPO:
     _argument_group_name = "PPO"
     answer_mode: Literal[verify.MODES] = arg("boxed", "how verify.py reads the answer (paper: boxed)")
@@ -147,7 +149,7 @@ class Args(Optimisation, PPO, Rollout, ModelData, Experiment):
     pass
 
 
-# ==== ALGO LOGIC: the clipped policy update (grpo.py's) =========================================================
+# ==== ALGO LOGIC: the clipped policy update (grpo.py's) ===============================================================
 def token_weights(lengths: list[int], mode: str, minibatch_tokens: int, minibatch_seqs: int, max_len: int):
     """Per-token weights w such that the mini-batch loss is sum(w * per-token loss). The normalisers are those of the
     whole mini-batch, so micro-batches accumulate to exactly its gradient."""
@@ -249,7 +251,7 @@ def run_evaluation(engine, tokenizer, problems, args) -> dict:
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
-# ==== ALGO LOGIC: PPO: the critic, per-token rewards, GAE and the value loss ======================================
+# ==== ALGO LOGIC: PPO: the critic, per-token rewards, GAE and the value loss ==========================================
 def load_critic(path: str, tokenizer, args):
     """The critic, in CPU memory: the transformer of `path` under a scalar value head (transformers'
     ForTokenClassification with one label, the form verl uses), freshly initialised for a base model, restored for a
@@ -445,7 +447,7 @@ def reference_on_device(reference, device, args):
             setattr(module, name, t)
 
 
-# ==== PLUMBING: the fused log-prob (the memory-critical piece) ======================================================
+# ==== PLUMBING: the fused log-prob (the memory-critical piece) ========================================================
 class ChunkedLogprobEntropy(torch.autograd.Function):
     """log p(target) and entropy H of p = softmax(hidden @ weight.T / T), never holding a [tokens x vocab] tensor.
 
@@ -660,20 +662,16 @@ def check_lm_head(model) -> None:
 
 def collate(rollouts: list[dict], pad_id: int, device) -> dict:
     """Right-padded prompt+response rows; response_mask marks the response tokens (stop token included)."""
-    width = max(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rollouts)
-    input_ids = torch.full((len(rollouts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rollouts), width), dtype=torch.long)
-    response_mask = torch.zeros((len(rollouts), width), dtype=torch.bool)
-    for i, r in enumerate(rollouts):
-        p, n = len(r["prompt_ids"]), len(r["response_ids"])
-        input_ids[i, :p + n] = torch.tensor(r["prompt_ids"] + r["response_ids"])
-        attention_mask[i, :p + n] = 1
-        response_mask[i, p:p + n] = True
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+    rows = [torch.tensor(r["prompt_ids"] + r["response_ids"]) for r in rollouts]
+    input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id)
+    position = torch.arange(input_ids.shape[1])
+    attention_mask = position < torch.tensor([len(row) for row in rows])[:, None]
+    response_mask = attention_mask & (position >= torch.tensor([len(r["prompt_ids"]) for r in rollouts])[:, None])
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.long().to(device),
             "response_mask": response_mask.to(device)}
 
 
-# ==== PLUMBING: rollouts (generation itself is eval.py's) and the weight push ========================================
+# ==== PLUMBING: rollouts (generation itself is eval.py's) and the weight push =========================================
 def make_rollout_engine(args, model_path: str, model):
     """An in-process vLLM engine on the trainer's device, or None for HF `generate` on the policy itself."""
     if args.rollout == "hf" or (args.rollout == "auto" and importlib.util.find_spec("vllm") is None):
@@ -726,7 +724,7 @@ def streamed_weights(model):
         yield "lm_head.weight", full(model.get_output_embeddings().weight)
 
 
-# ==== PLUMBING: torchrun and FSDP2 (idle in a single process) ========================================================
+# ==== PLUMBING: torchrun and FSDP2 (idle in a single process) =========================================================
 def init_distributed() -> tuple[int, int, torch.device]:
     """rank, world size and this rank's device. Under torchrun (WORLD_SIZE > 1) join its process group: NCCL on
     GPUs, gloo on CPUs; a single process starts no process group at all."""
@@ -813,17 +811,7 @@ def clip_gradients(model, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor, the same on every rank
 
 
-def resolve_on_rank0_first(name: str) -> str:
-    """Rank 0 downloads (or builds the tiny model) first; the other ranks then find it cached instead of racing."""
-    if is_distributed() and torch.distributed.get_rank() != 0:
-        torch.distributed.barrier()
-    path = evaluation.resolve_model_path(name)
-    if is_distributed() and torch.distributed.get_rank() == 0:
-        torch.distributed.barrier()
-    return path
-
-
-# ==== PLUMBING: arguments, data, checkpoints, logging ========================================================================
+# ==== PLUMBING: arguments, data, checkpoints, logging =================================================================
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # no "(default: )" after an empty default
         return action.help if action.default in ("", None) else super()._get_help_string(action)
@@ -833,7 +821,8 @@ def parse_args(argv=None) -> Args:
     """The command line, through transformers' HfArgumentParser. --resume RUN continues a run with its own args.json;
     flags given on the command line override it (--total-steps to train longer, say), with a note."""
     from transformers import HfArgumentParser
-    parser = HfArgumentParser(GROUPS, description=__doc__.split("\n\n")[0], formatter_class=Help)
+    parser = HfArgumentParser(GROUPS, description=__doc__.split("\n\n")[0], formatter_class=Help,
+                              usage="%(prog)s [--flag value ...]; --help lists them")
     for action in parser._actions:  # it also lists --output_dir beside --output-dir: --help shows one spelling
         action.option_strings = [o for o in action.option_strings if "_" not in o] or action.option_strings
     args = Args(**vars(parser.parse_args(argv)))
@@ -858,6 +847,9 @@ def latest_checkpoint(folder: Path) -> Path:
         folder = folder / f"checkpoint-{steps[-1]}"
     if not (folder.parent / "args.json").is_file() or not (folder / "trainer_state.pt").is_file():
         raise SystemExit(f"--resume {folder}: not a checkpoint of a run (no trainer_state.pt, or no args.json beside)")
+    if not (folder / "optimizer").is_dir():
+        raise SystemExit(f"--resume {folder}: an older checkpoint, which keeps its weights only; resume the run's "
+                         "latest (give the run's folder)")
     return folder
 
 
@@ -988,6 +980,10 @@ def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, schedu
                folder / f"rng-rank{rank}.pt")
     if is_distributed():
         torch.distributed.barrier()
+    for older in folder.parent.glob("checkpoint-*") if rank == 0 else ():  # 2x the weights each: only the
+        if older != folder:  # latest checkpoint keeps what resuming needs; the others keep what evaluating needs
+            for state in list(older.glob("**/optimizer")):  # the critic's too
+                shutil.rmtree(state, ignore_errors=True)
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
@@ -1062,7 +1058,7 @@ def summary(output_dir: Path, args, world: int, stopped: bool) -> str:
     return "\n".join(lines)
 
 
-# ==== main ==========================================================================================================
+# ==== main ============================================================================================================
 def main(args: Args) -> Path:
     # setup: processes, checks, seed, data, model, reference, critic, optimizers, engine, run folder, resume
     rank, world, device = init_distributed()  # one process unless started by torchrun
@@ -1070,7 +1066,7 @@ def main(args: Args) -> Path:
     train_problems, eval_problems = read_data(args)
     random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    model_path = args.resume or resolve_on_rank0_first(args.model)
+    model_path = args.resume or evaluation.resolve_model_path(args.model)  # torchrun: one rank builds the tiny
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
     check_lm_head(model)
     if args.gradient_checkpointing:
@@ -1079,10 +1075,10 @@ def main(args: Args) -> Path:
     model = shard_model(model.train(), device, world)  # under torchrun: sharded before the next model loads
     reference = None
     if args.kl_coef > 0:  # with no KL term there is nothing to compare against: no reference is loaded
-        reference = evaluation.load_model(resolve_on_rank0_first(args.model))[0].eval().requires_grad_(False)
+        reference = evaluation.load_model(args.model)[0].eval().requires_grad_(False)
         reference = reference if args.reference_on_cpu else shard_model(reference, device, world)
-    critic_path = str(Path(args.resume) / "critic") if args.resume else resolve_on_rank0_first(args.critic_model or
-                                                                                              args.model)
+    critic_path = Path(args.resume) / "critic" if args.resume else evaluation.resolve_model_path(args.critic_model or
+                                                                                                args.model)
     critic = shard_model(load_critic(critic_path, tokenizer, args), device, world)
     problems = tokenize_prompts(train_problems, tokenizer, args)
     updates_per_step = args.num_updates * args.prompts_per_step * args.samples_per_prompt // args.mini_batch
