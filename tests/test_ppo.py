@@ -483,7 +483,7 @@ def test_critic_warmup_leaves_the_policy_alone(tmp_path):
 def test_resuming_another_scripts_run_stops_with_one_line(tmp_path):
     """A GRPO run has no critic to continue from: resuming it with ppo.py says so in one line, before loading."""
     run = tmp_path / "grpo-run"
-    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-2" / "optimizer").mkdir(parents=True)
     torch.save({"step": 2, "world_size": 1}, run / "checkpoint-2" / "trainer_state.pt")
     (run / "args.json").write_text(json.dumps({"std_normalize": True, "total_steps": 4}))
     out = subprocess.run([sys.executable, str(ROOT / "ppo.py"), "--resume", str(run)], capture_output=True,
