@@ -2,9 +2,10 @@
 import json
 import math
 import os
-import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -434,18 +435,27 @@ RESUMABLE = SHORT + ["--kl-coef", "0.05", "--reference-on-cpu", "--lr-schedule",
 
 
 @pytest.mark.slow
-def test_resumed_run_equals_uninterrupted_run_for_policy_and_critic(tmp_path):
-    """A run stopped after its checkpoint at step 2 (its folder as it was then) and resumed in place ends with the
-    uninterrupted run's policy, critic and metrics."""
+def test_ctrl_c_and_resume_equal_the_uninterrupted_run_for_policy_and_critic(tmp_path):
+    """Ctrl-C mid-run saves the policy and the critic at the step in progress; resuming the run's folder continues in
+    place and ends with the uninterrupted run's policy, critic, learning rates and metrics."""
     straight, run = tmp_path / "straight", tmp_path / "run"
-    run_script(*RESUMABLE, "--save-every", "2", "--output-dir", str(straight))
-    shutil.copytree(straight, run, ignore=shutil.ignore_patterns("checkpoint-4"))
+    run_script(*RESUMABLE, "--output-dir", str(straight))
+    child = subprocess.Popen([sys.executable, str(ROOT / "ppo.py"), *RESUMABLE, "--output-dir", str(run)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not (run / "metrics.jsonl").exists() or len(read_metrics(run)) < 2:  # step 0's evaluation and step 1
+        assert child.poll() is None, child.stdout.read()[-3000:]
+        time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    out = child.communicate(timeout=300)[0]
+    assert child.returncode == 0 and "Traceback" not in out, out[-3000:]
+    stopped = read_metrics(run)[-1]["step"]
+    assert stopped < 4 and (run / f"checkpoint-{stopped}" / "critic" / "optimizer").is_dir(), stopped
     run_script("--resume", str(run))
     from safetensors.torch import load_file
     for part in ("critic/model.safetensors", "model.safetensors"):  # the critic first: it moves apart first
-        ends = load_file(straight / "checkpoint-4" / part)
-        resumed, halfway = load_file(run / "checkpoint-4" / part), load_file(straight / "checkpoint-2" / part)
-        assert any(not torch.equal(halfway[k], ends[k]) for k in ends), f"{part}: steps 3-4 changed nothing"
+        ends, resumed = load_file(straight / "checkpoint-4" / part), load_file(run / "checkpoint-4" / part)
+        halfway = load_file(run / f"checkpoint-{stopped}" / part)
+        assert any(not torch.equal(halfway[k], ends[k]) for k in ends), f"{part}: the steps after Ctrl-C changed nothing"
         for k in ends:
             assert torch.equal(ends[k], resumed[k]), f"{part}: {k} differs after resume"
     steady = lambda folder: [{k: v for k, v in m.items() if not k.startswith(("time_", "tokens_per_s"))}  # noqa: E731
