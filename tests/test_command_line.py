@@ -58,6 +58,9 @@ CASES = [
      False),
     ("eval", ["--benchmarks", "math500", "--n", "8", "--temperature", "0"], r"same greedy response", False),
     ("eval", ["--engine", "hf", "--tensor-parallel-size", "2"], r"--engine vllm", False),
+    ("eval", ["--model", "missing/model"], r"--model missing/model: no such folder", False),
+    ("eval", ["--model", "{tmp}"], r"not a model folder", False),
+    ("eval", ["--output-dir", "{tmp}/bad.jsonl"], r"is a file or holds results", False),
 ]
 
 
