@@ -466,7 +466,7 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
     [tokens x hidden] is accumulated, in fp32, by the GEMM itself (C += A B).
     Cost per element of a block, counted in passes over fp32 memory after its GEMM (`bench/logprob.py --passes`):
     forward 4 reads + 1 write, backward 4 reads + 3 writes (2 reads + 2 writes when the entropy's gradient is not
-    needed). On an H200 at 32k tokens the GEMMs take half of the time, these passes the rest (bench/results/).
+    needed); docs/logprob.md has the speed.
     Chunk sizes come from a memory budget (memory_mib) for these temporaries, not a fixed count.
     Under CUDA autocast the GEMMs run in the autocast dtype with fp32 outputs (logits are never rounded to bf16);
     the statistics are fp32 (fp64 inputs stay fp64: the tests' exact reference)."""
@@ -964,20 +964,19 @@ def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, schedu
     a fork's own state (the same on every rank). One process and torchrun write the same layout."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    rank = torch.distributed.get_rank() if is_distributed() else 0
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
     weights = dict(streamed_weights(model))  # a collective under FSDP: every rank gathers
     if model.config.tie_word_embeddings:  # written once, as save_pretrained does (a critic has no LM head)
         weights.pop("lm_head.weight", None)
     if rank == 0:
         model.save_pretrained(folder, state_dict=weights)
         tokenizer.save_pretrained(folder)
-        torch.save({"step": step, "scheduler": scheduler.state_dict(), "world_size": len(gather_from_ranks([0])),
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "world_size": world,
                     **(extra or {})}, folder / "trainer_state.pt")
     dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder / "optimizer",
              no_dist=not is_distributed())
-    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               folder / f"rng-rank{rank}.pt")
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.save((random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda), folder / f"rng-rank{rank}.pt")
     if is_distributed():
         torch.distributed.barrier()
     for older in folder.parent.glob("checkpoint-*") if rank == 0 else ():  # 2x the weights each: only the
@@ -998,13 +997,13 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
     dcp.load(sharded, checkpoint_id=folder / "optimizer", no_dist=not is_distributed())
     set_optimizer_state_dict(model, optimizer, sharded["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng = torch.load(folder / f"rng-rank{torch.distributed.get_rank() if is_distributed() else 0}.pt",
-                     weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    python, numpy, cpu, cuda = torch.load(folder / f"rng-rank{torch.distributed.get_rank() if is_distributed() else 0}"
+                                                     ".pt", weights_only=False)
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
     return state
 
 
@@ -1064,7 +1063,9 @@ def main(args: Args) -> Path:
     rank, world, device = init_distributed()  # one process unless started by torchrun
     output_dir = check_args(args, world)  # before anything is built or written
     train_problems, eval_problems = read_data(args)
-    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)  # the trainer's streams: the samplers and the data order are seeded apart
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     model_path = args.resume or evaluation.resolve_model_path(args.model)  # torchrun: one rank builds the tiny
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
