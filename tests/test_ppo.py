@@ -455,7 +455,7 @@ def test_ctrl_c_and_resume_equal_the_uninterrupted_run_for_policy_and_critic(tmp
     for part in ("critic/model.safetensors", "model.safetensors"):  # the critic first: it moves apart first
         ends, resumed = load_file(straight / "checkpoint-4" / part), load_file(run / "checkpoint-4" / part)
         halfway = load_file(run / f"checkpoint-{stopped}" / part)
-        assert any(not torch.equal(halfway[k], ends[k]) for k in ends), f"{part}: the steps after Ctrl-C changed nothing"
+        assert any(not torch.equal(halfway[k], ends[k]) for k in ends), f"{part}: the steps after Ctrl-C did nothing"
         for k in ends:
             assert torch.equal(ends[k], resumed[k]), f"{part}: {k} differs after resume"
     steady = lambda folder: [{k: v for k, v in m.items() if not k.startswith(("time_", "tokens_per_s"))}  # noqa: E731
