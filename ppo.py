@@ -21,7 +21,8 @@ Choices and simplifications (a flag where there is a choice):
 - V(s_t) is read from the hidden state at position t-1, the one whose logits give token t's log-prob.
 - Under torchrun the critic is sharded like the policy; GAE runs on each rank's responses, and the advantages are
   whitened with the whole batch's mean and variance.
-- Rollouts, the clipped policy update, the fused log-prob, evaluation and checkpoints are grpo.py's.
+- Rollouts, the clipped policy update, the fused log-prob, evaluation and checkpoints are grpo.py's. With the KL in
+  the rewards the policy's old log-probs are computed twice (for the rewards, and in grpo.py's update_policy).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def arg(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
-# ---- Args: every hyperparameter, with the paper's value (1-shot RLVR's DSR-sub baseline) --------------------------
+# ---- Args: every hyperparameter, with the paper's value (1-shot RLVR's PPO, our reading) -----------------------------
 @dataclass
 class Experiment:
     _argument_group_name = "experiment"
@@ -97,7 +98,6 @@ class Rollout:
 
 
 @dataclass
-@dataclass
 class PPO:
     _argument_group_name = "PPO"
     answer_mode: Literal[verify.MODES] = arg("boxed", "how verify.py reads the answer (paper: boxed)")
@@ -116,6 +116,7 @@ class PPO:
     num_updates: int = arg(1, "passes over each rollout batch, for the policy and the critic (paper: 1)")
     mini_batch: int = arg(64, "responses per policy optimizer step (paper: 1024, the whole batch)")
     micro_batch: int = arg(64, "responses per forward/backward; gradients accumulate over a mini-batch")
+    # the critic
     critic_model: str = arg("", "hub id or folder for the critic's transformer; empty: --model (paper: the base model)")
     critic_lr: float = arg(1e-3, "the critic's AdamW learning rate, on --lr-schedule (paper: 1e-5; the tiny model "
                                  "needs far more)")
