@@ -508,11 +508,10 @@ def streamed_weights(model):
     if is_distributed():  # the FSDP root keeps its gathered (on GPUs bf16) weights after forward: read the shards
         model.reshard()
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
-    names = set()
-    for name, t in model.state_dict().items():
-        names.add(name)
+    state = model.state_dict()
+    for name, t in state.items():
         yield name, full(t)
-    if "lm_head.weight" not in names:
+    if "lm_head.weight" not in state:
         yield "lm_head.weight", full(model.get_output_embeddings().weight)
 
 
@@ -606,7 +605,7 @@ def clip_gradients(model, max_norm: float) -> torch.Tensor:
 # ==== PLUMBING: arguments, data, checkpoints, logging =================================================================
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # no "(default: )" after an empty default
-        return action.help if action.default in ("", None) else super()._get_help_string(action)
+        return action.help if action.default in ("", None, []) else super()._get_help_string(action)
 
 
 def parse_args(argv=None) -> Args:
