@@ -1,28 +1,25 @@
 """PPO with a learned critic and GAE for LLM math reasoning in one file.
 
-Proximal Policy Optimization (Schulman et al., 2017) as used for LLMs since Ziegler et al. (2019) and Ouyang et al.
-(2022): a critic (the base model's transformer under a scalar value head) predicts, at every response token, the
-return still to come; generalized advantage estimation (GAE, Schulman et al., 2016) turns the per-token rewards (the
-verified outcome on the last token, minus a KL penalty to a frozen reference on every token) and the critic's values
-into per-token advantages; the policy takes PPO-clipped steps on them and the critic regresses the returns with a
-clipped value loss. The 1-shot RLVR paper (Wang et al., 2025) reports PPO next to GRPO on Qwen2.5-Math-1.5B.
+Proximal Policy Optimization (Schulman et al., 2017) as used for LLMs since Ziegler et al. (2019): a critic (the base
+model's transformer under a scalar value head) predicts at every response token the return still to come; GAE
+(Schulman et al., 2016) turns the per-token rewards (the verified outcome on the last token, minus a KL penalty to a
+frozen reference on every token) and the critic's values into per-token advantages; the policy takes PPO-clipped
+steps on them, and the critic regresses the returns with a clipped value loss. The 1-shot RLVR paper (Wang et al.,
+2025) reports PPO next to GRPO on Qwen2.5-Math-1.5B.
 
     python ppo.py                                     # the tiny built-in model and critic on the toy task: CPU
     python ppo.py --model Qwen/Qwen2.5-Math-1.5B --train-data pi1_r128.jsonl ...   # a real run: see docs/ppo.md
     torchrun --nproc_per_node 8 ppo.py --model ...    # several GPUs: FSDP2 policy, reference and critic
 
-Differs from grpo.py in: the critic (its own model, AdamW, schedule and warm-up; saved in checkpoint-*/critic/);
-per-token rewards with the KL penalty in them (or, with --kl-in-loss, GRPO's k3 KL in the loss); GAE advantages
-whitened over the batch's tokens instead of group-normalised rewards; the clipped value loss and the critic's update.
-Choices and simplifications (a flag where there is a choice):
-- gamma = lambda = 1 by default: the outcome arrives only at the end, so a discount would only shrink the signal that
-  reaches early tokens; with lambda = 1 the advantage is the Monte-Carlo return minus V(s_t).
-- A truncated response earns 0 and its end counts as terminal (V = 0 after the last token), as in grpo.py.
-- V(s_t) is read from the hidden state at position t-1, the one whose logits give token t's log-prob.
-- Under torchrun the critic is sharded like the policy; GAE runs on each rank's responses, and the advantages are
-  whitened with the whole batch's mean and variance.
-- Rollouts, the clipped policy update, the fused log-prob, evaluation and checkpoints are grpo.py's. With the KL in
-  the rewards the policy's old log-probs are computed twice (for the rewards, and in grpo.py's update_policy).
+Differs from grpo.py in: the critic (its own model, AdamW, schedule, warm-up, and checkpoint-*/critic/); per-token
+rewards with the KL in them (or GRPO's k3 KL in the loss: --kl-in-loss); GAE advantages instead of group-normalised
+rewards; the value loss. Choices and simplifications (a flag where there is a choice):
+- gamma = lambda = 1: the outcome arrives only at the end, so a discount would only shrink the signal that reaches
+  early tokens; with lambda = 1 the advantage is the Monte-Carlo return minus V(s_t).
+- A truncated response earns 0 and its end is terminal (V = 0 after the last token). V(s_t) is read from the hidden
+  state at position t-1, whose logits give token t's log-prob.
+- Advantages are whitened over the whole batch's tokens (under torchrun: every rank's, GAE on each rank's own).
+- The policy's update is grpo.py's: with the KL in the rewards, the old log-probs are computed twice.
 """
 from __future__ import annotations
 
@@ -717,11 +714,10 @@ def streamed_weights(model):
     if is_distributed():  # the FSDP root keeps its gathered (on GPUs bf16) weights after forward: read the shards
         model.reshard()
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
-    names = set()
-    for name, t in model.state_dict().items():
-        names.add(name)
+    state = model.state_dict()
+    for name, t in state.items():
         yield name, full(t)
-    if "lm_head.weight" not in names and model.get_output_embeddings() is not None:  # a critic has no LM head
+    if "lm_head.weight" not in state and model.get_output_embeddings() is not None:  # a critic has no LM head
         yield "lm_head.weight", full(model.get_output_embeddings().weight)
 
 
@@ -815,7 +811,7 @@ def clip_gradients(model, max_norm: float) -> torch.Tensor:
 # ==== PLUMBING: arguments, data, checkpoints, logging =================================================================
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # no "(default: )" after an empty default
-        return action.help if action.default in ("", None) else super()._get_help_string(action)
+        return action.help if action.default in ("", None, []) else super()._get_help_string(action)
 
 
 def parse_args(argv=None) -> Args:
