@@ -425,26 +425,6 @@ def update_critic(critic, rollouts, old_values, returns, optimizer, scheduler, a
     return out
 
 
-@contextlib.contextmanager
-def reference_on_device(reference, device, args):
-    """--reference-on-cpu keeps the frozen reference in CPU memory: for the forwards inside this block each of its
-    modules gets copies of its weights on the device, and its CPU tensors back after. (model.to(device) and back
-    would copy the frozen weights device-to-host into new memory every step.) Without the flag: nothing to do."""
-    copies, kept = {}, []
-    try:
-        for module in reference.modules() if args.reference_on_cpu and reference is not None else ():
-            for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-                if id(t) not in copies:  # a tied weight: one copy, shared as the original is
-                    copies[id(t)] = torch.nn.Parameter(t.to(device), requires_grad=False) \
-                        if isinstance(t, torch.nn.Parameter) else t.to(device)
-                kept.append((module, name, t))
-                setattr(module, name, copies[id(t)])
-        yield
-    finally:  # also after a copy that failed (out of memory): the reference goes back whole, its ties intact
-        for module, name, t in kept:
-            setattr(module, name, t)
-
-
 # ==== PLUMBING: the fused log-prob (the memory-critical piece) ========================================================
 class ChunkedLogprobEntropy(torch.autograd.Function):
     """log p(target) and entropy H of p = softmax(hidden @ weight.T / T), never holding a [tokens x vocab] tensor.
@@ -761,6 +741,26 @@ def shard_model(model, device, world: int):
         model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
     model.reshard()  # the root keeps its gathered weights after forward; the optimizer must get the shards
     return model
+
+
+@contextlib.contextmanager
+def reference_on_device(reference, device, args):
+    """--reference-on-cpu keeps the frozen reference in CPU memory: for the forwards inside this block each of its
+    modules gets copies of its weights on the device, and its CPU tensors back after. (model.to(device) and back
+    would copy the frozen weights device-to-host into new memory every step.) Without the flag: nothing to do."""
+    copies, kept = {}, []
+    try:
+        for module in reference.modules() if args.reference_on_cpu and reference is not None else ():
+            for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if id(t) not in copies:  # a tied weight: one copy, shared as the original is
+                    copies[id(t)] = torch.nn.Parameter(t.to(device), requires_grad=False) \
+                        if isinstance(t, torch.nn.Parameter) else t.to(device)
+                kept.append((module, name, t))
+                setattr(module, name, copies[id(t)])
+        yield
+    finally:  # also after a copy that failed (out of memory): the reference goes back whole, its ties intact
+        for module, name, t in kept:
+            setattr(module, name, t)
 
 
 def gather_from_ranks(values: list) -> list:
