@@ -1064,6 +1064,9 @@ def main(args: Args) -> Path:
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if rank == 0:
+        print(f"{'resuming' if args.resume else 'training'} {args.model} on {args.train_data} ({len(train_problems)} "
+              f"problems), writing to {output_dir}", flush=True)
     model_path = args.resume or evaluation.resolve_model_path(args.model)  # torchrun: one rank builds the tiny
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
     check_lm_head(model)
@@ -1092,8 +1095,6 @@ def main(args: Args) -> Path:
         load_checkpoint(Path(args.resume) / "critic", critic, critic_optimizer, critic_scheduler)
     start = load_checkpoint(Path(args.resume), model, optimizer, scheduler)["step"] if args.resume else 0
     log = open_log(output_dir, args, start) if rank == 0 else lambda metrics: None
-    if rank == 0:
-        print(f"training {args.model} on {len(problems)} problems, writing to {output_dir}")
     if start == 0:  # the held-out accuracy before training
         log({"step": 0, **run_evaluation(engine or model, tokenizer, eval_problems, args)})
     rank_args = dataclasses.replace(args, mini_batch=args.mini_batch // world,  # each rank's share of a mini-batch
