@@ -85,14 +85,14 @@ SHOT_REWARDS = [1.0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 0, 1, 0, 1, 0, 0]
 
 
 def one_shot_step() -> dict:
-    """The pool run's steps 4-5 and 7 on a fixed batch (the paper's KL and entropy terms on): weights and history."""
+    """The pool run's steps 1 (this rank's groups), 4-5 and 7 on a fixed batch (the paper's KL and entropy terms on):
+    weights and history."""
     rank, world, device = one_shot.init_distributed()
     model, tokenizer = evaluation.load_model("tiny", dtype=torch.float64)
     reference = evaluation.load_model("tiny", dtype=torch.float64)[0].eval().requires_grad_(False)
     args = one_shot.Args(mini_batch=len(SHOT_IDS) * SAMPLES, micro_batch=3, lr=1e-3)
     assert args.kl_coef > 0 and args.entropy_coef > 0
-    if world > 1:
-        model, reference = one_shot.shard_model(model, device), one_shot.shard_model(reference, device)
+    model, reference = one_shot.shard_model(model, device, world), one_shot.shard_model(reference, device, world)
     optimizer, scheduler = one_shot.make_optimizer(model, args, 1)
     g = torch.Generator().manual_seed(1)
     problems = evaluation.toy_problems(len(SHOT_IDS), seed=5)
@@ -103,18 +103,17 @@ def one_shot_step() -> dict:
             n = int(torch.randint(2, 12, (1,), generator=g))
             rollouts.append({"prompt_ids": p["prompt_ids"], "response_ids": torch.randint(5, 300, (n,), generator=g)
                              .tolist(), "engine_logprobs": [0.0] * n, "truncated": False})
-    mine = one_shot.rank_share(list(range(len(rollouts))), rank, world)
+    share = len(SHOT_IDS) // world  # main's step 1: this rank's whole groups
+    batch, mine = batch[rank * share:(rank + 1) * share], slice(rank * share * SAMPLES, (rank + 1) * share * SAMPLES)
     rewards = torch.tensor(SHOT_REWARDS)[mine]
     history = {"a": [0.5]}
-    one_shot.record_accuracy(history, batch, one_shot.group_accuracy_over_ranks(rewards, SAMPLES))
+    one_shot.record_accuracy(history, batch, rewards, SAMPLES)
     torch.manual_seed(rank)
-    stats = one_shot.update_policy(model, reference, [rollouts[i] for i in mine],
-                                   one_shot.group_advantages(rewards, SAMPLES), optimizer, scheduler,
-                                   dataclasses.replace(args, mini_batch=args.mini_batch // world),
+    stats = one_shot.update_policy(model, reference, rollouts[mine], one_shot.group_advantages(rewards, SAMPLES),
+                                   optimizer, scheduler, dataclasses.replace(args, mini_batch=args.mini_batch // world),
                                    torch.autocast("cpu", enabled=False), tokenizer.pad_token_id, device)
-    return {"weights": {k: v.detach().clone() for k, v in one_shot.full_weights(model).items()},
-            "stats": stats, "histories": one_shot.gather_from_ranks([history]),
-            "rank": rank}
+    return {"weights": {k: v.detach().clone() for k, v in one_shot.streamed_weights(model)},
+            "stats": stats, "histories": one_shot.gather_from_ranks([history]), "rank": rank}
 
 
 # ---- pcl.py: the worker ----------------------------------------------------------------------------------------
@@ -311,7 +310,7 @@ def test_one_shot_one_step_on_two_ranks_equals_one_process_weights_and_history(t
     # every rank records every rank's groups; "a", drawn on both ranks, once for the step (as the paper's trainer)
     assert one["histories"][0] == {"a": [0.5, 0.625], "b": [0.25], "c": [0.25]}, one["histories"]
     assert two["histories"] == [one["histories"][0]] * 2, two["histories"]
-    before = one_shot.full_weights(evaluation.load_model("tiny", dtype=torch.float64)[0])
+    before = dict(one_shot.streamed_weights(evaluation.load_model("tiny", dtype=torch.float64)[0]))
     moved, gap = max_difference(one["weights"], before), max_difference(two["weights"], one["weights"])
     print(f"one_shot: step moved weights by {moved:.3g}; 2 ranks vs 1 process {gap:.3g}")
     assert moved > 1e-4, f"the step moved the weights by only {moved}: the comparison could not fail"
