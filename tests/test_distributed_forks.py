@@ -55,24 +55,22 @@ def hapo_step() -> dict:
     rank, world, device = hapo.init_distributed()
     model, tokenizer = evaluation.load_model("tiny", dtype=torch.float64)
     args = hapo.Args(mini_batch=len(HAPO_PROBLEMS) * SAMPLES, micro_batch=3, lr=1e-3)
-    if world > 1:
-        model = hapo.shard_model(model, device)
+    model = hapo.shard_model(model, device, world)
     optimizer, scheduler = hapo.make_optimizer(model, args, 1)
     rollouts, problem_ids, lengths, right = hapo_batch(tokenizer)
-    mine = hapo.rank_share(list(range(len(rollouts))), rank, world)
-    pick = lambda values: [values[i] for i in mine]
+    share = len(rollouts) // world  # this rank's whole groups, as main's step 1 takes them
+    pick = lambda values: values[rank * share:(rank + 1) * share]
     history, mean_history = dict(HAPO_HISTORY), dict(HAPO_HISTORY)
-    length_rewards = hapo.history_length_rewards_over_ranks(history, pick(problem_ids), pick(lengths), pick(right),
-                                                            args)
-    hapo.history_length_rewards_over_ranks(mean_history, pick(problem_ids), pick(lengths), pick(right),
-                                           dataclasses.replace(args, history_mode="mean"))
+    length_rewards = hapo.history_length_rewards(history, pick(problem_ids), pick(lengths), pick(right), args)
+    hapo.history_length_rewards(mean_history, pick(problem_ids), pick(lengths), pick(right),
+                                dataclasses.replace(args, history_mode="mean"))
     rewards = torch.tensor([float(c) + b for c, b in zip(pick(right), length_rewards)])
     advantages = hapo.group_advantages(rewards, SAMPLES)
     torch.manual_seed(rank)
     stats = hapo.update_policy(model, None, pick(rollouts), advantages, optimizer, scheduler,
                                dataclasses.replace(args, mini_batch=args.mini_batch // world),
                                torch.autocast("cpu", enabled=False), tokenizer.pad_token_id, device)
-    return {"weights": {k: v.detach().clone() for k, v in hapo.full_weights(model).items()},
+    return {"weights": {k: v.detach().clone() for k, v in hapo.streamed_weights(model)},
             "stats": stats, "rewards": hapo.gather_from_ranks(rewards.tolist()),
             "histories": hapo.gather_from_ranks([history]), "mean_histories": hapo.gather_from_ranks([mean_history]),
             "rank": rank}
@@ -271,7 +269,7 @@ def test_hapo_one_step_on_two_ranks_equals_one_process_weights_and_history(two_r
     # the rewards (scored against the history from before the batch) and the step
     assert two["rewards"] == pytest.approx(one["rewards"], abs=1e-12)
     assert any(r not in (0.0, 1.0) for r in one["rewards"]), "no length reward: the history played no part"
-    before = hapo.full_weights(evaluation.load_model("tiny", dtype=torch.float64)[0])
+    before = dict(hapo.streamed_weights(evaluation.load_model("tiny", dtype=torch.float64)[0]))
     moved, gap = max_difference(one["weights"], before), max_difference(two["weights"], one["weights"])
     print(f"hapo: step moved weights by {moved:.3g}; 2 ranks vs 1 process {gap:.3g}")
     assert moved > 1e-4, f"the step moved the weights by only {moved}: the comparison could not fail"

@@ -19,8 +19,6 @@ REQUIRED = ["ChunkedLogprobEntropy", "gemm_dtype", "matmul", "chunk_length", "lo
 ALWAYS_DIFFERENT = {"Args", "main"}
 # (fork, name): why that block differs from grpo.py's.
 MEANT_TO_DIFFER: dict[tuple[str, str], str] = {
-    ("hapo.py", "save_sharded_checkpoint"): "rank 0 also writes HAPO's history (the same on every rank) into "
-                                            "trainer_state.pt, as save_checkpoint's `extra` does in one process",
     ("pcl.py", "save_sharded_checkpoint"): "rank 0 also writes the value model's gathered weights into "
                                            "trainer_state.pt, as save_checkpoint's `extra` does in one process (its "
                                            "optimizer's shards go next to it: save_sharded_value_optimizer)",
@@ -31,8 +29,16 @@ MEANT_TO_DIFFER: dict[tuple[str, str], str] = {
     ("ppo.py", "streamed_weights"): "the critic goes through it too (save_checkpoint), and a critic has no LM head",
     ("ppo.py", "save_checkpoint"): "also writes the critic (into checkpoint-<step>/critic/), which has no tied LM head "
                                    "to drop; older checkpoints drop the critic's optimizer state too",
-    ("hapo.py", "run_evaluation"): "HAPO measures length: adds the mean and p90 length of the correct responses "
-                                   "(from eval.py's graded samples) to eval.py's metrics",
+    ("hapo.py", "run_evaluation"): "HAPO measures length: adds the mean and p90 length of the right responses "
+                                   "(right and not truncated, as the reward counts them) from eval.py's samples",
+    ("hapo.py", "Experiment"): "the paper's value: 1,250 steps (5 epochs over 2,000 problems at 8 per step)",
+    ("hapo.py", "ModelData"): "the default model is tiny-verbose (longer idle sentences: something for the length "
+                              "reward to cut); the paper's values (R1-Distill-Qwen-1.5B, 2,000 DeepScaleR problems, "
+                              "the hapo template, prompts cut to 512)",
+    ("hapo.py", "Rollout"): "the paper's values (8 prompts x 2 samples, T 0.7, 32k tokens); a truncated response is "
+                            "wrong, not 0",
+    ("hapo.py", "GRPO"): "the paper's values (KL 0.04, no entropy bonus, seq-mean-token-mean, 16 responses a step)",
+    ("hapo.py", "Optimisation"): "the paper's values (no weight decay, linear decay to 0)",
     ("one_shot.py", "Experiment"): "the toy's 1-shot run: 20 steps, evaluated every 2 (post-saturation "
                                    "generalisation is a curve)",
     ("one_shot.py", "ModelData"): "tiny-format (what one example can teach it is the answer's form); --eval-data "
