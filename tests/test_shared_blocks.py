@@ -19,15 +19,16 @@ REQUIRED = ["ChunkedLogprobEntropy", "gemm_dtype", "matmul", "chunk_length", "lo
 ALWAYS_DIFFERENT = {"Args", "main"}
 # (fork, name): why that block differs from grpo.py's.
 MEANT_TO_DIFFER: dict[tuple[str, str], str] = {
-    ("ppo.py", "update_policy"): "PPO's advantages are per token (GAE), and the old and reference log-probs are "
-                                 "computed before the update because the per-token rewards (KL penalty) and GAE need "
-                                 "them; the engine-vs-trainer log-prob gap is measured from those old log-probs.",
     ("pcl.py", "save_sharded_checkpoint"): "rank 0 also writes the value model's gathered weights into "
                                            "trainer_state.pt, as save_checkpoint's `extra` does in one process (its "
                                            "optimizer's shards go next to it: save_sharded_value_optimizer)",
-    ("ppo.py", "save_sharded_checkpoint"): "rank 0 also writes the critic's scheduler into trainer_state.pt, as "
-                                           "save_checkpoint's `extra` does in one process (the critic's weights and "
-                                           "sharded optimizer go next to it: save_sharded_critic)",
+    ("ppo.py", "Experiment"): "60 steps by default: the toy saturates by step ~45, and the critic makes a step dearer",
+    ("ppo.py", "check_args"): "a critic needs no group (--samples-per-prompt 1 is fine); PPO's own flags: gamma and "
+                              "lambda at most 1, a positive value clip, the critic's warm-up within the run, the "
+                              "critic's mini-batch, --critic-model",
+    ("ppo.py", "streamed_weights"): "the critic goes through it too (save_checkpoint), and a critic has no LM head",
+    ("ppo.py", "save_checkpoint"): "also writes the critic (into checkpoint-<step>/critic/), which has no tied LM head "
+                                   "to drop; older checkpoints drop the critic's optimizer state too",
     ("hapo.py", "run_evaluation"): "HAPO measures length: adds the mean and p90 length of the right responses "
                                    "(right and not truncated, as the reward counts them) from eval.py's samples",
     ("hapo.py", "Experiment"): "the paper's value: 1,250 steps (5 epochs over 2,000 problems at 8 per step)",
