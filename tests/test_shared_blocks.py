@@ -26,9 +26,6 @@ MEANT_TO_DIFFER: dict[tuple[str, str], str] = {
     ("ppo.py", "check_args"): "a critic needs no group (--samples-per-prompt 1 is fine); PPO's own flags: gamma and "
                               "lambda at most 1, a positive value clip, the critic's warm-up within the run, the "
                               "critic's mini-batch, --critic-model",
-    ("ppo.py", "streamed_weights"): "the critic goes through it too (save_checkpoint), and a critic has no LM head",
-    ("ppo.py", "save_checkpoint"): "also writes the critic (into checkpoint-<step>/critic/), which has no tied LM head "
-                                   "to drop; older checkpoints drop the critic's optimizer state too",
     ("hapo.py", "run_evaluation"): "HAPO measures length: adds the mean and p90 length of the right responses "
                                    "(right and not truncated, as the reward counts them) from eval.py's samples",
     ("hapo.py", "Experiment"): "the paper's value: 1,250 steps (5 epochs over 2,000 problems at 8 per step)",
