@@ -114,9 +114,9 @@ def evaluate_worker(kind: str, output: str) -> None:
         engine, tokenizer = evaluation.make_engine(path, seed=0), AutoTokenizer.from_pretrained(path)
     else:
         import grpo
-        _, _, device = grpo.init_distributed()
+        _, world, device = grpo.init_distributed()
         engine, tokenizer = evaluation.load_model("tiny")
-        engine = grpo.shard_model(engine, device)
+        engine = grpo.shard_model(engine, device, world)
     generated = []
     real_generate = evaluation.generate
     evaluation.generate = lambda engine, tokenizer, prompts, **kw: generated.extend(prompts) or \
