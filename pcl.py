@@ -1,12 +1,10 @@
 """Prompt Curriculum Learning (PCL) for LLM math reasoning in one file.
 
 "Prompt Curriculum Learning for Efficient LLM Post-Training" (2025): each step a value model V(x), trained online to
-predict the policy's accuracy on a prompt from the prompt alone, scores k*m uniformly drawn candidates in one
-forward pass; the m whose V(x) is closest to tau = 0.5 (the most samples with a non-zero advantage) are rolled out
-n times each and trained on with on-policy GRPO; then V is regressed on their realised mean rewards. The paper's
-baselines are flags: plain GRPO (--select uniform) and DAPO's dynamic sampling (--select dynamic-sampling: roll out
-all k*m, keep the groups whose rewards differ), which spends rollouts where PCL spends one forward pass.
-Differs from grpo.py in: the PCL section, GRPO's settings (the paper's), V in checkpoints, main's steps 1-2 and 6.
+predict the policy's accuracy on a prompt from the prompt alone, scores k*m uniform candidates in one forward pass;
+the m whose V(x) is closest to tau = 0.5 (the most samples with a non-zero advantage) are rolled out n times each
+for on-policy GRPO; then V is regressed on their realised mean rewards. Baselines: plain GRPO (--select uniform) and
+DAPO's dynamic sampling (--select dynamic-sampling), which rolls out all k*m to keep the groups whose rewards differ.
 
     python pcl.py                                     # the tiny built-in model on the toy task: CPU, ~5 minutes
     python pcl.py --select uniform                    # the same run with uniform prompts, to compare
@@ -20,12 +18,10 @@ Choices and simplifications (a flag where there is a choice):
   a chunked autograd Function that never holds a [tokens x vocab] tensor.
 - Under torchrun each rank takes whole prompt groups and an FSDP2 shard; losses are normalised by the whole batch's
   counts, so a step is the single-process step on the whole batch. V is sharded alike; all keep rank 0's selection.
-- V (ours: no code of the paper is public): --model's backbone, a linear head on the last prompt token, a sigmoid.
-  The head starts at zero: V = 0.5 everywhere, and ties go to the candidate drawn first, so the first steps are
-  uniform. Its own AdamW, --value-updates steps per training step on all kept prompts, mean squared error.
+- V (ours: no code of the paper is public): --model's backbone, a zero-initialised linear head on the last prompt
+  token, a sigmoid (V = 0.5 everywhere, ties go to the first drawn: the first steps are uniform); its own AdamW.
 - Dynamic sampling with fewer than m informative prompts trains on those alone (DAPO draws again).
-- V is scored where its own selection cannot hide its errors: at each evaluation, on a fixed probe of training
-  prompts never trained on (--value-probe), against the policy's sampled accuracy there.
+- V is scored where its selection cannot hide its errors: on a fixed probe of training prompts never trained on.
 - Checkpoints: the last step's and every --save-every's, V's weights and AdamW state with the policy's.
 """
 from __future__ import annotations
@@ -266,9 +262,8 @@ def run_evaluation(engine, tokenizer, problems, args) -> dict:
 
 # ==== ALGO LOGIC: PCL, prompts of intermediate difficulty chosen by a value model ===================================
 class ValueModel(torch.nn.Module):
-    """V(x) in [0, 1]: the policy's expected accuracy on prompt x, read from the prompt alone. Ours: an LM backbone
-    (not its LM head), a linear head on the hidden state of the last prompt token, a sigmoid. The head starts at
-    zero, so V = 0.5 everywhere until it has learnt something."""
+    """V(x) in [0, 1]: the policy's expected accuracy on prompt x, from the prompt alone. Ours: an LM's backbone, a
+    linear head on the last prompt token's hidden state, a sigmoid; the head starts at zero, so V = 0.5 everywhere."""
     base_model_prefix = "backbone"  # shard_model finds V's decoder layers as it finds the policy's
 
     def __init__(self, lm):
@@ -307,9 +302,8 @@ def select_prompts(values: torch.Tensor, m: int, tau: float) -> list[int]:
 
 
 def select_informative(rewards: torch.Tensor, group_size: int, m: int, world: int = 1) -> list[int]:
-    """DAPO's dynamic sampling: the first m candidates whose group's rewards differ. With fewer in the pool the step
-    trains on those alone (ours: DAPO draws again, so a step's cost has no bound); under torchrun a multiple of the
-    world size of them, so that every rank trains on as many."""
+    """DAPO's dynamic sampling: the first m candidates whose group's rewards differ; fewer if the pool has fewer
+    (ours: DAPO draws again), and under torchrun a multiple of the world size, so that every rank trains on as many."""
     groups = rewards.view(-1, group_size)
     informative = (groups.max(dim=1).values != groups.min(dim=1).values).nonzero().flatten().tolist()[:m]
     return informative[:len(informative) - len(informative) % world]
@@ -318,9 +312,9 @@ def select_informative(rewards: torch.Tensor, group_size: int, m: int, world: in
 def kept_rollouts_of_rank(pool_rollouts: list[dict], kept: list[int], group_size: int, rank: int, world: int):
     """This rank's share of the kept groups, out of the pool that every rank rolled out a contiguous share of: each
     rank sends the kept groups it holds to all, and takes its own share."""
-    first, size = rank * len(pool_rollouts) // group_size, group_size
-    held = {i: pool_rollouts[(i - first) * size:(i - first + 1) * size] for i in kept
-            if 0 <= (i - first) * size < len(pool_rollouts)}
+    first, n = rank * len(pool_rollouts), group_size  # every rank rolled out as many: its first one's index
+    held = {i: pool_rollouts[i * n - first:(i + 1) * n - first] for i in kept
+            if 0 <= i * n - first < len(pool_rollouts)}
     groups = {i: group for part in gather_from_ranks([held]) for i, group in part.items()}
     return [r for i in rank_share(kept, rank, world) for r in groups[i]]
 
@@ -332,17 +326,11 @@ def score(rollouts: list[dict], batch: list[dict], args) -> tuple[list, torch.Te
     return correct, torch.tensor([0.0 if r["truncated"] else float(c) for r, c in zip(rollouts, correct)])
 
 
-def realised_accuracy(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Each prompt's mean reward over its n samples (V's target), for every rank's prompts in rank order."""
-    return torch.tensor(gather_from_ranks(rewards.view(-1, group_size).mean(dim=1).tolist()), dtype=rewards.dtype)
-
-
 def update_value_model(value_model, optimizer, prompt_ids, realised, args, pad_id, device, autocast) -> dict:
-    """--value-updates AdamW steps of V on the kept prompts' realised accuracy, so that V lags the policy by one
-    step, as in the paper. The loss is the mean squared error over prompts (ours; the paper sums: under AdamW only
-    the gradient clip tells the two apart, and the sum's gradient grows with m). The logged loss is the first step's,
-    on targets V has not been fitted to. Under torchrun each rank regresses on its share, divided by the whole
-    batch's count, and FSDP sums the gradients: V takes the single-process step."""
+    """--value-updates AdamW steps of V on the kept prompts' realised accuracy: V lags the policy by one step, as in
+    the paper. The mean squared error over prompts (the paper sums; under AdamW only the gradient clip, which the sum's
+    gradient would meet at large m, tells them apart). The logged loss is the first step's, before V has seen these
+    targets. Under torchrun each rank takes its share over the whole batch's count, and FSDP sums the gradients."""
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
     total, start = len(prompt_ids), time.time()
     prompt_ids, realised = rank_share(prompt_ids, rank, world), rank_share(realised, rank, world)
@@ -364,15 +352,21 @@ def update_value_model(value_model, optimizer, prompt_ids, realised, args, pad_i
 
 
 def load_value_model(args, tokenizer, device, world: int):
-    """V and its AdamW optimizer. V starts from --value-model, by default the run's --model (ours), and reads the
-    policy's token ids: its tokenizer must be the policy's."""
+    """V and its AdamW optimizer, as a resumed run left them. V starts from --value-model, by default the run's
+    --model (ours), and reads the policy's token ids: its tokenizer must be the policy's."""
     lm, value_tokenizer = evaluation.load_model(resolve_on_rank0_first(args.value_model or args.model))
     if value_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise SystemExit(f"--value-model {args.value_model}: its tokenizer's vocabulary is not the policy's")
     if args.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
     value_model = shard_model(ValueModel(lm).train(), device, world)
-    return value_model, torch.optim.AdamW(value_model.parameters(), args.value_lr, weight_decay=args.value_weight_decay)
+    optimizer = torch.optim.AdamW(value_model.parameters(), args.value_lr, weight_decay=args.value_weight_decay)
+    if args.resume:  # memory-mapped: V's state is read, not the whole file
+        state = torch.load(Path(args.resume) / "trainer_state.pt", map_location="cpu", mmap=True, weights_only=False)
+        set_model_state_dict(value_model, state["value_model"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(value_model, optimizer, state["value_optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    return value_model, optimizer
 
 
 def value_state(value_model, optimizer) -> dict:
@@ -384,14 +378,6 @@ def value_state(value_model, optimizer) -> dict:
             "value_optimizer": get_optimizer_state_dict(value_model, optimizer, options=whole)}
 
 
-def restore_value_model(state: dict, value_model, optimizer) -> int:
-    """V's weights and AdamW state from a checkpoint's trainer_state (its step is returned)."""
-    whole = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(value_model, state["value_model"], options=whole)
-    set_optimizer_state_dict(value_model, optimizer, state["value_optimizer"], options=whole)
-    return state["step"]
-
-
 def split_probe(problems: list[dict], size: int, seed: int) -> tuple[list[dict], list[dict]]:
     """(probe, training pool): `size` prompts drawn once and taken out of the pool, so that no selection and no
     update touches them (ours)."""
@@ -401,12 +387,13 @@ def split_probe(problems: list[dict], size: int, seed: int) -> tuple[list[dict],
     return [problems[i] for i in sorted(drawn)], [p for i, p in enumerate(problems) if i not in drawn]
 
 
-def probe_value_model(value_model, engine, model, tokenizer, probe, args, step, rank, world, device, autocast):
+def probe_value_model(value_model, engine, tokenizer, probe, args, step, device, autocast) -> dict:
     """V's predictions on the probe against the policy's accuracy there: n samples per prompt at the training
-    temperature, from a seed of their own (step -(step + 1)), so that the run trains as it would without them."""
-    share = rank_share(probe, rank, world)
-    rollouts = generate(engine, model, tokenizer, share, args, -(step + 1), rank)
-    accuracy = realised_accuracy(score(rollouts, share, args)[1], args.samples_per_prompt).double().numpy()
+    temperature, through eval.py (which leaves the run's random streams as they were; under torchrun each rank
+    samples its share)."""
+    samples = evaluation.evaluate(engine, tokenizer, probe, args.template, args.samples_per_prompt, args.temperature,
+                                  args.top_p, args.max_new_tokens, args.seed + step, args.answer_mode)[1]
+    accuracy = np.array([s["correct"] * (not s["truncated"]) for s in samples]).reshape(len(probe), -1).mean(1)
     v = predict_values(value_model, [p["prompt_ids"] for p in probe], args, tokenizer.pad_token_id, device,
                        autocast).double().numpy()
     corr = float(np.corrcoef(v, accuracy)[0, 1]) if v.std() > 0 and accuracy.std() > 0 else float("nan")
@@ -1025,7 +1012,7 @@ def summary(output_dir: Path, args, world: int, stopped: bool) -> str:
 
 # ==== main ==========================================================================================================
 def main(args: Args) -> Path:
-    # setup: processes, checks, seed, data, model, value model, reference, optimizers, engine, run folder, resume
+    # setup: processes, checks, seed, data, model, reference, optimizer, engine, run folder, resume
     rank, world, device = init_distributed()  # one process unless started by torchrun
     output_dir = check_args(args, world)  # before anything is built or written
     if not 0 <= args.tau <= 1:
@@ -1054,8 +1041,7 @@ def main(args: Args) -> Path:
     optimizer, scheduler = make_optimizer(model, args, args.total_steps * updates_per_step)
     engine = make_rollout_engine(args, model_path, model)
     push_weights(engine, model, args)  # the engine loaded fp32 files from disk; from here on it tracks the policy
-    start = restore_value_model(load_checkpoint(Path(args.resume), model, optimizer, scheduler), value_model,
-                                value_optimizer) if args.resume else 0
+    start = load_checkpoint(Path(args.resume), model, optimizer, scheduler)["step"] if args.resume else 0
     log = open_log(output_dir, args, start) if rank == 0 else lambda metrics: None
     if rank == 0:
         print(f"training {args.model} on {len(problems)} problems, writing to {output_dir}")
@@ -1104,7 +1090,7 @@ def main(args: Args) -> Path:
         #    regression on the kept prompts' realised accuracy, also while vLLM sleeps (two AdamW states on the GPU)
         if engine is not None and args.vllm_sleep and torch.cuda.is_available():
             engine.sleep(level=2)  # free vLLM's GPU memory (weights and KV cache) for the update
-        realised = realised_accuracy(rewards, n)
+        realised = torch.tensor(gather_from_ranks(rewards.view(-1, n).mean(dim=1).tolist()))  # every rank's prompts
         if kept:  # dynamic sampling may keep no prompt at all: nothing to train on
             metrics.update(lr=scheduler.get_last_lr()[0], **update_policy(
                 model, reference, rollouts, advantages, optimizer, scheduler, rank_args, autocast, pad_id, device))
@@ -1124,14 +1110,13 @@ def main(args: Args) -> Path:
         if step + 1 == args.total_steps or (args.eval_every and (step + 1) % args.eval_every == 0):
             metrics.update(run_evaluation(engine or model, tokenizer, eval_problems, args))
             if probe:
-                metrics.update(probe_value_model(value_model, engine, model, tokenizer, probe, args, step, rank,
-                                                 world, device, autocast))
+                metrics.update(probe_value_model(value_model, engine or model, tokenizer, probe, args, step, device,
+                                                 autocast))
         if step + 1 == args.total_steps or stopping or (args.save_every and (step + 1) % args.save_every == 0):
             save_checkpoint(output_dir / f"checkpoint-{step + 1}", step + 1, model, tokenizer, optimizer, scheduler,
                             value_state(value_model, value_optimizer))
         log({k: float(v) if isinstance(v, np.floating) else v for k, v in metrics.items()})
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", len=f"{metrics['response_len_mean']:.0f}",
-                        ratio=f"{metrics['effective_ratio']:.2f}")
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", len=f"{metrics['response_len_mean']:.0f}")
         if stopping:
             break
     bar.close()
