@@ -1067,7 +1067,6 @@ def main(args: Args) -> Path:
             pool_rollouts = generate(engine, model, tokenizer, mine, args, step, rank)
             pool_correct, pool_rewards = score(pool_rollouts, mine, args)
             kept = select_informative(torch.tensor(gather_from_ranks(pool_rewards.tolist())), n, m, world)
-            rollouts = kept_rollouts_of_rank(pool_rollouts, kept, n, rank, world)
             metrics["pool_accuracy"] = np.mean(gather_from_ranks(pool_correct))
         else:
             kept = list(range(m))
@@ -1075,8 +1074,8 @@ def main(args: Args) -> Path:
         metrics["time_select"] = time.time() - t0
         # 2. generate
         t0 = time.time()
-        if args.select != "dynamic-sampling":  # which trains on its filter's rollouts
-            rollouts = generate(engine, model, tokenizer, batch, args, step, rank)
+        rollouts = (kept_rollouts_of_rank(pool_rollouts, kept, n, rank, world) if args.select == "dynamic-sampling"
+                    else generate(engine, model, tokenizer, batch, args, step, rank))  # DAPO: its filter's rollouts
         t1 = time.time()
         # 3. score: the final answer checked by verify.py; a truncated response earns nothing
         golds = [p["answer"] for p in batch for _ in range(args.samples_per_prompt)]
