@@ -977,10 +977,13 @@ def main(args: argparse.Namespace) -> dict:
     if args.tensor_parallel_size > 1 and args.engine != "vllm":
         raise SystemExit("eval.py: --tensor-parallel-size splits a vLLM engine over ranks: add --engine vllm")
     problems = {name: load_for_cli(name, args) for name in names}  # before the model: bad data fails in a second
+    check_model(args.model)
+    out = Path(args.output_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.is_file() or (out / "results.json").exists():
+        raise SystemExit(f"eval.py: --output-dir {out} is a file or holds results already: choose another folder")
     shard, shards, reports = init_data_parallel(args.tensor_parallel_size)
     lead = shard == 0 and reports  # global rank 0: prints, gathers, writes
     engine, tokenizer, engine_kind = load_engine(args.model, args.engine, args.seed, args.tensor_parallel_size)
-    out = Path(args.output_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     results = {"model": args.model, "engine": engine_kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "args": vars(args), "data_parallel_shards": shards, "benchmarks": {}, "average": None}
     if lead:

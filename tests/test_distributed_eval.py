@@ -111,7 +111,7 @@ def evaluate_worker(kind: str, output: str) -> None:
     if kind == "vllm":
         evaluation.init_data_parallel()
         path = evaluation.resolve_model_path("tiny")
-        engine, tokenizer = evaluation.vllm_engine(path, seed=0), AutoTokenizer.from_pretrained(path)
+        engine, tokenizer = evaluation.make_engine(path, seed=0), AutoTokenizer.from_pretrained(path)
     else:
         import grpo
         _, _, device = grpo.init_distributed()

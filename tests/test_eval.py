@@ -269,8 +269,8 @@ class FakeVLLM:
     def generate(self, prompts, params, use_tqdm=False):
         from types import SimpleNamespace
         self.prompts, self.params = prompts, params
-        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[1], finish_reason="stop")] * p.n)
-                for p in params]
+        stop = SimpleNamespace(token_ids=[1], finish_reason="stop", logprobs=[{1: SimpleNamespace(logprob=0.0)}])
+        return [SimpleNamespace(outputs=[stop] * p.n) for p in params]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
@@ -285,16 +285,18 @@ def test_vllm_gets_token_ids_with_one_bos():
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_vllm_sampling_seeds_follow_the_problems_index_in_its_benchmark():
     tokenizer, engine = llama_style_tokenizer(), FakeVLLM()
-    evaluation.generate(engine, tokenizer, ["What", "is", "1"], n=4, temperature=0.6, seed=3)
+    evaluation.generate(engine, tokenizer, ["What", "is", "1"], n=4, temperature=0.6, seed=3, first_index=0)
     whole = [p.seed for p in engine.params]
     evaluation.generate(engine, tokenizer, ["is", "1"], n=4, temperature=0.6, seed=3, first_index=1)
     assert [p.seed for p in engine.params] == whole[1:], "a shard starting at problem 1 seeds it as one process does"
     assert len(set(whole)) == 3 and min(b - a for a, b in itertools.combinations(sorted(whole), 2)) >= 4, \
         "vLLM seeds sample k with seed + k: problems' seeds must not share those"
-    evaluation.generate(engine, tokenizer, ["What"], n=4, temperature=0.6, seed=4)
+    evaluation.generate(engine, tokenizer, ["What"], n=4, temperature=0.6, seed=4, first_index=0)
     assert engine.params[0].seed != whole[0], "another --seed, other samples"
-    evaluation.generate(engine, tokenizer, ["What"], n=1, temperature=0.0, seed=3)
+    evaluation.generate(engine, tokenizer, ["What"], n=1, temperature=0.0, seed=3, first_index=0)
     assert engine.params[0].seed is None, "greedy needs no seed (a seed would cost vLLM its fused sampler)"
+    evaluation.generate(engine, tokenizer, ["What"], n=4, temperature=0.6, seed=3)
+    assert engine.params[0].seed is None, "a trainer's call: the call's own seeded stream, no per-request loop"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
@@ -394,7 +396,7 @@ def test_decoding_defaults_follow_the_papers_protocol():
 def test_engine_vllm_without_vllm_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(evaluation.importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(SystemExit, match="pip install vllm"):
-        evaluation.make_engine("tiny", "vllm", seed=0)
+        evaluation.load_engine("tiny", "vllm", seed=0)
 
 
 def test_cli_with_no_arguments_evaluates_the_tiny_model_on_the_toy_task(tmp_path):
@@ -463,7 +465,7 @@ def vllm_tiny():
     pytest.importorskip("vllm")
     from transformers import AutoTokenizer
     path = evaluation.resolve_model_path("tiny")
-    return evaluation.vllm_engine(path, seed=0), AutoTokenizer.from_pretrained(path)
+    return evaluation.make_engine(path, seed=0), AutoTokenizer.from_pretrained(path)
 
 
 def vllm_samples(vllm_tiny, problems, seed=0, first_index=0):
@@ -501,7 +503,7 @@ def vllm_samples_in_a_child_engine(output: str) -> None:
     """Samples of the first 4 held-out problems from a fresh engine, before and after another sampled benchmark."""
     from transformers import AutoTokenizer
     path = evaluation.resolve_model_path("tiny")
-    engine = (evaluation.vllm_engine(path, seed=0), AutoTokenizer.from_pretrained(path))
+    engine = (evaluation.make_engine(path, seed=0), AutoTokenizer.from_pretrained(path))
     first = vllm_samples(engine, evaluation.toy_splits()[1][:4])
     vllm_samples(engine, evaluation.toy_problems(3, seed=5))
     Path(output).write_text(json.dumps({"first": first,

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FORKS = ["hapo.py", "one_shot.py", "pcl.py", "ppo.py"]
 # Every script carries its own copy of these (the project's shape): a fork that drops one fails.
 REQUIRED = ["ChunkedLogprobEntropy", "gemm_dtype", "matmul", "chunk_length", "logprobs_and_entropy",
-            "make_rollout_engine", "push_weights", "parse_args", "Args", "main"]
+            "make_rollout_engine", "push_weights", "parse_args", "check_args", "save_checkpoint", "load_checkpoint",
+            "CtrlC", "Args", "main"]
 # Differ in every fork by nature: each script's hyperparameters and its main loop.
 ALWAYS_DIFFERENT = {"Args", "main"}
 # (fork, name): why that block differs from grpo.py's.
