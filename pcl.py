@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -149,7 +150,7 @@ class Args(Optimisation, PCL, GRPO, Rollout, ModelData, Experiment):
     pass
 
 
-# ==== ALGO LOGIC: GRPO ==============================================================================================
+# ==== ALGO LOGIC: GRPO ================================================================================================
 def group_advantages(rewards: torch.Tensor, group_size: int, std_normalize: bool = True, eps: float = 1e-6):
     """GRPO's advantage: each reward minus its group's mean, divided by the group's std unless Dr. GRPO."""
     groups = rewards.view(-1, group_size)
@@ -354,28 +355,32 @@ def update_value_model(value_model, optimizer, prompt_ids, realised, args, pad_i
 def load_value_model(args, tokenizer, device, world: int):
     """V and its AdamW optimizer, as a resumed run left them. V starts from --value-model, by default the run's
     --model (ours), and reads the policy's token ids: its tokenizer must be the policy's."""
-    lm, value_tokenizer = evaluation.load_model(resolve_on_rank0_first(args.value_model or args.model))
+    lm, value_tokenizer = evaluation.load_model(args.value_model or args.model)
     if value_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise SystemExit(f"--value-model {args.value_model}: its tokenizer's vocabulary is not the policy's")
     if args.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
     value_model = shard_model(ValueModel(lm).train(), device, world)
     optimizer = torch.optim.AdamW(value_model.parameters(), args.value_lr, weight_decay=args.value_weight_decay)
-    if args.resume:  # memory-mapped: V's state is read, not the whole file
-        state = torch.load(Path(args.resume) / "trainer_state.pt", map_location="cpu", mmap=True, weights_only=False)
-        set_model_state_dict(value_model, state["value_model"], options=StateDictOptions(full_state_dict=True))
-        set_optimizer_state_dict(value_model, optimizer, state["value_optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+    if args.resume:  # as save_value_model wrote them (trainer_state.pt memory-mapped: only V's weights are read)
+        load = lambda name: torch.load(Path(args.resume) / name, map_location="cpu", mmap=True, weights_only=False)
+        whole = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(value_model, load("trainer_state.pt")["value_model"], options=whole)
+        set_optimizer_state_dict(value_model, optimizer, load("optimizer/value_optimizer.pt"), options=whole)
     return value_model, optimizer
 
 
-def value_state(value_model, optimizer) -> dict:
-    """V's weights and AdamW state, whole (under torchrun gathered onto rank 0, which writes them)."""
+def save_value_model(folder: Path, value_model, optimizer) -> dict:
+    """V's AdamW state beside the policy's (folder/optimizer, which only the latest checkpoint keeps); returns V's
+    weights for trainer_state.pt. Both whole: under torchrun every rank gathers them (collectives), rank 0 writes."""
     if is_distributed():  # the FSDP root keeps its gathered weights after forward: read the shards
         value_model.reshard()
     whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return {"value_model": get_model_state_dict(value_model, options=whole),
-            "value_optimizer": get_optimizer_state_dict(value_model, optimizer, options=whole)}
+    optimizer_state = get_optimizer_state_dict(value_model, optimizer, options=whole)
+    if not is_distributed() or torch.distributed.get_rank() == 0:
+        (folder / "optimizer").mkdir(parents=True, exist_ok=True)
+        torch.save(optimizer_state, folder / "optimizer" / "value_optimizer.pt")
+    return {"value_model": get_model_state_dict(value_model, options=whole)}
 
 
 def split_probe(problems: list[dict], size: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -406,7 +411,7 @@ def rank_share(items: list, rank: int, world: int) -> list:
     return items[rank * len(items) // world:(rank + 1) * len(items) // world]
 
 
-# ==== PLUMBING: the fused log-prob (the memory-critical piece) ======================================================
+# ==== PLUMBING: the fused log-prob (the memory-critical piece) ========================================================
 class ChunkedLogprobEntropy(torch.autograd.Function):
     """log p(target) and entropy H of p = softmax(hidden @ weight.T / T), never holding a [tokens x vocab] tensor.
 
@@ -425,7 +430,7 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
     [tokens x hidden] is accumulated, in fp32, by the GEMM itself (C += A B).
     Cost per element of a block, counted in passes over fp32 memory after its GEMM (`bench/logprob.py --passes`):
     forward 4 reads + 1 write, backward 4 reads + 3 writes (2 reads + 2 writes when the entropy's gradient is not
-    needed). On an H200 at 32k tokens the GEMMs take half of the time, these passes the rest (bench/results/).
+    needed); docs/logprob.md has the speed.
     Chunk sizes come from a memory budget (memory_mib) for these temporaries, not a fixed count.
     Under CUDA autocast the GEMMs run in the autocast dtype with fp32 outputs (logits are never rounded to bf16);
     the statistics are fp32 (fp64 inputs stay fp64: the tests' exact reference)."""
@@ -621,20 +626,16 @@ def check_lm_head(model) -> None:
 
 def collate(rollouts: list[dict], pad_id: int, device) -> dict:
     """Right-padded prompt+response rows; response_mask marks the response tokens (stop token included)."""
-    width = max(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rollouts)
-    input_ids = torch.full((len(rollouts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rollouts), width), dtype=torch.long)
-    response_mask = torch.zeros((len(rollouts), width), dtype=torch.bool)
-    for i, r in enumerate(rollouts):
-        p, n = len(r["prompt_ids"]), len(r["response_ids"])
-        input_ids[i, :p + n] = torch.tensor(r["prompt_ids"] + r["response_ids"])
-        attention_mask[i, :p + n] = 1
-        response_mask[i, p:p + n] = True
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+    rows = [torch.tensor(r["prompt_ids"] + r["response_ids"]) for r in rollouts]
+    input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id)
+    position = torch.arange(input_ids.shape[1])
+    attention_mask = position < torch.tensor([len(row) for row in rows])[:, None]
+    response_mask = attention_mask & (position >= torch.tensor([len(r["prompt_ids"]) for r in rollouts])[:, None])
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.long().to(device),
             "response_mask": response_mask.to(device)}
 
 
-# ==== PLUMBING: rollouts (generation itself is eval.py's) and the weight push ========================================
+# ==== PLUMBING: rollouts (generation itself is eval.py's) and the weight push =========================================
 def make_rollout_engine(args, model_path: str, model):
     """An in-process vLLM engine on the trainer's device, or None for HF `generate` on the policy itself."""
     if args.rollout == "hf" or (args.rollout == "auto" and importlib.util.find_spec("vllm") is None):
@@ -687,7 +688,7 @@ def streamed_weights(model):
         yield "lm_head.weight", full(model.get_output_embeddings().weight)
 
 
-# ==== PLUMBING: torchrun and FSDP2 (idle in a single process) ========================================================
+# ==== PLUMBING: torchrun and FSDP2 (idle in a single process) =========================================================
 def init_distributed() -> tuple[int, int, torch.device]:
     """rank, world size and this rank's device. Under torchrun (WORLD_SIZE > 1) join its process group: NCCL on
     GPUs, gloo on CPUs; a single process starts no process group at all."""
@@ -774,17 +775,7 @@ def clip_gradients(model, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor, the same on every rank
 
 
-def resolve_on_rank0_first(name: str) -> str:
-    """Rank 0 downloads (or builds the tiny model) first; the other ranks then find it cached instead of racing."""
-    if is_distributed() and torch.distributed.get_rank() != 0:
-        torch.distributed.barrier()
-    path = evaluation.resolve_model_path(name)
-    if is_distributed() and torch.distributed.get_rank() == 0:
-        torch.distributed.barrier()
-    return path
-
-
-# ==== PLUMBING: arguments, data, checkpoints, logging ========================================================================
+# ==== PLUMBING: arguments, data, checkpoints, logging =================================================================
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # no "(default: )" after an empty default
         return action.help if action.default in ("", None) else super()._get_help_string(action)
@@ -794,7 +785,8 @@ def parse_args(argv=None) -> Args:
     """The command line, through transformers' HfArgumentParser. --resume RUN continues a run with its own args.json;
     flags given on the command line override it (--total-steps to train longer, say), with a note."""
     from transformers import HfArgumentParser
-    parser = HfArgumentParser(GROUPS, description=__doc__.split("\n\n")[0], formatter_class=Help)
+    parser = HfArgumentParser(GROUPS, description=__doc__.split("\n\n")[0], formatter_class=Help,
+                              usage="%(prog)s [--flag value ...]; --help lists them")
     for action in parser._actions:  # it also lists --output_dir beside --output-dir: --help shows one spelling
         action.option_strings = [o for o in action.option_strings if "_" not in o] or action.option_strings
     args = Args(**vars(parser.parse_args(argv)))
@@ -819,6 +811,9 @@ def latest_checkpoint(folder: Path) -> Path:
         folder = folder / f"checkpoint-{steps[-1]}"
     if not (folder.parent / "args.json").is_file() or not (folder / "trainer_state.pt").is_file():
         raise SystemExit(f"--resume {folder}: not a checkpoint of a run (no trainer_state.pt, or no args.json beside)")
+    if not (folder / "optimizer").is_dir():
+        raise SystemExit(f"--resume {folder}: an older checkpoint, which keeps its weights only; resume the run's "
+                         "latest (give the run's folder)")
     return folder
 
 
@@ -920,22 +915,24 @@ def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, schedu
     a fork's own state (the same on every rank). One process and torchrun write the same layout."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    rank = torch.distributed.get_rank() if is_distributed() else 0
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
     weights = dict(streamed_weights(model))  # a collective under FSDP: every rank gathers
     if model.config.tie_word_embeddings:  # written once, as save_pretrained does
         weights.pop("lm_head.weight")
     if rank == 0:
         model.save_pretrained(folder, state_dict=weights)
         tokenizer.save_pretrained(folder)
-        torch.save({"step": step, "scheduler": scheduler.state_dict(), "world_size": len(gather_from_ranks([0])),
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "world_size": world,
                     **(extra or {})}, folder / "trainer_state.pt")
     dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder / "optimizer",
              no_dist=not is_distributed())
-    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               folder / f"rng-rank{rank}.pt")
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.save((random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda), folder / f"rng-rank{rank}.pt")
     if is_distributed():
         torch.distributed.barrier()
+    for older in folder.parent.glob("checkpoint-*") if rank == 0 else ():  # 2x the weights each: only the
+        if older != folder:  # latest checkpoint keeps what resuming needs; the others keep what evaluating needs
+            shutil.rmtree(older / "optimizer", ignore_errors=True)
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
@@ -950,13 +947,13 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
     dcp.load(sharded, checkpoint_id=folder / "optimizer", no_dist=not is_distributed())
     set_optimizer_state_dict(model, optimizer, sharded["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng = torch.load(folder / f"rng-rank{torch.distributed.get_rank() if is_distributed() else 0}.pt",
-                     weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    python, numpy, cpu, cuda = torch.load(folder / f"rng-rank{torch.distributed.get_rank() if is_distributed() else 0}"
+                                                     ".pt", weights_only=False)
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
     return state
 
 
@@ -1010,7 +1007,7 @@ def summary(output_dir: Path, args, world: int, stopped: bool) -> str:
     return "\n".join(lines)
 
 
-# ==== main ==========================================================================================================
+# ==== main ============================================================================================================
 def main(args: Args) -> Path:
     # setup: processes, checks, seed, data, model, reference, optimizer, engine, run folder, resume
     rank, world, device = init_distributed()  # one process unless started by torchrun
@@ -1022,9 +1019,11 @@ def main(args: Args) -> Path:
     except SystemExit as e:
         raise SystemExit(f"--value-{str(e)[2:]}") from None
     train_problems, eval_problems = read_data(args)
-    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)  # the trainer's streams: the samplers and the data order are seeded apart
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    model_path = args.resume or resolve_on_rank0_first(args.model)
+    model_path = args.resume or evaluation.resolve_model_path(args.model)  # torchrun: one rank builds the tiny
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
     check_lm_head(model)
     if args.gradient_checkpointing:
@@ -1033,7 +1032,7 @@ def main(args: Args) -> Path:
     model = shard_model(model.train(), device, world)  # under torchrun: sharded before the next model loads
     reference = None
     if args.kl_coef > 0:  # with no KL term there is nothing to compare against: no reference is loaded
-        reference = evaluation.load_model(resolve_on_rank0_first(args.model))[0].eval().requires_grad_(False)
+        reference = evaluation.load_model(args.model)[0].eval().requires_grad_(False)
         reference = shard_model(reference, device, world)
     value_model, value_optimizer = load_value_model(args, tokenizer, device, world)
     probe, problems = split_probe(tokenize_prompts(train_problems, tokenizer, args), args.value_probe, args.seed)
@@ -1112,8 +1111,9 @@ def main(args: Args) -> Path:
                 metrics.update(probe_value_model(value_model, engine or model, tokenizer, probe, args, step, device,
                                                  autocast))
         if step + 1 == args.total_steps or stopping or (args.save_every and (step + 1) % args.save_every == 0):
-            save_checkpoint(output_dir / f"checkpoint-{step + 1}", step + 1, model, tokenizer, optimizer, scheduler,
-                            value_state(value_model, value_optimizer))
+            folder = output_dir / f"checkpoint-{step + 1}"
+            save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler,
+                            save_value_model(folder, value_model, value_optimizer))
         log({k: float(v) if isinstance(v, np.floating) else v for k, v in metrics.items()})
         bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", len=f"{metrics['response_len_mean']:.0f}")
         if stopping:

@@ -8,7 +8,6 @@ As in test_distributed.py, this file is also the worker that torchrun starts (`p
 test_distributed_forks.py steps OUT`): fixed rollouts go through the real scoring and update path."""
 import dataclasses
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -155,7 +154,9 @@ def pcl_step() -> dict:
     realised = torch.tensor(pcl.gather_from_ranks(rewards.view(-1, SAMPLES).mean(dim=1).tolist()))  # as main does
     value_stats = pcl.update_value_model(value_model, value_optimizer, [candidates[i]["prompt_ids"] for i in kept],
                                          realised, args, tokenizer.pad_token_id, device, off)
-    value = pcl.value_state(value_model, value_optimizer)["value_model"]  # as a checkpoint holds it (rank 0's)
+    if world > 1:
+        value_model.reshard()  # the FSDP root keeps its gathered weights after forward: read the shards
+    value = pcl.get_model_state_dict(value_model, options=pcl.StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {"weights": {k: v.detach().clone() for k, v in pcl.streamed_weights(model)},
             "stats": stats, "value_stats": value_stats, "realised": realised, "value": value,
             "values": pcl.gather_from_ranks([values]), "kept": pcl.gather_from_ranks([kept]), "rank": rank}
@@ -278,13 +279,13 @@ def test_hapo_one_step_on_two_ranks_equals_one_process_weights_and_history(two_r
 
 
 def resume_pair(script: str, root: Path, extra: list) -> Path:
-    """4 steps on 2 ranks with a checkpoint after 2 (root/straight), and a copy of the run cut back to that
-    checkpoint, resumed in place (root/resumed)."""
-    torchrun(ROOT / script, "--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
-             "--eval-every", "0", "--eval-max-problems", "2", "--save-every", "2", *extra,
-             "--output-dir", root / "straight")
-    shutil.copytree(root / "straight", root / "resumed", ignore=shutil.ignore_patterns("checkpoint-4"))
-    torchrun(ROOT / script, "--resume", root / "resumed")
+    """4 steps on 2 ranks with a checkpoint after 2 (root/straight); and 2 steps resumed in place with --total-steps
+    4 (root/resumed). Warmup over 3 steps: a scheduler restarted by the resume would show at step 3."""
+    common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
+              "--eval-every", "0", "--eval-max-problems", "2", "--save-every", "2", "--warmup-steps", "3", *extra]
+    torchrun(ROOT / script, *common, "--total-steps", "4", "--output-dir", root / "straight")
+    torchrun(ROOT / script, *common, "--total-steps", "2", "--output-dir", root / "resumed")
+    torchrun(ROOT / script, "--resume", root / "resumed", "--total-steps", "4")
     return root
 
 
@@ -297,8 +298,9 @@ def assert_resume_equal(root: Path) -> list:
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), f"{k} differs after resume"
     metrics = lambda run: [json.loads(line) for line in open(root / run / "metrics.jsonl")]
-    rewards = lambda run: [m["reward_mean"] for m in metrics(run) if m["step"] > 0]
-    assert rewards("resumed") == rewards("straight"), "the resumed run sampled other responses"
+    logged = lambda run, key: [m.get(key) for m in metrics(run)]
+    assert logged("resumed", "reward_mean") == logged("straight", "reward_mean"), "the resumed run sampled others"
+    assert logged("resumed", "lr") == logged("straight", "lr"), "the schedule did not come back"
     return metrics("resumed")
 
 
@@ -347,7 +349,7 @@ def test_pcl_one_step_on_two_ranks_equals_one_process_selection_policy_and_value
 
 @pytest.mark.slow
 def test_pcl_two_rank_resume_equals_uninterrupted_run_with_value_model(tmp_path):
-    root = resume_pair("pcl.py", tmp_path, ["--total-steps", "4"])
+    root = resume_pair("pcl.py", tmp_path, [])
     assert_resume_equal(root)
     state = lambda run, step: torch.load(root / run / f"checkpoint-{step}" / "trainer_state.pt", weights_only=False)
     straight, resumed, halfway = state("straight", 4), state("resumed", 4), state("straight", 2)
