@@ -225,6 +225,7 @@ def tiny_model_path(seed: int = 0, name: str = TINY_NAME) -> str:
     if os.environ.get("LOCAL_RANK", "0") != "0":  # under torchrun one process per machine builds, the others wait
         return wait_for_tiny_model(path)
     cache.mkdir(parents=True, exist_ok=True)
+    print(f"building the built-in {name} model in {path} (about a minute on 2 cores, once)", flush=True)
     staging = Path(tempfile.mkdtemp(dir=cache, prefix=".building-"))
     with torch.random.fork_rng(devices=[]):  # the build seeds torch: a run draws the same, cached model or not
         build_tiny_model(staging, seed, **TINY_MODELS[name])
