@@ -680,11 +680,10 @@ def streamed_weights(model):
     if is_distributed():  # the FSDP root keeps its gathered (on GPUs bf16) weights after forward: read the shards
         model.reshard()
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
-    names = set()
-    for name, t in model.state_dict().items():
-        names.add(name)
+    state = model.state_dict()
+    for name, t in state.items():
         yield name, full(t)
-    if "lm_head.weight" not in names:
+    if "lm_head.weight" not in state:
         yield "lm_head.weight", full(model.get_output_embeddings().weight)
 
 
@@ -778,7 +777,7 @@ def clip_gradients(model, max_norm: float) -> torch.Tensor:
 # ==== PLUMBING: arguments, data, checkpoints, logging =================================================================
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # no "(default: )" after an empty default
-        return action.help if action.default in ("", None) else super()._get_help_string(action)
+        return action.help if action.default in ("", None, []) else super()._get_help_string(action)
 
 
 def parse_args(argv=None) -> Args:
@@ -1023,6 +1022,9 @@ def main(args: Args) -> Path:
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if rank == 0:
+        print(f"{'resuming' if args.resume else 'training'} {args.model} on {args.train_data} ({len(train_problems)} "
+              f"problems), writing to {output_dir}", flush=True)
     model_path = args.resume or evaluation.resolve_model_path(args.model)  # torchrun: one rank builds the tiny
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
     check_lm_head(model)
@@ -1042,8 +1044,6 @@ def main(args: Args) -> Path:
     push_weights(engine, model, args)  # the engine loaded fp32 files from disk; from here on it tracks the policy
     start = load_checkpoint(Path(args.resume), model, optimizer, scheduler)["step"] if args.resume else 0
     log = open_log(output_dir, args, start) if rank == 0 else lambda metrics: None
-    if rank == 0:
-        print(f"training {args.model} on {len(problems)} problems, writing to {output_dir}")
     if start == 0:  # the held-out accuracy before training
         log({"step": 0, **run_evaluation(engine or model, tokenizer, eval_problems, args)})
     rank_args = dataclasses.replace(args, mini_batch=args.mini_batch // world)  # each rank's share of a mini-batch
