@@ -17,7 +17,7 @@ Choices and simplifications (a flag where there is a choice):
 - The trainer's log-probs are of the response tokens only, from logits divided by the sampling temperature, through
   a chunked autograd Function that never holds a [tokens x vocab] tensor.
 - Under torchrun each rank takes whole prompt groups and an FSDP2 shard; losses are normalised by the whole batch's
-  counts, so a step is the single-process step on the whole batch. V is sharded alike; all keep rank 0's selection.
+  counts, so a step is the single-process step on the whole batch.
 - V (ours: no code of the paper is public): --model's backbone, a zero-initialised linear head on the last prompt
   token, a sigmoid (V = 0.5 everywhere, ties go to the first drawn: the first steps are uniform); its own AdamW.
 - Dynamic sampling with fewer than m informative prompts trains on those alone (DAPO draws again).
@@ -362,25 +362,25 @@ def load_value_model(args, tokenizer, device, world: int):
         lm.gradient_checkpointing_enable()
     value_model = shard_model(ValueModel(lm).train(), device, world)
     optimizer = torch.optim.AdamW(value_model.parameters(), args.value_lr, weight_decay=args.value_weight_decay)
-    if args.resume:  # as save_value_model wrote them (trainer_state.pt memory-mapped: only V's weights are read)
-        load = lambda name: torch.load(Path(args.resume) / name, map_location="cpu", mmap=True, weights_only=False)
+    if args.resume:  # as save_value_model wrote them
+        load = lambda name: torch.load(Path(args.resume) / name, map_location="cpu", weights_only=False)
         whole = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(value_model, load("trainer_state.pt")["value_model"], options=whole)
+        set_model_state_dict(value_model, load("value_model.pt"), options=whole)
         set_optimizer_state_dict(value_model, optimizer, load("optimizer/value_optimizer.pt"), options=whole)
     return value_model, optimizer
 
 
-def save_value_model(folder: Path, value_model, optimizer) -> dict:
-    """V's AdamW state beside the policy's (folder/optimizer, which only the latest checkpoint keeps); returns V's
-    weights for trainer_state.pt. Both whole: under torchrun every rank gathers them (collectives), rank 0 writes."""
+def save_value_model(folder: Path, value_model, optimizer) -> None:
+    """V's weights into a checkpoint (value_model.pt) and its AdamW state beside the policy's (optimizer/, which only
+    the latest checkpoint keeps), both whole: under torchrun every rank gathers them (collectives), rank 0 writes."""
     if is_distributed():  # the FSDP root keeps its gathered weights after forward: read the shards
         value_model.reshard()
     whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    optimizer_state = get_optimizer_state_dict(value_model, optimizer, options=whole)
+    weights = get_model_state_dict(value_model, options=whole)
+    state = get_optimizer_state_dict(value_model, optimizer, options=whole)
     if not is_distributed() or torch.distributed.get_rank() == 0:
-        (folder / "optimizer").mkdir(parents=True, exist_ok=True)
-        torch.save(optimizer_state, folder / "optimizer" / "value_optimizer.pt")
-    return {"value_model": get_model_state_dict(value_model, options=whole)}
+        torch.save(weights, folder / "value_model.pt")
+        torch.save(state, folder / "optimizer" / "value_optimizer.pt")
 
 
 def split_probe(problems: list[dict], size: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -1111,9 +1111,8 @@ def main(args: Args) -> Path:
                 metrics.update(probe_value_model(value_model, engine or model, tokenizer, probe, args, step, device,
                                                  autocast))
         if step + 1 == args.total_steps or stopping or (args.save_every and (step + 1) % args.save_every == 0):
-            folder = output_dir / f"checkpoint-{step + 1}"
-            save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler,
-                            save_value_model(folder, value_model, value_optimizer))
+            save_checkpoint(output_dir / f"checkpoint-{step + 1}", step + 1, model, tokenizer, optimizer, scheduler)
+            save_value_model(output_dir / f"checkpoint-{step + 1}", value_model, value_optimizer)
         log({k: float(v) if isinstance(v, np.floating) else v for k, v in metrics.items()})
         bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", len=f"{metrics['response_len_mean']:.0f}")
         if stopping:
