@@ -137,7 +137,6 @@ class PCL:
     tau: float = arg(0.5, "target accuracy: pcl keeps the m candidates whose V(x) is closest to it (paper: 0.5)")
     value_model: str = arg("", "V's initial backbone, with the policy's tokenizer; default: --model (ours)")
     value_lr: float = arg(3e-4, "V's AdamW learning rate (ours; 1e-3 was unstable on the toy)")
-    value_weight_decay: float = arg(0.0, "V's AdamW weight decay (ours)")
     value_updates: int = arg(4, "V's AdamW steps per training step, each on all kept prompts (ours; 1 is too slow)")
     value_probe: int = arg(64, "training prompts kept out of training, on which V is scored at each evaluation")
 
@@ -328,10 +327,9 @@ def score(rollouts: list[dict], batch: list[dict], args) -> tuple[list, torch.Te
 
 
 def update_value_model(value_model, optimizer, prompt_ids, realised, args, pad_id, device, autocast) -> dict:
-    """--value-updates AdamW steps of V on the kept prompts' realised accuracy: V lags the policy by one step, as in
-    the paper. The mean squared error over prompts (the paper sums; under AdamW only the gradient clip, which the sum's
-    gradient would meet at large m, tells them apart). The logged loss is the first step's, before V has seen these
-    targets. Under torchrun each rank takes its share over the whole batch's count, and FSDP sums the gradients."""
+    """--value-updates AdamW steps of V on the kept prompts' realised accuracy (V lags the policy by one step, as in
+    the paper), mean squared error (the paper sums: at large m the sum's gradient would meet the clip). The logged loss
+    is the first step's. Under torchrun each rank takes its share over the whole batch's count; FSDP sums gradients."""
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
     total, start = len(prompt_ids), time.time()
     prompt_ids, realised = rank_share(prompt_ids, rank, world), rank_share(realised, rank, world)
@@ -361,7 +359,7 @@ def load_value_model(args, tokenizer, device, world: int):
     if args.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
     value_model = shard_model(ValueModel(lm).train(), device, world)
-    optimizer = torch.optim.AdamW(value_model.parameters(), args.value_lr, weight_decay=args.value_weight_decay)
+    optimizer = torch.optim.AdamW(value_model.parameters(), args.value_lr, weight_decay=0.0)  # ours: no decay
     if args.resume:  # as save_value_model wrote them
         load = lambda name: torch.load(Path(args.resume) / name, map_location="cpu", weights_only=False)
         whole = StateDictOptions(full_state_dict=True)
@@ -393,9 +391,8 @@ def split_probe(problems: list[dict], size: int, seed: int) -> tuple[list[dict],
 
 
 def probe_value_model(value_model, engine, tokenizer, probe, args, step, device, autocast) -> dict:
-    """V's predictions on the probe against the policy's accuracy there: n samples per prompt at the training
-    temperature, through eval.py (which leaves the run's random streams as they were; under torchrun each rank
-    samples its share)."""
+    """V's predictions on the probe against the policy's accuracy there, n samples per prompt at the training
+    temperature (through eval.py, which leaves the run's random streams as they were; each rank samples its share)."""
     samples = evaluation.evaluate(engine, tokenizer, probe, args.template, args.samples_per_prompt, args.temperature,
                                   args.top_p, args.max_new_tokens, args.seed + step, args.answer_mode)[1]
     accuracy = np.array([s["correct"] * (not s["truncated"]) for s in samples]).reshape(len(probe), -1).mean(1)
@@ -1052,9 +1049,8 @@ def main(args: Args) -> Path:
     bar = tqdm(range(start, args.total_steps), initial=start, total=args.total_steps, unit="step", disable=rank != 0)
     for step in bar:
         metrics = {"step": step + 1}
-        # 1. sample prompts: k*m candidates drawn uniformly (m for --select uniform), of which m are kept: those whose
-        #    V(x) is nearest tau (pcl: no rollouts), or the first whose group's rewards differ when every candidate is
-        #    rolled out (dynamic sampling). Under torchrun every rank keeps rank 0's choice, and takes whole groups.
+        # 1. sample prompts: k*m uniform candidates (m for --select uniform), of which m are kept: V(x) nearest tau
+        #    (pcl), or the first whose group's rewards differ, all rolled out (dynamic sampling); all ranks keep alike
         t0 = time.time()
         pool = m if args.select == "uniform" else args.candidates_factor * m
         candidates = [problems[i] for i in batch_indices(step, len(problems), pool, args.seed)]
@@ -1084,14 +1080,14 @@ def main(args: Args) -> Path:
         advantages = group_advantages(rewards, args.samples_per_prompt, args.std_normalize)
         if args.mask_truncated:
             rollouts = [dict(r, masked=r["truncated"]) for r in rollouts]
-        # 5. update: num_updates passes, each over mini-batches with micro-batch gradient accumulation; then V's
-        #    regression on the kept prompts' realised accuracy, also while vLLM sleeps (two AdamW states on the GPU)
+        # 5. update: num_updates passes, each over mini-batches with micro-batch gradient accumulation
         if engine is not None and args.vllm_sleep and torch.cuda.is_available():
             engine.sleep(level=2)  # free vLLM's GPU memory (weights and KV cache) for the update
         realised = torch.tensor(gather_from_ranks(rewards.view(-1, n).mean(dim=1).tolist()))  # every rank's prompts
         if kept:  # dynamic sampling may keep no prompt at all: nothing to train on
             metrics.update(lr=scheduler.get_last_lr()[0], **update_policy(
                 model, reference, rollouts, advantages, optimizer, scheduler, rank_args, autocast, pad_id, device))
+            # then V on the kept prompts' realised accuracy, while vLLM still sleeps (two AdamW states on the GPU)
             metrics.update(update_value_model(value_model, value_optimizer, [candidates[i]["prompt_ids"] for i in kept],
                                               realised, args, pad_id, device, autocast))
         # 6. push weights into the rollout engine
