@@ -680,7 +680,7 @@ def streamed_weights(model):
     state = model.state_dict()
     for name, t in state.items():
         yield name, full(t)
-    if "lm_head.weight" not in state:
+    if "lm_head.weight" not in state and model.get_output_embeddings() is not None:  # a critic has no LM head
         yield "lm_head.weight", full(model.get_output_embeddings().weight)
 
 
@@ -790,6 +790,10 @@ def parse_args(argv=None) -> Args:
         return args
     checkpoint = latest_checkpoint(Path(args.resume))
     run_args = json.loads((checkpoint.parent / "args.json").read_text())
+    foreign = sorted(set(run_args) - {f.name for f in dataclasses.fields(Args)})
+    if foreign:  # another script's run: its flags are not this script's
+        raise SystemExit(f"--resume {checkpoint.parent}: not a {Path(__file__).name} run (its args.json has "
+                         f"{', '.join(foreign)})")
     resumed = Args(**vars(parser.parse_args(argv, namespace=argparse.Namespace(**run_args))))
     changed = [f"--{k.replace('_', '-')} {v} (was {run_args[k]})" for k, v in dataclasses.asdict(resumed).items()
                if k != "resume" and v != run_args.get(k)]
@@ -914,7 +918,7 @@ def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, schedu
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
     weights = dict(streamed_weights(model))  # a collective under FSDP: every rank gathers
     if model.config.tie_word_embeddings:  # written once, as save_pretrained does
-        weights.pop("lm_head.weight")
+        weights.pop("lm_head.weight", None)
     if rank == 0:
         model.save_pretrained(folder, state_dict=weights)
         tokenizer.save_pretrained(folder)
@@ -928,7 +932,8 @@ def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, schedu
         torch.distributed.barrier()
     for older in folder.parent.glob("checkpoint-*") if rank == 0 else ():  # 2x the weights each: only the
         if older != folder:  # latest checkpoint keeps what resuming needs; the others keep what evaluating needs
-            shutil.rmtree(older / "optimizer", ignore_errors=True)
+            for state in list(older.glob("**/optimizer")):  # a second model's (ppo's critic/) too
+                shutil.rmtree(state, ignore_errors=True)
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:

@@ -1,12 +1,12 @@
 """1-shot RLVR's entropy bonus on the toy: the default run against `--entropy-coef 0`, per seed. Not a test.
 
-Runs `python one_shot.py` with its defaults (the toy pool run, pi_1, 1-shot RLVR from `tiny-format`) and again with
-`--entropy-coef 0`, for each seed, and prints a markdown table of held-out toy accuracy (greedy, the toy's held-out
-split) at three points of the 1-shot run: the base model (step 0), saturation (the first evaluation at or after the
-step where the reward on the example first reached 0.9) and the end; with the reward on the example at the end
-(the mean of the last 5 steps) and the step it first reached 0.9.
+For each seed: the toy pool run (`python one_shot.py --pool --pool-size 32`), then 1-shot RLVR on pi_1 of its
+history with the defaults and again with `--entropy-coef 0`; prints a markdown table of held-out toy accuracy (greedy,
+the toy's held-out split) at three points of the 1-shot run: the base model (step 0), saturation (the first
+evaluation at or after the step where the reward on the example first reached 0.9) and the end; with the reward on
+the example at the end (the mean of the last 5 steps) and the step it first reached 0.9.
 
-    python bench/one_shot_entropy.py                       # seeds 1-3, both settings: ~6 default runs (2 CPU cores)
+    python bench/one_shot_entropy.py                       # seeds 1-3: 9 toy runs, ~30 min on 2 CPU cores
     python bench/one_shot_entropy.py --seeds 1 -- --rollout hf   # flags after -- go to every run
 """
 import argparse
@@ -34,6 +34,7 @@ def summary(metrics: list[dict], reward_bar: float = 0.9) -> dict:
 
 
 def run(output_dir: Path, seed: int, extra: list[str]) -> tuple[dict, float]:
+    """One toy run of one_shot.py: its curve's summary (a pool run's too: it is not used) and its seconds."""
     start = time.time()
     out = subprocess.run([sys.executable, str(ROOT / "one_shot.py"), "--seed", str(seed), "--output-dir",
                           str(output_dir), *extra], capture_output=True, text=True, cwd=ROOT)
@@ -51,9 +52,11 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
+            pool = Path(args.keep or tmp) / f"seed{seed}-pool"
+            run(pool, seed, ["--pool", "--pool-size", "32", *args.extra])
             for setting, flags in SETTINGS.items():
                 name = f"seed{seed}-{'default' if not flags else 'no-entropy'}"
-                s, seconds = run(Path(args.keep or tmp) / name, seed, [*flags, *args.extra])
+                s, seconds = run(Path(args.keep or tmp) / name, seed, ["--history", str(pool), *flags, *args.extra])
                 print(f"{name}: {s} ({seconds:.0f} s)", file=sys.stderr, flush=True)
                 rows.append((seed, setting, s))
     fmt = lambda v: "-" if v is None else f"{v:.2f}"

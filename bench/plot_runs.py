@@ -10,7 +10,7 @@ One panel per kind of metric that the runs logged, one colour per run:
     pip install matplotlib                                   # an optional extra, not in requirements.txt
     python bench/plot_runs.py runs/grpo-*/ --out docs/img/grpo.png
     python bench/plot_runs.py runs/pcl-a/ runs/pcl-b/ --smooth 5 --out pcl.png
-    python bench/plot_runs.py runs/one_shot-x/ runs/one_shot-x/pool/ --out one_shot.png    # with its pool run
+    python bench/plot_runs.py runs/toy-pool/ runs/one_shot-x/ --out one_shot.png    # 1-shot RLVR beside its pool run
 """
 import argparse
 import json

@@ -4,7 +4,8 @@ test: it prints a table for the README's memory notes.
 Randomly initialised models of the 1.5B shape (hidden 1536, 28 layers, 12 heads, 2 KV heads, MLP 8960, vocabulary
 151,936, tied embeddings), so nothing is downloaded. One rollout batch of `--micro-batch` rows x `--tokens` tokens
 (prompt `--prompt-tokens` + response) goes through ppo.py's own functions, as in one training step with vLLM asleep:
-old log-probs, reference log-probs, values (no grad), then update_critic and update_policy (one optimizer step each).
+old log-probs, reference log-probs, values (no grad), then update_critic and update_policy (one optimizer step each;
+update_policy, grpo.py's, takes the old log-probs again, as ppo.py does with the KL in the rewards).
 Two steps are run: AdamW allocates its moments at the first one, so the second one's peaks are the steady state.
 Memory: torch.cuda.max_memory_allocated per phase (the CUDA context and allocator slack come on top; vLLM's share,
 0.35 of the card by default, is asleep during the update and not part of this measurement).
@@ -67,8 +68,9 @@ def main():
     reference = None
     if args.kl_coef > 0:
         reference = Qwen2ForCausalLM(config).eval().requires_grad_(False).to("cpu" if args.reference_on_cpu else device)
-    if args.gradient_checkpointing:
-        ppo.use_gradient_checkpointing(policy, critic)
+    for model in (policy, critic) if args.gradient_checkpointing else ():
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
     optimizer, scheduler = ppo.make_optimizer(policy, args, 2)
     critic_args = ppo.dataclasses.replace(args, lr=args.critic_lr, weight_decay=args.critic_weight_decay)
     critic_optimizer, critic_scheduler = ppo.make_optimizer(critic, critic_args, 2)
@@ -77,13 +79,14 @@ def main():
     g = torch.Generator().manual_seed(0)
     rollouts = [{"prompt_ids": torch.randint(1, config.vocab_size, (cli.prompt_tokens,), generator=g).tolist(),
                  "response_ids": torch.randint(1, config.vocab_size, (cli.tokens - cli.prompt_tokens,),
-                                               generator=g).tolist(), "truncated": False}
+                                               generator=g).tolist(), "truncated": False,
+                 "engine_logprobs": [0.0] * (cli.tokens - cli.prompt_tokens)}
                 for _ in range(cli.micro_batch)]
     lengths = [len(r["response_ids"]) for r in rollouts]
     for step in (1, 2):
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, ppo.reference_on_device(reference, device, args):
             old_logp = ppo.token_logprobs(policy, rollouts, args, 0, device)
-            ref_logp = ppo.reference_logprobs(reference, rollouts, args, 0, device) if reference is not None else None
+            ref_logp = ppo.token_logprobs(reference, rollouts, args, 0, device) if reference is not None else None
             old_values = [v.cpu() for v in ppo.token_values(critic, rollouts, args, 0, device)]
         phase(f"step {step}: old/ref log-probs, values")
         rewards = [float(i % 2) for i in range(len(rollouts))]
@@ -97,7 +100,7 @@ def main():
         ppo.update_critic(critic, rollouts, old_values, returns, critic_optimizer, critic_scheduler, args, autocast,
                           0, device)
         phase(f"step {step}: update_critic")
-        ppo.update_policy(policy, rollouts, advantages, old_logp, None, optimizer, scheduler, args, autocast, 0, device)
+        ppo.update_policy(policy, None, rollouts, advantages, optimizer, scheduler, args, autocast, 0, device)
         phase(f"step {step}: update_policy")
     print(f"shape {cli.shape} ({n_params / 1e9:.3f}e9 parameters per model), device {device}"
           f"{' ' + torch.cuda.get_device_name() if on_gpu else ''}, micro-batch {cli.micro_batch} x {cli.tokens} "

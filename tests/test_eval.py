@@ -121,6 +121,7 @@ def test_each_benchmark_loads_with_its_size(name):
         assert isinstance(p["answer"], str) and p["answer"].strip()
 
 
+@pytest.mark.slow
 def test_every_gold_grades_as_correct_against_itself():
     golds = [(name, p["answer"]) for name in SIZES for p in evaluation.load_benchmark(name, str(DATA_DIR))]
     scores = verify.score_batch([f"\\boxed{{{gold}}}" for _, gold in golds], [gold for _, gold in golds],
@@ -399,6 +400,7 @@ def test_engine_vllm_without_vllm_says_how_to_install_it(monkeypatch):
         evaluation.load_engine("tiny", "vllm", seed=0)
 
 
+@pytest.mark.slow
 def test_cli_with_no_arguments_evaluates_the_tiny_model_on_the_toy_task(tmp_path):
     done = run_cli("--output-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -488,6 +490,7 @@ def test_vllm_samples_depend_on_the_seed_and_the_problems_index_only(vllm_tiny):
     assert vllm_samples(vllm_tiny, problems, seed=1) != alone, "another --seed, other samples"
 
 
+@pytest.mark.slow
 def test_vllm_samples_are_the_same_with_the_engine_core_in_a_child_process(vllm_tiny, tmp_path):
     """vLLM's default on a GPU runs the engine core, and its sampler, in a child process, which no seed set in this
     process reaches (VLLM_ENABLE_V1_MULTIPROCESSING=1; eval.py sets 0 on CPUs only)."""

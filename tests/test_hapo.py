@@ -70,38 +70,37 @@ def test_any_correct_response_outscores_any_wrong_one_for_weights_up_to_1(shape)
 # ---- the history -----------------------------------------------------------------------------------------------
 def test_batch_is_scored_against_the_history_from_before_it():
     args = hapo.Args()
-    history = {0: (10, 1)}
-    # problem 0 (h = 10) and problem 1 (no history yet), two responses each
-    rewards = hapo.history_length_rewards(history, problem_ids=[0, 0, 1, 1], lengths=[5, 8, 6, 9],
+    history = {"q0": (10, 1)}  # keyed by the problem's text, as main keeps it
+    # problem q0 (h = 10) and problem q1 (no history yet), two responses each
+    rewards = hapo.history_length_rewards(history, problems=["q0", "q0", "q1", "q1"], lengths=[5, 8, 6, 9],
                                           correct=[True, True, True, False], args=args)
     # the 8 is scored against 10, not against the 5 of the same batch (which would give cos(0.8 pi) < 0)
     expected = [math.cos(0.5 * math.pi / 2), math.cos(0.8 * math.pi / 2), 0.0, 0.0]
     assert rewards == pytest.approx(expected, abs=1e-12)
-    assert history == {0: (5, 3), 1: (6, 1)}, "after the batch: h_i = min(h_i, shortest correct in the batch)"
+    assert history == {"q0": (5, 3), "q1": (6, 1)}, "after the batch: h = min(h, shortest correct in the batch)"
 
 
 def test_history_takes_only_correct_lengths_and_never_grows_in_min_mode():
     args = hapo.Args()
-    history = {0: (10, 2)}
-    hapo.history_length_rewards(history, [0, 0, 1], [4, 12, 3], [False, True, False], args)
-    assert history == {0: (10, 3)}, "a wrong 4 must not lower h_i, a correct 12 must not raise it; problem 1 has none"
+    history = {"q0": (10, 2)}
+    hapo.history_length_rewards(history, ["q0", "q0", "q1"], [4, 12, 3], [False, True, False], args)
+    assert history == {"q0": (10, 3)}, "a wrong 4 must not lower h, a correct 12 must not raise it; q1 has none"
 
 
 def test_history_mean_mode_is_the_running_mean_of_correct_lengths():
     args = hapo.Args(history_mode="mean")
     history = {}
-    hapo.history_length_rewards(history, [0, 0, 0], [10, 20, 99], [True, True, False], args)
-    assert history == {0: (15, 2)}
-    rewards = hapo.history_length_rewards(history, [0, 0], [15, 30], [True, True], args)
+    hapo.history_length_rewards(history, ["q0", "q0", "q0"], [10, 20, 99], [True, True, False], args)
+    assert history == {"q0": (15, 2)}
+    rewards = hapo.history_length_rewards(history, ["q0", "q0"], [15, 30], [True, True], args)
     assert rewards == pytest.approx([0.0, -0.7])  # x = 1 and x = 2 against the mean 15
-    assert history[0] == pytest.approx((75 / 4, 4))
+    assert history["q0"] == pytest.approx((75 / 4, 4))
 
 
 def test_response_length_does_not_count_the_stop_token():
-    stops = [0, 2]
-    assert hapo.response_length([5, 6, 7, 2], stops) == 3
-    assert hapo.response_length([5, 6, 7, 8], stops) == 4, "a truncated response has no stop token to drop"
-    assert hapo.response_length([], stops) == 0
+    assert hapo.response_length({"response_ids": [5, 6, 7, 2], "truncated": False}) == 3
+    assert hapo.response_length({"response_ids": [5, 6, 7, 8], "truncated": True}) == 4, \
+        "a truncated response has no stop token to drop"
 
 
 # ---- the training problems -----------------------------------------------------------------------------------
@@ -113,18 +112,10 @@ def test_the_default_cuts_only_the_toy_task_and_every_cut_is_printed(capsys):
     assert from_file == problems, "a --train-data file must not be cut to the toy's 320 by default"
     assert capsys.readouterr().out == ""
     assert hapo.training_problems(problems, hapo.Args(train_data="dsr.json", train_problems=10)) == problems[:10]
-    assert "training on the first 10 of 500 problems (--train-problems 10; 0: all)" in capsys.readouterr().out
-    assert hapo.training_problems(problems, hapo.Args(train_problems=0)) == problems
+    assert "training on the first 10 of 500 problems (--train-problems)" in capsys.readouterr().out
+    assert hapo.training_problems(problems, hapo.Args(train_problems=500)) == problems
     assert hapo.training_problems(problems, hapo.Args(train_problems=600)) == problems
     assert "only 500 problems" in capsys.readouterr().out
-
-
-def test_problems_fingerprint_tells_problem_lists_apart():
-    problems = [{"problem": f"q{i}", "answer": str(i)} for i in range(4)]
-    same = hapo.problems_fingerprint([dict(p) for p in problems])
-    assert hapo.problems_fingerprint(problems) == same and same["count"] == 4
-    for other in (problems[:3], problems[::-1], problems[:3] + [{"problem": "q3", "answer": "4"}]):
-        assert hapo.problems_fingerprint(other) != same, other
 
 
 # ---- whole runs ------------------------------------------------------------------------------------------------
@@ -137,7 +128,8 @@ def run_script(*args, timeout=600):
 
 
 def read_metrics(output_dir):
-    return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
+    """The training steps' metrics (step 0 holds the evaluation before training only)."""
+    return [m for line in open(Path(output_dir) / "metrics.jsonl") if (m := json.loads(line))["step"] > 0]
 
 
 def tenths(metrics, key):
@@ -149,7 +141,7 @@ def tenths(metrics, key):
 @pytest.fixture(scope="module")
 def hapo_run(default_run):
     """The default run (no arguments), shared by the assertions below: it is the expensive part of this file."""
-    return default_run("hapo")
+    return [m for m in default_run("hapo") if m["step"] > 0]  # step 0: the evaluation before training
 
 
 @pytest.mark.slow
@@ -184,86 +176,37 @@ def test_default_run_builds_a_history_that_shrinks(hapo_run):
     assert {"eval/correct_len_mean", "eval/response_len_p90", "correct_len_p90"} <= set(hapo_run[-1])
 
 
-# 4 problems, 4 per step: every step revisits every problem, so from step 2 on the history shapes the rewards. A
-# learning rate that changes at every update (warmup, then linear decay over the run's 8 updates) makes a scheduler
-# not restored on resume show in the weights.
+# 4 problems, 4 per step: every step revisits every problem, so from step 2 on the history shapes the rewards. The rate
+# warms up over the first 3 updates (2 per step), so a schedule not restored on resume would log step 1's at step 3.
 RESUME_RUN = ["--rollout", "hf", "--prompts-per-step", "4", "--train-problems", "4", "--mini-batch", "16",
-              "--micro-batch", "8", "--eval-every", "0", "--eval-max-problems", "4", "--lr-schedule", "linear",
-              "--warmup-steps", "1", "--total-steps", "4"]
-
-
-@pytest.fixture(scope="module")
-def resume_runs(tmp_path_factory):
-    """4 steps straight, saved at step 2 too; resumed from that step 2 to 4. (One run's checkpoint, not a 2-step run's:
-    the schedule decays over --total-steps.) Shared by the resume tests."""
-    tmp_path = tmp_path_factory.mktemp("resume")
-    run_script(*RESUME_RUN, "--save-every", "2", "--output-dir", str(tmp_path / "straight"))
-    run_script(*RESUME_RUN, "--resume", str(tmp_path / "straight" / "checkpoint-2"),
-               "--output-dir", str(tmp_path / "resumed"))
-    return tmp_path
+              "--micro-batch", "8", "--eval-every", "0", "--eval-max-problems", "4", "--warmup-steps", "3"]
 
 
 @pytest.mark.slow
-def test_resumed_run_equals_uninterrupted_run_weights_history_and_lr(resume_runs):
-    tmp_path = resume_runs
+def test_resumed_run_equals_uninterrupted_run_weights_history_and_lr(tmp_path):
+    """4 steps straight; 2 steps, then that run resumed in place to 4 (its folder and --total-steps 4 alone: the
+    run's own args.json and latest checkpoint bring back the rest, the history included)."""
+    run_script(*RESUME_RUN, "--total-steps", "4", "--output-dir", str(tmp_path / "straight"))
+    run_script(*RESUME_RUN, "--total-steps", "2", "--output-dir", str(tmp_path / "resumed"))
+    run_script("--resume", str(tmp_path / "resumed"), "--total-steps", "4")
     resumed_steps, straight_steps = read_metrics(tmp_path / "resumed"), read_metrics(tmp_path / "straight")
-    assert [m["step"] for m in resumed_steps] == [3, 4]
-    assert resumed_steps[0]["scored_with_history"] > 0, "the resumed run's first step saw no history: not restored"
-    assert any(m["length_reward_mean"] != 0 for m in resumed_steps), "the history changed no reward: vacuous test"
-    # the rate each step's update used: a scheduler restarted on resume would show step 1's at step 3
-    assert straight_steps[2]["lr"] not in (straight_steps[0]["lr"], straight_steps[3]["lr"]), "the check is vacuous"
-    assert [m["lr"] for m in resumed_steps] == [m["lr"] for m in straight_steps[2:]], "the scheduler was not restored"
-    assert straight_steps[0]["lr"] == hapo.Args().lr, "step 1's update ran at the full rate (warmup 1): log that one"
+    assert [m["step"] for m in resumed_steps] == [1, 2, 3, 4], "metrics.jsonl should read as one run"
+    assert resumed_steps[2]["scored_with_history"] > 0, "the resumed run's first step saw no history: not restored"
+    assert any(m["length_reward_mean"] != 0 for m in resumed_steps[2:]), "the history changed no reward: vacuous"
+    steady = lambda steps: [{k: v for k, v in m.items() if not k.startswith(("time_", "tokens_per_s", "eval/"))}
+                            for m in steps]
+    assert steady(resumed_steps) == steady(straight_steps), "the resumed run logged other numbers"
+    assert straight_steps[2]["lr"] != straight_steps[0]["lr"], "the rate did not change: the check is vacuous"
     state = lambda run: torch.load(tmp_path / run / "checkpoint-4" / "trainer_state.pt", weights_only=False)
     assert state("straight")["history"], "no history was saved"
     assert state("resumed")["history"] == state("straight")["history"]
     from safetensors.torch import load_file
     straight = load_file(tmp_path / "straight" / "checkpoint-4" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors")
-    first = load_file(tmp_path / "straight" / "checkpoint-2" / "model.safetensors")
-    assert any(not torch.equal(first[k], straight[k]) for k in straight), "steps 3-4 changed nothing"
+    halfway = load_file(tmp_path / "resumed" / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(halfway[k], straight[k]) for k in straight), "steps 3-4 changed nothing"
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), f"{k} differs after resume"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("other", ["more-problems", "reordered-file"])
-def test_resume_over_other_training_problems_is_refused(resume_runs, other):
-    """The history is keyed by problem index. 5 problems, or the same 4 in another order, keep every saved index in
-    range, so only the checkpoint's fingerprint of its problem list can tell that h_i would land on another problem."""
-    checkpoint = resume_runs / "straight" / "checkpoint-2"
-    toy_four = evaluation.load_problems("toy")[:4]
-    saved = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-    assert saved["train_problems"] == hapo.problems_fingerprint(toy_four)
-    assert max(saved["history"]) < 4
-    if other == "more-problems":
-        changed = ["--train-problems", "5"]
-    else:
-        data = resume_runs / f"{other}.jsonl"
-        data.write_text("".join(json.dumps({"problem": p["problem"], "answer": p["answer"]}) + "\n"
-                                for p in toy_four[::-1]))
-        changed = ["--train-data", str(data)]
-    with pytest.raises(SystemExit, match=r"the checkpoint's history is over other training problems \(4 problems"):
-        hapo.main(hapo.parse_args([*RESUME_RUN, *changed, "--resume", str(checkpoint),
-                                   "--output-dir", str(resume_runs / other)]))
-    assert not (resume_runs / other / "metrics.jsonl").exists(), "it trained before refusing"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("flag,saved,asked", [("--history-mode", "min", "mean"),
-                                               ("--length-reward", "cosine", "linear")])
-def test_resume_under_other_history_settings_is_refused_before_loading(resume_runs, tmp_path, flag, saved, asked):
-    """A `min` history (h_i, seen) read as a running mean, or the reverse, would go on silently: the checkpoint says
-    under which flags its history was kept, and a resume under others stops before any model loads."""
-    checkpoint = resume_runs / "straight" / "checkpoint-2"
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-    assert (state["history_mode"], state["length_reward"]) == ("min", "cosine")
-    with pytest.raises(SystemExit) as refused:
-        hapo.main(hapo.parse_args([*RESUME_RUN, flag, asked, "--resume", str(checkpoint),
-                                   "--output-dir", str(tmp_path / "out")]))
-    message = str(refused.value)
-    assert f"{flag} {saved}" in message and f"{flag} {asked}" in message, message
-    assert not (tmp_path / "out").exists(), "it set up the run before refusing"
 
 
 def test_evaluation_counts_no_truncated_response_in_correct_lengths(monkeypatch):
@@ -309,4 +252,3 @@ def test_the_hapo_template_is_the_papers_system_turn_and_the_bare_question():
                       "<|im_end|>\n<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n")
     assert prompt == evaluation.build_prompt("What is 1+1?", None, "qwen25-math-cot")
     assert hapo.parse_args(["--template", "hapo"]).template == "hapo"
-    hapo.check_choices(hapo.parse_args(["--template", "hapo"]))

@@ -1,11 +1,11 @@
 """ppo.py: GAE, whitening, the value loss, per-token rewards, the critic's alignment, learning, warm-up and resume."""
-import gc
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
-import weakref
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import eval as evaluation  # noqa: E402
 import ppo  # noqa: E402
-from test_grpo import ReachedTheCollective, nccl_like_all_reduce  # noqa: E402  (tests/ is on the path)
 
 
 # ---- GAE -------------------------------------------------------------------------------------------------------
@@ -115,34 +114,22 @@ def test_mask_truncated_whitens_over_the_kept_responses_only():
     scores = [1.0, 0.0, 0.0, 1.0, 0.0, 1.0]
     rollouts = [{"response_ids": [7] * n, "masked": m} for n, m in zip(lengths, masked)]
     old_values = [torch.rand(n, generator=g) for n in lengths]
-    args, cpu = ppo.Args(mask_truncated=True), torch.device("cpu")
-    advantages, returns, stats = ppo.advantages_and_returns(rollouts, scores, old_values, None, args, cpu)
+    args = ppo.Args(mask_truncated=True)
+    advantages, returns, stats = ppo.advantages_and_returns(rollouts, scores, old_values, None, args)
     keep = [i for i, m in enumerate(masked) if not m]
     alone, alone_returns, alone_stats = ppo.advantages_and_returns(
-        [rollouts[i] for i in keep], [scores[i] for i in keep], [old_values[i] for i in keep], None, args, cpu)
+        [rollouts[i] for i in keep], [scores[i] for i in keep], [old_values[i] for i in keep], None, args)
     for j, i in enumerate(keep):
         torch.testing.assert_close(advantages[i], alone[j], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(returns[i], alone_returns[j], rtol=0, atol=0)
     assert set(stats) == {"value_mean", "return_mean", "return_var", "explained_var"}, stats
     assert stats == pytest.approx(alone_stats, rel=1e-6)
     assert all(torch.isfinite(advantages[i]).all() for i in range(len(lengths))), "a filler row must stay finite"
-    raw = ppo.advantages_and_returns(rollouts, scores, old_values, None, ppo.Args(whiten_advantages=False), cpu)[0]
+    raw = ppo.advantages_and_returns(rollouts, scores, old_values, None, ppo.Args(whiten_advantages=False))[0]
     every_token = torch.cat(raw)
     shift = max(((a - every_token.mean()) / every_token.std() - alone[j]).abs().max().item()
                 for j, a in enumerate(raw[i] for i in keep))
     assert shift > 0.1, f"whitening over every token gives nearly the same advantages ({shift}): the test is vacuous"
-
-
-def test_collectives_reduce_tensors_on_the_ranks_device(monkeypatch):
-    """As test_grpo's test of the same name, for ppo's own reductions."""
-    monkeypatch.setattr(ppo, "is_distributed", lambda: True)
-    monkeypatch.setattr(torch.distributed, "all_reduce", nccl_like_all_reduce)
-    x, mask, meta = torch.randn(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.device("meta")
-    for name, call in (("whiten_over_ranks", lambda: ppo.whiten_over_ranks(x, mask, meta)),
-                       ("mean_over_ranks", lambda: ppo.mean_over_ranks(x.flatten(), meta)),
-                       ("sums_over_ranks", lambda: ppo.sums_over_ranks([1.0, 2.0], meta))):
-        with pytest.raises(ReachedTheCollective, match="meta"):
-            call()
 
 
 def test_token_rewards_put_the_outcome_on_the_last_token_and_the_kl_penalty_on_every_token():
@@ -159,11 +146,11 @@ def test_clipped_value_loss_by_hand():
     old = torch.zeros(4, dtype=torch.float64)
     values = torch.tensor([0.3, 1.0, -1.0, 0.2], dtype=torch.float64, requires_grad=True)
     returns = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
-    loss, stats = ppo.value_loss(values, old, returns, torch.full((4,), 0.25, dtype=torch.float64), clip=0.5)
+    loss, clip_frac = ppo.value_loss(values, old, returns, torch.full((4,), 0.25, dtype=torch.float64), clip=0.5)
     # token 0: inside the clip, 0.5*0.7^2; token 1: V=1 clipped to 0.5, max(0, 0.5^2) -> 0.5*0.25 (clipped wins);
     # token 2: V=-1 clipped to -0.5, max(1, 0.25) -> 0.5*1 (unclipped wins); token 3: 0.5*0.2^2
     assert loss.item() == pytest.approx((0.245 + 0.125 + 0.5 + 0.02) / 4)
-    assert stats["value_clip_frac"] == pytest.approx(0.25)
+    assert clip_frac == pytest.approx(0.25)
     loss.backward()
     # the clipped branch of token 1 is flat in V: no gradient pulls it further from its rollout-time value
     torch.testing.assert_close(values.grad, torch.tensor([-0.7, 0.0, -1.0, 0.2], dtype=torch.float64) * 0.25)
@@ -183,7 +170,7 @@ def test_explained_variance():
 def tiny():
     model, tokenizer = evaluation.load_model("tiny")
     torch.manual_seed(0)
-    critic = ppo.load_critic(evaluation.resolve_model_path("tiny"), tokenizer)
+    critic = ppo.load_critic(evaluation.resolve_model_path("tiny"), tokenizer, ppo.Args())
     return model, tokenizer, critic
 
 
@@ -249,7 +236,7 @@ def test_critic_gradient_accumulation_equals_one_big_batch(tiny):
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
 def test_policy_gradient_accumulation_equals_one_big_batch(tiny, mode):
     model, tokenizer, _ = tiny
-    rollouts = fake_rollouts(tokenizer, seed=3)
+    rollouts = [dict(r, engine_logprobs=[0.0] * len(r["response_ids"])) for r in fake_rollouts(tokenizer, seed=3)]
     g = torch.Generator().manual_seed(1)
     advantages = [torch.randn(len(r["response_ids"]), dtype=torch.float64, generator=g) for r in rollouts]
     grads = []
@@ -257,14 +244,12 @@ def test_policy_gradient_accumulation_equals_one_big_batch(tiny, mode):
         m = type(model)(model.config)
         m.load_state_dict(model.state_dict())
         m.double().train()
-        with torch.no_grad():
-            old_logp = ppo.token_logprobs(m, rollouts, ppo.Args(), tokenizer.pad_token_id, "cpu")
         args = ppo.Args(mini_batch=8, micro_batch=micro, num_updates=1, loss_agg=mode, max_grad_norm=1e9)
         optimizer = torch.optim.SGD(m.parameters(), lr=0.0)
         optimizer.zero_grad = lambda set_to_none=True: None
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         torch.manual_seed(0)
-        ppo.update_policy(m, rollouts, advantages, old_logp, None, optimizer, scheduler, args,
+        ppo.update_policy(m, None, rollouts, advantages, optimizer, scheduler, args,
                           torch.autocast("cpu", enabled=False), tokenizer.pad_token_id, torch.device("cpu"))
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     assert grads[0].abs().sum() > 0
@@ -272,55 +257,73 @@ def test_policy_gradient_accumulation_equals_one_big_batch(tiny, mode):
     torch.testing.assert_close(grads[2], grads[0], rtol=1e-9, atol=1e-12)
 
 
-# ---- memory: the reference only when needed, gradient checkpointing ------------------------------------------
-def test_no_reference_model_exists_when_kl_coef_is_0(monkeypatch):
-    loaded = []
+# ---- memory: the reference only when needed, on the CPU if asked, gradient checkpointing ------------------------
+class ReachedTheUpdate(Exception):
+    pass
+
+
+def reference_of_a_run(monkeypatch, tmp_path, *argv):
+    """main up to its first update: the reference model it built (None without one) and eval.py's model loads."""
+    loaded, seen = [], []
     real_load = evaluation.load_model
-    monkeypatch.setattr(evaluation, "load_model", lambda path: loaded.append(path) or real_load(path))
-    assert ppo.load_reference(ppo.Args(kl_coef=0.0)) is None
-    assert ppo.load_reference(ppo.Args(kl_coef=0.0, kl_in_loss=True)) is None
-    assert not loaded, "a reference model was loaded although no KL term uses it"
-    reference = ppo.load_reference(ppo.Args(kl_coef=0.05, reference_on_cpu=True))
-    assert len(loaded) == 1 and not reference.training
+    monkeypatch.setattr(evaluation, "load_model", lambda path, **k: loaded.append(path) or real_load(path, **k))
+
+    def first_update(reference, device, args):
+        seen.append(reference)
+        raise ReachedTheUpdate
+    monkeypatch.setattr(ppo, "reference_on_device", first_update)
+    monkeypatch.setattr(ppo, "CtrlC", lambda: None)  # pytest keeps its own Ctrl-C
+    with pytest.raises(ReachedTheUpdate):
+        ppo.main(ppo.parse_args([*SHORT, "--total-steps", "1", *argv, "--output-dir", str(tmp_path / "run")]))
+    return seen[0], loaded
+
+
+def test_no_reference_model_exists_when_kl_coef_is_0(monkeypatch, tmp_path):
+    for argv in ([], ["--kl-in-loss"]):
+        reference, loaded = reference_of_a_run(monkeypatch, tmp_path / str(len(argv)), *argv)
+        assert reference is None and len(loaded) == 1, "a reference model was loaded although no KL term uses it"
+    reference, loaded = reference_of_a_run(monkeypatch, tmp_path / "kl", "--kl-coef", "0.05", "--reference-on-cpu")
+    assert len(loaded) == 2 and not reference.training
     assert not any(p.requires_grad for p in reference.parameters()), "the reference must be frozen"
     assert all(p.device.type == "cpu" for p in reference.parameters())
 
 
-def test_reference_on_cpu_visits_the_device_and_keeps_its_cpu_weights(tiny, monkeypatch):
+def frozen_reference():
+    return evaluation.load_model(evaluation.resolve_model_path("tiny"))[0].eval().requires_grad_(False)
+
+
+def test_reference_on_cpu_visits_the_device_and_keeps_its_cpu_weights(tiny):
     """--reference-on-cpu: the forward runs on the device, and afterwards the reference holds the very CPU tensors
     it held before, with its log-probs unchanged. model.to(device) and back would copy the frozen weights
     device-to-host into new memory every step (6 GB at 1.5B). The device is "meta", the only non-CPU device of a CPU
     machine, onto which model.to copies and from which it cannot copy back."""
     _, tokenizer, _ = tiny
-    reference = ppo.load_reference(ppo.Args(kl_coef=0.05, reference_on_cpu=True))
+    reference = frozen_reference()
     tensors = lambda: [*reference.named_parameters(remove_duplicate=False),  # noqa: E731
                        *reference.named_buffers(remove_duplicate=False)]
     before = {name: (t, t.untyped_storage().data_ptr()) for name, t in tensors()}
     rollouts, args, pad_id = fake_rollouts(tokenizer, n=4), ppo.Args(reference_on_cpu=True), tokenizer.pad_token_id
     with torch.no_grad():
         plain = ppo.token_logprobs(reference, rollouts, args, pad_id, "cpu")
-    devices = []
-
-    def forward_on(model, *rest):
-        devices.append({t.device.type for _, t in tensors()})
-        return []
-    monkeypatch.setattr(ppo, "token_logprobs", forward_on)
-    ppo.reference_logprobs(reference, rollouts, args, pad_id, torch.device("meta"))
-    assert devices == [{"meta"}], f"the forward saw weights on {devices}, not only on the device"
+    with ppo.reference_on_device(reference, torch.device("meta"), args):
+        devices = {t.device.type for _, t in tensors()}
+        tied = reference.lm_head.weight is reference.model.embed_tokens.weight
+    assert devices == {"meta"} and tied, f"the forward would see weights on {devices} (tied: {tied})"
     assert reference.lm_head.weight is reference.model.embed_tokens.weight, "the tied weights came apart"
     for name, t in tensors():
         assert t is before[name][0] and t.untyped_storage().data_ptr() == before[name][1], \
             f"{name}: not the CPU tensor it held before the forward"
-    monkeypatch.undo()
-    with torch.no_grad():
-        visited = ppo.reference_logprobs(reference, rollouts, args, pad_id, torch.device("cpu"))
+    with torch.no_grad(), ppo.reference_on_device(reference, torch.device("cpu"), args):
+        visited = ppo.token_logprobs(reference, rollouts, args, pad_id, "cpu")
     assert all(torch.equal(a, b) for a, b in zip(visited, plain)) and len(visited) == len(plain) == 4
+    with ppo.reference_on_device(reference, torch.device("meta"), ppo.Args()):
+        assert {t.device.type for _, t in tensors()} == {"cpu"}, "without --reference-on-cpu nothing is copied"
 
 
 def test_a_copy_that_fails_midway_leaves_the_reference_whole_on_the_cpu(monkeypatch):
     """An out-of-memory error while the reference's weights are copied to the device: every module gets its CPU
     tensors back, the tied weights tied."""
-    reference = ppo.load_reference(ppo.Args(kl_coef=0.05, reference_on_cpu=True))
+    reference = frozen_reference()
     before = {name: t for name, t in reference.named_parameters(remove_duplicate=False)}
     copies, real_to = [], torch.Tensor.to
 
@@ -331,7 +334,8 @@ def test_a_copy_that_fails_midway_leaves_the_reference_whole_on_the_cpu(monkeypa
         return real_to(t, *args, **kwargs)
     monkeypatch.setattr(torch.Tensor, "to", to_until_out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
-        ppo.visit_device(reference, torch.device("meta"))
+        with ppo.reference_on_device(reference, torch.device("meta"), ppo.Args(reference_on_cpu=True)):
+            pass
     monkeypatch.undo()
     assert all(t is before[name] for name, t in reference.named_parameters(remove_duplicate=False))
     assert reference.lm_head.weight is reference.model.embed_tokens.weight
@@ -359,10 +363,15 @@ def test_gradient_checkpointing_keeps_fewer_activations_and_the_same_gradients(t
                 "critic": lambda m: ppo.response_values(m, batch)}
     for name, base in (("policy", model), ("critic", critic)):
         plain, checkpointed = type(base)(base.config), type(base)(base.config)
+        if name == "critic":  # as main builds them: the critic through load_critic, the policy's flag set inline
+            checkpointed = ppo.load_critic(evaluation.resolve_model_path("tiny"), tokenizer,
+                                           ppo.Args(gradient_checkpointing=True))
+        else:
+            checkpointed.gradient_checkpointing_enable()
+            checkpointed.config.use_cache = False
         for m in (plain, checkpointed):
             m.load_state_dict(base.state_dict())
             m.double().train()
-        ppo.use_gradient_checkpointing(checkpointed)
         assert checkpointed.is_gradient_checkpointing and not checkpointed.config.use_cache
         plain_bytes, plain_grad = saved_activation_bytes_and_grads(plain, forwards[name])
         ckpt_bytes, ckpt_grad = saved_activation_bytes_and_grads(checkpointed, forwards[name])
@@ -374,12 +383,11 @@ def test_gradient_checkpointing_keeps_fewer_activations_and_the_same_gradients(t
 
 
 # ---- whole runs ------------------------------------------------------------------------------------------------
-def run_script(*args, timeout=600, check=True):
+def run_script(*args, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, str(ROOT / "ppo.py"), *args], capture_output=True, text=True,
                          timeout=timeout, cwd=ROOT, env=env)
-    if check:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
 
@@ -387,10 +395,14 @@ def read_metrics(output_dir):
     return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
 
 
+def trained(metrics: list[dict]) -> list[dict]:
+    return [m for m in metrics if m["step"] > 0]  # step 0 holds the evaluation before training
+
+
 @pytest.mark.slow
 def test_default_run_learns(default_run):
     """The CartPole of the codebase: no arguments, the tiny model's reward climbs on the toy task."""
-    rewards = [m["reward_mean"] for m in default_run("ppo")]
+    rewards = [m["reward_mean"] for m in trained(default_run("ppo"))]
     start, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"reward first five steps {start:.3f}, last five {last:.3f}")
     assert start <= 0.4, f"the task is too easy at the start: {start:.3f}"  # step 0: ~0.25 (eval.build_tiny_model)
@@ -406,7 +418,7 @@ def test_default_run_critic_explains_the_returns(default_run):
     print(f"explained variance: first three steps {[round(m['explained_var'], 3) for m in steps[:3]]}, "
           f"whole run pooled {pooled:.3f}")
     assert pooled > 0.2, f"the critic does not predict the returns: pooled explained variance {pooled:.3f}"
-    keys = {"value_loss", "value_clip_frac", "critic_grad_norm", "policy_loss", "clip_frac", "entropy", "grad_norm",
+    keys = {"value_loss", "value_clip_frac", "critic_grad_norm", "loss", "clip_frac", "entropy", "grad_norm",
             "logprob_gap", "value_mean", "return_mean", "return_var"}
     last = default_run("ppo")[-1]
     assert keys <= set(last), f"missing metrics: {keys - set(last)}"
@@ -422,64 +434,40 @@ RESUMABLE = SHORT + ["--kl-coef", "0.05", "--reference-on-cpu", "--lr-schedule",
                      "--total-steps", "4"]
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    """4 steps with a checkpoint after 2, for the resume tests."""
-    output_dir = tmp_path_factory.mktemp("straight")
-    run_script(*RESUMABLE, "--save-every", "2", "--output-dir", str(output_dir))
-    return output_dir
-
-
 @pytest.mark.slow
-def test_resumed_run_equals_uninterrupted_run_for_policy_and_critic(straight_run, tmp_path):
-    run_script(*RESUMABLE, "--resume", str(straight_run / "checkpoint-2"), "--output-dir", str(tmp_path))
+def test_ctrl_c_and_resume_equal_the_uninterrupted_run_for_policy_and_critic(tmp_path):
+    """Ctrl-C mid-run saves the policy and the critic at the step in progress; resuming the run's folder continues in
+    place and ends with the uninterrupted run's policy, critic, learning rates and metrics."""
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    run_script(*RESUMABLE, "--output-dir", str(straight))
+    child = subprocess.Popen([sys.executable, str(ROOT / "ppo.py"), *RESUMABLE, "--output-dir", str(run)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not (run / "metrics.jsonl").exists() or len(read_metrics(run)) < 2:  # step 0's evaluation and step 1
+        assert child.poll() is None, child.stdout.read()[-3000:]
+        time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    out = child.communicate(timeout=300)[0]
+    assert child.returncode == 0 and "Traceback" not in out, out[-3000:]
+    stopped = read_metrics(run)[-1]["step"]
+    assert stopped < 4 and (run / f"checkpoint-{stopped}" / "critic" / "optimizer").is_dir(), stopped
+    run_script("--resume", str(run))
     from safetensors.torch import load_file
     for part in ("critic/model.safetensors", "model.safetensors"):  # the critic first: it moves apart first
-        straight = load_file(straight_run / "checkpoint-4" / part)
-        resumed = load_file(tmp_path / "checkpoint-4" / part)
-        first = load_file(straight_run / "checkpoint-2" / part)
-        assert any(not torch.equal(first[k], straight[k]) for k in straight), f"{part}: steps 3-4 changed nothing"
-        for k in straight:
-            assert torch.equal(straight[k], resumed[k]), f"{part}: {k} differs after resume"
-    straight, resumed = read_metrics(straight_run), read_metrics(tmp_path)
-    lrs = [m["lr"] for m in straight]
+        ends, resumed = load_file(straight / "checkpoint-4" / part), load_file(run / "checkpoint-4" / part)
+        halfway = load_file(run / f"checkpoint-{stopped}" / part)
+        assert any(not torch.equal(halfway[k], ends[k]) for k in ends), f"{part}: the steps after Ctrl-C did nothing"
+        for k in ends:
+            assert torch.equal(ends[k], resumed[k]), f"{part}: {k} differs after resume"
+    steady = lambda folder: [{k: v for k, v in m.items() if not k.startswith(("time_", "tokens_per_s"))}  # noqa: E731
+                             for m in read_metrics(folder)]
+    assert [m["step"] for m in read_metrics(run)] == list(range(5)), "each step once, in order"
+    assert steady(run) == steady(straight), "the resumed run logged other numbers"
+    lrs = [m["lr"] for m in trained(read_metrics(straight))]
     # the rate each step's update used: warmup to the full rate, then decaying; a restarted scheduler would repeat
     assert lrs == sorted(lrs, reverse=True) and lrs[2] not in (lrs[0], lrs[3]), f"the rate does not decay: {lrs}"
-    assert [m["lr"] for m in resumed] == lrs[2:], "the resumed policy's learning rate is not the uninterrupted one's"
     assert lrs[0] == ppo.Args().lr, "step 1's update ran at the full rate (warmup 1): log that one"
-    kls = [m["kl"] for m in straight]
+    kls = [m["kl"] for m in trained(read_metrics(straight))]
     assert kls[0] == 0 and any(k != 0 for k in kls[1:]), f"the KL penalty is not measured: {kls}"
-
-
-class ReachedTheLoop(Exception):
-    pass
-
-
-@pytest.mark.slow
-def test_resume_keeps_no_reference_to_the_loaded_trainer_state(straight_run, tmp_path, monkeypatch):
-    """trainer_state.pt holds both AdamW states, loaded into CPU memory (~25 GB for a 1.5B policy and critic): once
-    the optimizers have their copies, main must not hold the loaded dict through the run. (On a CPU the optimizers
-    keep the loaded tensors themselves, so the test follows the dict, not one of its tensors.)"""
-    class Loaded(dict):  # a dict that a weak reference can follow
-        pass
-    loaded, alive_in_loop = [], []
-    real_load = ppo.load_trainer_state_for_world
-
-    def load(*args):
-        state = Loaded(real_load(*args))
-        loaded.append(weakref.ref(state))
-        return state
-
-    def first_generate(*args, **kwargs):
-        gc.collect()
-        alive_in_loop.append(loaded[0]() is not None)
-        raise ReachedTheLoop
-    monkeypatch.setattr(ppo, "load_trainer_state_for_world", load)
-    monkeypatch.setattr(ppo, "generate", first_generate)
-    with pytest.raises(ReachedTheLoop):
-        ppo.main(ppo.parse_args([*RESUMABLE, "--resume", str(straight_run / "checkpoint-2"),
-                                 "--output-dir", str(tmp_path)]))
-    assert alive_in_loop == [False], "the training loop runs with the loaded trainer state still referenced"
 
 
 @pytest.mark.slow
@@ -495,19 +483,23 @@ def test_critic_warmup_leaves_the_policy_alone(tmp_path):
     assert any(not torch.equal(initial[k], after[k]) for k in initial), "the policy never moved after the warm-up"
     critic = load_file(tmp_path / "checkpoint-1" / "critic" / "model.safetensors")
     assert any(not torch.equal(initial[k], critic[k]) for k in initial if k in critic), "the critic did not train"
-    metrics = read_metrics(tmp_path)
-    assert "policy_loss" not in metrics[0] and "policy_loss" in metrics[1]
+    metrics = trained(read_metrics(tmp_path))
+    assert "loss" not in metrics[0] and "loss" in metrics[1]
     assert "kl" in metrics[1], "the KL-in-loss form logs its KL"
 
 
-def test_resume_from_a_checkpoint_without_critic_fails_clearly(tmp_path):
-    folder = tmp_path / "grpo-checkpoint"
-    model, tokenizer = evaluation.load_model("tiny")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    torch.save({"step": 2}, folder / "trainer_state.pt")  # a checkpoint of another script: everything but critic/
-    with pytest.raises(SystemExit, match="critic"):
-        ppo.main(ppo.parse_args([*SHORT, "--resume", str(folder), "--output-dir", str(tmp_path / "run")]))
+@pytest.mark.xfail(reason="grpo.py's parse_args builds Args from a foreign args.json: a TypeError traceback (the "
+                          "fix, for grpo.py and every fork, is in the ppo helper's report)")
+def test_resuming_another_scripts_run_stops_with_one_line(tmp_path):
+    """A GRPO run has no critic to continue from: resuming it with ppo.py says so in one line, before loading."""
+    run = tmp_path / "grpo-run"
+    (run / "checkpoint-2" / "optimizer").mkdir(parents=True)
+    torch.save({"step": 2, "world_size": 1}, run / "checkpoint-2" / "trainer_state.pt")
+    (run / "args.json").write_text(json.dumps({"std_normalize": True, "total_steps": 4}))
+    out = subprocess.run([sys.executable, str(ROOT / "ppo.py"), "--resume", str(run)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert out.returncode not in (0, None) and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert str(run) in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
 
 
 # ---- fidelity (issue 21) ---------------------------------------------------------------------------------------
@@ -533,4 +525,4 @@ def test_critic_warmup_counts_steps_from_1_as_verl(tmp_path):
     """verl updates the actor when critic_warmup <= global_steps, global_steps counting from 1: a warm-up of 1 trains
     the policy at step 1 already (as 0 does), a warm-up of 2 leaves step 1 to the critic alone."""
     run_script(*SHORT, "--total-steps", "1", "--critic-warmup-steps", "1", "--output-dir", str(tmp_path))
-    assert "policy_loss" in read_metrics(tmp_path)[0], "warm-up 1 kept the policy from training at step 1"
+    assert "loss" in trained(read_metrics(tmp_path))[0], "warm-up 1 kept the policy from training at step 1"

@@ -19,14 +19,6 @@ REQUIRED = ["ChunkedLogprobEntropy", "gemm_dtype", "matmul", "chunk_length", "lo
 ALWAYS_DIFFERENT = {"Args", "main"}
 # (fork, name): why that block differs from grpo.py's.
 MEANT_TO_DIFFER: dict[tuple[str, str], str] = {
-    ("ppo.py", "update_policy"): "PPO's advantages are per token (GAE), and the old and reference log-probs are "
-                                 "computed before the update because the per-token rewards (KL penalty) and GAE need "
-                                 "them; the engine-vs-trainer log-prob gap is measured from those old log-probs.",
-    ("hapo.py", "save_sharded_checkpoint"): "rank 0 also writes HAPO's history (the same on every rank) into "
-                                            "trainer_state.pt, as save_checkpoint's `extra` does in one process",
-    ("one_shot.py", "save_sharded_checkpoint"): "rank 0 also writes the accuracy history, the phase, the best "
-                                                "evaluation and the examples (the same on every rank) into "
-                                                "trainer_state.pt, as save_checkpoint's `extra` does in one process",
     ("pcl.py", "Experiment"): "60 steps on the toy (the paper trains until the validation accuracy plateaus)",
     ("pcl.py", "ModelData"): "the PCL paper's models and data (Qwen3 bases, MATH, DeepScaleR); its template and prompt "
                              "limit are not in our notes",
@@ -35,19 +27,30 @@ MEANT_TO_DIFFER: dict[tuple[str, str], str] = {
                         "one optimizer step per batch (the ratio stays 1, so the clip is idle)",
     ("pcl.py", "Optimisation"): "the PCL paper's learning rate, weight decay and clip are not in our notes; the clip "
                                 "is V's too",
-    ("ppo.py", "save_sharded_checkpoint"): "rank 0 also writes the critic's scheduler into trainer_state.pt, as "
-                                           "save_checkpoint's `extra` does in one process (the critic's weights and "
-                                           "sharded optimizer go next to it: save_sharded_critic)",
-    ("hapo.py", "run_evaluation"): "HAPO measures length: adds the mean and p90 length of the correct responses "
-                                   "(from eval.py's graded samples) to eval.py's metrics",
-    ("one_shot.py", "parse_args"): "flags that take several values (--rank 1 13, --example-index, --label): the "
-                                   "paper trains on several examples at once",
-    ("one_shot.py", "load_prompts"): "each problem keeps its id (the data's `index` column, else its row number), "
-                                     "by which a history file and --example-index name it; a row without an "
-                                     "answer is dropped, not fatal (DSR-sub has one, index 265)",
-    ("one_shot.py", "load_eval_problems"): "several evaluation sets (the paper's six benchmarks), not one",
-    ("one_shot.py", "run_evaluation"): "evaluates every set with eval.py's protocol for it and logs their average, "
-                                       "by which the paper picks its reported checkpoint",
+    ("ppo.py", "Experiment"): "60 steps by default: the toy saturates by step ~45, and the critic makes a step dearer",
+    ("ppo.py", "check_args"): "a critic needs no group (--samples-per-prompt 1 is fine); PPO's own flags: gamma and "
+                              "lambda at most 1, a positive value clip, the critic's warm-up within the run, the "
+                              "critic's mini-batch, --critic-model",
+    ("hapo.py", "run_evaluation"): "HAPO measures length: adds the mean and p90 length of the right responses "
+                                   "(right and not truncated, as the reward counts them) from eval.py's samples",
+    ("hapo.py", "Experiment"): "the paper's value: 1,250 steps (5 epochs over 2,000 problems at 8 per step)",
+    ("hapo.py", "ModelData"): "the default model is tiny-verbose (longer idle sentences: something for the length "
+                              "reward to cut); the paper's values (R1-Distill-Qwen-1.5B, 2,000 DeepScaleR problems, "
+                              "the hapo template, prompts cut to 512)",
+    ("hapo.py", "Rollout"): "the paper's values (8 prompts x 2 samples, T 0.7, 32k tokens); a truncated response is "
+                            "wrong, not 0",
+    ("hapo.py", "GRPO"): "the paper's values (KL 0.04, no entropy bonus, seq-mean-token-mean, 16 responses a step)",
+    ("hapo.py", "Optimisation"): "the paper's values (no weight decay, linear decay to 0)",
+    ("one_shot.py", "Experiment"): "the toy's 1-shot run: 20 steps, evaluated every 2 (post-saturation "
+                                   "generalisation is a curve)",
+    ("one_shot.py", "ModelData"): "tiny-format (what one example can teach it is the answer's form); --eval-data "
+                                  "takes several sets, `paper` by default on a real model",
+    ("one_shot.py", "GRPO"): "the paper's KL and entropy coefficients (0.001 each) on by default",
+    ("one_shot.py", "Optimisation"): "lr 1e-4: tiny-format at 2e-4 drifts toward its example's answer",
+    ("one_shot.py", "read_data"): "several evaluation sets by name (`paper`: the paper's six benchmarks), not one",
+    ("one_shot.py", "run_evaluation"): "evaluates every set with eval.py's protocol for it, and eval/accuracy is "
+                                       "their mean: the paper's six-benchmark average, by which it picks its "
+                                       "reported checkpoint",
 }
 
 

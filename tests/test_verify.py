@@ -22,7 +22,7 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MATH500 = DATA / "eval" / "math500" / "test.jsonl"
 
 HOSTILE_TIMEOUT = 0.5
-SLACK = 1.5  # what a score call may take past its timeout (worker timer, then kill grace, then IPC)
+SLACK = 3.0  # past its timeout: worker timer, kill grace, IPC, and a replacement worker's start (~1 s, busy 2 cores)
 
 
 def reasoning(answer: str) -> str:
