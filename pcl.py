@@ -310,20 +310,12 @@ def select_informative(rewards: torch.Tensor, group_size: int, m: int, world: in
 
 
 def kept_rollouts_of_rank(pool_rollouts: list[dict], kept: list[int], group_size: int, rank: int, world: int):
-    """This rank's share of the kept groups, out of the pool that every rank rolled out a contiguous share of: each
-    rank sends the kept groups it holds to all, and takes its own share."""
+    """This rank's share of the kept groups, from whichever rank rolled each out (a contiguous share of the pool)."""
     first, n = rank * len(pool_rollouts), group_size  # every rank rolled out as many: its first one's index
     held = {i: pool_rollouts[i * n - first:(i + 1) * n - first] for i in kept
             if 0 <= i * n - first < len(pool_rollouts)}
     groups = {i: group for part in gather_from_ranks([held]) for i, group in part.items()}
     return [r for i in rank_share(kept, rank, world) for r in groups[i]]
-
-
-def score(rollouts: list[dict], batch: list[dict], args) -> tuple[list, torch.Tensor]:
-    """verify.py's check of each response's final answer, and its reward: a truncated response earns nothing."""
-    golds = [p["answer"] for p in batch for _ in range(args.samples_per_prompt)]
-    correct = verify.score_batch([r["text"] for r in rollouts], golds, mode=args.answer_mode)
-    return correct, torch.tensor([0.0 if r["truncated"] else float(c) for r, c in zip(rollouts, correct)])
 
 
 def update_value_model(value_model, optimizer, prompt_ids, realised, args, pad_id, device, autocast) -> dict:
@@ -1065,8 +1057,10 @@ def main(args: Args) -> Path:
         elif args.select == "dynamic-sampling":  # each rank rolls out its share of the pool; all see every reward
             mine = rank_share(candidates, rank, world)
             pool_rollouts = generate(engine, model, tokenizer, mine, args, step, rank)
-            pool_correct, pool_rewards = score(pool_rollouts, mine, args)
-            kept = select_informative(torch.tensor(gather_from_ranks(pool_rewards.tolist())), n, m, world)
+            golds = [p["answer"] for p in mine for _ in range(n)]  # scored as step 3 scores
+            pool_correct = verify.score_batch([r["text"] for r in pool_rollouts], golds, mode=args.answer_mode)
+            pool_rewards = [0.0 if r["truncated"] else c for r, c in zip(pool_rollouts, pool_correct)]
+            kept = select_informative(torch.tensor(gather_from_ranks(pool_rewards)), n, m, world)
             metrics["pool_accuracy"] = np.mean(gather_from_ranks(pool_correct))
         else:
             kept = list(range(m))
