@@ -1,115 +1,406 @@
 """Prompt Curriculum Learning (PCL) for LLM math reasoning in one file.
 
-"Prompt Curriculum Learning for Efficient LLM Post-Training" (2025): a value model V(x), trained online to predict
-the current policy's expected accuracy on a prompt from the prompt alone, scores k*m uniformly drawn candidates in
-one forward pass each step; the m whose V(x) is closest to tau = 0.5 (intermediate difficulty: the most samples
-with a non-zero advantage) are rolled out n times each and trained on with on-policy GRPO; then V is regressed on
-the kept prompts' realised mean rewards. No rollouts are spent on choosing prompts, unlike DAPO's dynamic sampling,
-which is in this script as a baseline (`--select dynamic-sampling`), as is plain GRPO (`--select uniform`).
+"Prompt Curriculum Learning for Efficient LLM Post-Training" (2025): each step a value model V(x), trained online to
+predict the policy's accuracy on a prompt from the prompt alone, scores k*m uniform candidates in one forward pass;
+the m whose V(x) is closest to tau = 0.5 (the most samples with a non-zero advantage) are rolled out n times each
+for on-policy GRPO; then V is regressed on their realised mean rewards. Baselines: plain GRPO (--select uniform) and
+DAPO's dynamic sampling (--select dynamic-sampling), which rolls out all k*m to keep the groups whose rewards differ.
 
-    python pcl.py                                  # tiny model, toy task with three difficulty levels, CPU
-    python pcl.py --select uniform                 # the same run with plain GRPO's uniform prompts
-    python pcl.py --help                           # every hyperparameter, with the paper's value
-    torchrun --nproc_per_node 8 pcl.py --model ...   # several GPUs: FSDP2 policy, one vLLM engine per rank
+    python pcl.py                                     # the tiny built-in model on the toy task: CPU, ~5 minutes
+    python pcl.py --select uniform                    # the same run with uniform prompts, to compare
+    torchrun --nproc_per_node 8 pcl.py --model ...    # several GPUs: FSDP2, one vLLM engine per rank
 
-Differs from grpo.py in: prompt selection (candidates, value model, `--select`), the value model and its update
-(and its state in checkpoints), GRPO without KL and without std normalisation with `seq-mean-token-mean` loss and
-one optimizer step per batch by default, and the metrics (effective ratio, selection vs generation time, V's fit).
-Under torchrun (grpo.py's scale-out blocks) V is sharded like the policy: every rank scores the same candidates
-with it, keeps the same prompts (rank 0's choice), rolls out its share of them, and regresses V on its share of the
-kept prompts with the whole batch's normaliser; FSDP sums the gradients, so V takes the single-process step.
-No code of the paper is public: the value model's architecture (the policy's backbone + a scalar sigmoid head on
-the last prompt token), its initialisation, optimizer, learning rate and steps per training step (4: with 1, V stayed
-near 0.5 on the toy), the tie rule and what dynamic sampling does when fewer than m prompts survive are our choices;
-the README section lists them. V is scored where its own selection cannot hide its errors: at each evaluation, on a
-fixed probe of training prompts that are never trained on, against the policy's sampled accuracy on them.
+Choices and simplifications (a flag where there is a choice):
+- Rollouts from vLLM in this process, its weights pushed after every update, or from HF `generate` (--rollout hf).
+- Loss aggregation: token-mean (DAPO, verl), seq-mean-token-mean (the GRPO paper) or seq-mean-token-sum-norm
+  (Dr. GRPO, which also drops the std: --no-std-normalize).
+- The trainer's log-probs are of the response tokens only, from logits divided by the sampling temperature, through
+  a chunked autograd Function that never holds a [tokens x vocab] tensor.
+- Under torchrun each rank takes whole prompt groups and an FSDP2 shard; losses are normalised by the whole batch's
+  counts, so a step is the single-process step on the whole batch.
+- V (ours: no code of the paper is public): --model's backbone, a zero-initialised linear head on the last prompt
+  token, a sigmoid (V = 0.5 everywhere, ties go to the first drawn: the first steps are uniform); its own AdamW.
+- Dynamic sampling with fewer than m informative prompts trains on those alone (DAPO draws again).
+- V is scored where its selection cannot hide its errors: on a fixed probe of training prompts never trained on.
+- Checkpoints: the last step's and every --save-every's, V's weights and AdamW state with the policy's.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import importlib.util
-import inspect
 import json
 import math
 import os
 import random
-import re
 import shutil
+import signal
+import sys
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+import transformers
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from tqdm import tqdm
 
 import eval as evaluation
 import verify
 
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # a checkpoint of one process: meant
+
+
+def arg(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+# ---- Args: every hyperparameter, with the PCL paper's value ("not given": not in our notes of it) --------------
+@dataclass
+class Experiment:
+    _argument_group_name = "experiment"
+    seed: int = arg(1, "seeds python, numpy, torch and the rollout sampler")
+    output_dir: str = arg("", "the run's folder; default runs/<script>-<time>")
+    total_steps: int = arg(60, "rollout batches (paper: until the validation accuracy plateaus)")
+    eval_every: int = arg(25, "evaluate every this many steps, and at steps 0 and the last; 0: only those")
+    save_every: int = arg(0, "checkpoint every this many steps; 0: only at the end (and on Ctrl-C)")
+    resume: str = arg("", "continue a run: its folder (its latest checkpoint) or one of its checkpoint-<step>")
+
 
 @dataclass
-class Args:
-    # experiment
-    seed: int = 1  # seeds python, numpy, torch and the rollout sampler
-    output_dir: str = ""  # default runs/pcl-<time>
-    total_steps: int = 60  # rollout batches (paper: until the validation accuracy plateaus)
-    eval_every: int = 20  # evaluate every this many steps (and at the end); 0: only at the end
-    save_every: int = 0  # checkpoint every this many steps (and at the end); 0: only at the end
-    keep_resume_states: int = 0  # only the newest this many checkpoints keep the optimizer and RNG state; 0: all
-    resume: str = ""  # a checkpoint folder to continue from
-    track: str = ""  # also log to "tensorboard" or "wandb" when installed
-    # model & data
-    model: str = "tiny"  # hub id or folder (paper: Qwen3-1.7B/4B/8B-Base, Llama-3.2-3B-Instruct); "tiny": built-in
-    train_data: str = "toy"  # jsonl/json/parquet with problem and answer columns (paper: MATH train, DeepScaleR)
-    problem_key: str = "problem"  # column holding the problem text
-    answer_key: str = "answer"  # column holding the gold answer
-    eval_data: str = "auto"  # toy (held-out split), a benchmark (math500, ...) or a file; auto: toy or math500
-    eval_max_problems: int = 0  # evaluate on the first this many problems; 0: all
-    template: str = "qwen-math-train"  # prompt template: qwen-math-train, qwen25-math-cot, chat, plain
-    max_prompt_tokens: int = 1024  # longer prompts are dropped, with a count printed
-    # prompt selection (the paper's method)
-    select: str = "pcl"  # "pcl" (value model), "uniform" (plain GRPO) or "dynamic-sampling" (DAPO's filter)
-    candidates_factor: int = 4  # k: k*m candidates are drawn per step for pcl / dynamic-sampling (paper: 4)
-    tau: float = 0.5  # target accuracy: pcl keeps the m prompts whose V(x) is closest to it (paper: 0.5)
-    value_model: str = ""  # initialisation of V's backbone; "": the policy's base checkpoint (our choice)
-    value_lr: float = 3e-4  # AdamW learning rate of V (ours; the paper does not give it; 1e-3 did not fit on toy)
-    value_weight_decay: float = 0.0  # V's AdamW weight decay (ours)
-    value_updates: int = 4  # V's AdamW steps per training step, each on all kept prompts (ours; 1 fitted too slowly)
-    value_probe: int = 64  # training prompts drawn once and never trained on: V is scored on them at each evaluation
-    # rollout
-    rollout: str = "auto"  # "vllm", "hf" (transformers generate) or "auto" (vllm when installed)
-    prompts_per_step: int = 16  # m, prompts trained on per step (paper: 512)
-    samples_per_prompt: int = 8  # n, responses per prompt (paper: 16)
-    temperature: float = 1.0  # sampling temperature, also divides the trainer's logits (paper: not in our notes)
-    top_p: float = 1.0  # nucleus sampling (paper: not in our notes)
-    max_new_tokens: int = 40  # response budget; longer responses are truncated and score 0 (paper: 4096)
-    gpu_memory_utilization: float = 0.35  # vLLM's share of the GPU; the trainer uses the rest
-    vllm_sleep: bool = True  # free vLLM's GPU memory while training (GPU only)
-    vllm_tensor_parallel: int = 1  # under torchrun: ranks (GPUs) per vLLM engine, for models too big for one GPU
-    # algorithm
-    answer_mode: str = "boxed"  # verify.py mode for the reward: "boxed" or "flex"
-    std_normalize: bool = False  # the paper: advantage r - group mean, no std division
-    mask_truncated: bool = False  # drop truncated responses from the loss
-    clip_low: float = 0.2  # PPO ratio clip below 1 (on-policy with one step per batch: the ratio is 1)
-    clip_high: float = 0.2  # PPO ratio clip above 1
-    kl_coef: float = 0.0  # k3 KL to the reference in the loss (paper: none)
-    entropy_coef: float = 0.0  # entropy bonus: loss -= coef * entropy (paper: none)
-    loss_agg: str = "seq-mean-token-mean"  # per-sequence token mean, then mean over sequences (paper)
-    num_updates: int = 1  # passes over each rollout batch (paper: 1, on-policy)
-    mini_batch: int = 0  # responses per optimizer step; 0: the whole batch m*n, one step per batch (paper)
-    micro_batch: int = 32  # responses (or prompts, for V) per forward/backward; gradients accumulate
-    # optimisation
-    lr: float = 2e-4  # policy AdamW learning rate (paper: not in our notes; the tiny model needs far more than 1e-6)
-    weight_decay: float = 0.01  # policy AdamW weight decay
-    lr_schedule: str = "constant"  # "constant" (paper), "cosine" or "linear" (to 0; both after warmup)
-    warmup_steps: int = 0  # linear warmup, in optimizer steps
-    max_grad_norm: float = 1.0  # global gradient-norm clip, policy and V (paper: not in our notes)
-    gradient_checkpointing: bool = False  # recompute activations in backward (real runs: on)
-    logprob_memory_mib: float = 1024  # working memory of one chunk of the fused log-prob (MiB)
-    max_bad_steps: int = 3  # stop after this many updates in a row with a non-finite loss or gradient
+class ModelData:
+    _argument_group_name = "model and data"
+    model: str = arg("tiny", "hub id or folder (paper: Qwen3-1.7B/4B/8B-Base, Llama-3.2-3B-Instruct); tiny: built-in")
+    train_data: str = arg("toy", "jsonl/json/parquet with problem and answer columns (paper: MATH train, DeepScaleR)")
+    problem_key: str = arg("problem", "the column holding the problem")
+    answer_key: str = arg("answer", "the column holding the gold answer")
+    eval_data: str = arg("auto", "toy, a benchmark (math500, ...) or a file; auto: toy for the tiny models, else "
+                                 "math500")
+    eval_max_problems: int = arg(0, "evaluate on the first this many problems; 0: all")
+    template: Literal[evaluation.TEMPLATES] = arg("qwen-math-train", "prompt template (paper: not given)")
+    max_prompt_tokens: int = arg(1024, "longer prompts are dropped, with a count printed")
 
 
-# ---- log-probs: the memory-critical piece --------------------------------------------------------------------
+@dataclass
+class Rollout:
+    _argument_group_name = "rollout"
+    rollout: Literal["auto", "vllm", "hf"] = arg("auto", "vllm, hf (transformers generate), auto: vllm if installed")
+    prompts_per_step: int = arg(16, "m, prompts trained on per step (paper: 512)")
+    samples_per_prompt: int = arg(8, "n, responses per prompt (paper: 16)")
+    temperature: float = arg(1.0, "sampling temperature; the trainer's logits are divided by it too (paper: not given)")
+    top_p: float = arg(1.0, "nucleus sampling (paper: not given)")
+    max_new_tokens: int = arg(40, "response budget; a truncated response scores 0 (paper: 4096)")
+    gpu_memory_utilization: float = arg(0.35, "vLLM's share of the GPU; the trainer has the rest")
+    vllm_sleep: bool = arg(True, "free vLLM's GPU memory while training (GPU only)")
+
+
+@dataclass
+class GRPO:
+    _argument_group_name = "GRPO"
+    answer_mode: Literal[verify.MODES] = arg("boxed", "how verify.py reads the answer")
+    std_normalize: bool = arg(False, "advantage (r - mean) / std (paper: off, r - mean)")
+    mask_truncated: bool = arg(False, "leave truncated responses out of the loss")
+    clip_low: float = arg(0.2, "PPO ratio clip below 1 (on-policy, one step per batch: the ratio is 1)")
+    clip_high: float = arg(0.2, "PPO ratio clip above 1")
+    kl_coef: float = arg(0.0, "k3 KL to the reference model in the loss; 0 loads no reference (paper: 0)")
+    entropy_coef: float = arg(0.0, "entropy bonus: loss -= coef * entropy (paper: 0)")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = arg(
+        "seq-mean-token-mean", "loss aggregation (paper: seq-mean-token-mean)")
+    num_updates: int = arg(1, "passes over each rollout batch (paper: 1)")
+    mini_batch: int = arg(128, "responses per optimizer step (paper: the whole batch m*n)")
+    micro_batch: int = arg(32, "responses per forward/backward; gradients accumulate over a mini-batch")
+
+
+@dataclass
+class Optimisation:
+    _argument_group_name = "optimisation"
+    lr: float = arg(2e-4, "the policy's AdamW learning rate (paper: not given)")
+    weight_decay: float = arg(0.01, "(paper: not given)")
+    lr_schedule: Literal["constant", "cosine", "linear"] = arg("constant", "after warmup; cosine and linear end at "
+                                                                           "0 (paper: constant)")
+    warmup_steps: int = arg(0, "linear warmup, in optimizer steps")
+    max_grad_norm: float = arg(1.0, "global gradient-norm clip, the policy's and V's (paper: not given)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward (real runs: on)")
+    logprob_memory_mib: float = arg(1024, "working memory of one chunk of the fused log-prob (MiB)")
+
+
+@dataclass
+class PCL:
+    _argument_group_name = "PCL: prompt selection by a value model"
+    select: Literal["pcl", "uniform", "dynamic-sampling"] = arg(
+        "pcl", "pcl: by V(x); uniform: plain GRPO; dynamic-sampling: DAPO's filter (the paper's baselines)")
+    candidates_factor: int = arg(4, "k: pcl and dynamic sampling draw k*m candidates per step (paper: 4)")
+    tau: float = arg(0.5, "target accuracy: pcl keeps the m candidates whose V(x) is closest to it (paper: 0.5)")
+    value_model: str = arg("", "V's initial backbone, with the policy's tokenizer; default: --model (ours)")
+    value_lr: float = arg(3e-4, "V's AdamW learning rate (ours; 1e-3 was unstable on the toy)")
+    value_updates: int = arg(4, "V's AdamW steps per training step, each on all kept prompts (ours; 1 is too slow)")
+    value_probe: int = arg(64, "training prompts kept out of training, on which V is scored at each evaluation")
+
+
+GROUPS = (Experiment, ModelData, Rollout, GRPO, PCL, Optimisation)
+
+
+@dataclass
+class Args(Optimisation, PCL, GRPO, Rollout, ModelData, Experiment):
+    pass
+
+
+# ==== ALGO LOGIC: GRPO ================================================================================================
+def group_advantages(rewards: torch.Tensor, group_size: int, std_normalize: bool = True, eps: float = 1e-6):
+    """GRPO's advantage: each reward minus its group's mean, divided by the group's std unless Dr. GRPO."""
+    groups = rewards.view(-1, group_size)
+    centered = groups - groups.mean(dim=1, keepdim=True)
+    if std_normalize:
+        centered = centered / (groups.std(dim=1, keepdim=True) + eps)
+    return centered.view(-1)
+
+
+def token_weights(lengths: list[int], mode: str, minibatch_tokens: int, minibatch_seqs: int, max_len: int):
+    """Per-token weights w such that the mini-batch loss is sum(w * per-token loss). The normalisers are those of the
+    whole mini-batch, so micro-batches accumulate to exactly its gradient."""
+    per_seq = {"token-mean": lambda n: 1.0 / minibatch_tokens,
+               "seq-mean-token-mean": lambda n: 1.0 / (n * minibatch_seqs),
+               "seq-mean-token-sum-norm": lambda n: 1.0 / (max_len * minibatch_seqs)}[mode]
+    return torch.cat([torch.full((n,), per_seq(n)) for n in lengths])
+
+
+def policy_loss(logp, old_logp, advantages, weights, args, ref_logp=None, entropy=None):
+    """PPO clipped surrogate + k3 KL to the reference + entropy bonus, per token, aggregated with `weights`."""
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1 - args.clip_low, 1 + args.clip_high)
+    per_token = -torch.minimum(ratio * advantages, clipped * advantages)
+    stats = {"clip_frac": ((ratio * advantages) > (clipped * advantages)).float().mean().item()}
+    if ref_logp is not None:
+        kl = low_var_kl(logp, ref_logp)
+        per_token = per_token + args.kl_coef * kl
+        stats["kl"] = kl.mean().item()
+    if entropy is not None:
+        per_token = per_token - args.entropy_coef * entropy
+    return (per_token * weights).sum(), stats
+
+
+def low_var_kl(logp, ref_logp):
+    """k3 estimator of KL(policy || reference): exp(r) - r - 1 with r = ref - logp; unbiased, always >= 0."""
+    r = torch.clamp(ref_logp - logp, min=-20, max=20)  # as verl: exp of a larger r would give 0 * inf gradients
+    return torch.clamp(torch.exp(r) - r - 1, min=-10, max=10)
+
+
+def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, args, autocast, pad_id, device):
+    """num_updates passes over the batch in shuffled mini-batches; one optimizer step per mini-batch."""
+    with torch.no_grad(), autocast:  # old and reference log-probs: fixed for all passes over this batch
+        old_logp = token_logprobs(model, rollouts, args, pad_id, device)
+        ref_logp = token_logprobs(reference, rollouts, args, pad_id, device) if reference is not None else None
+    # the engine sampled from exactly these weights: any gap is engine-trainer mismatch (numerics, a missed push)
+    engine_lp = torch.tensor([lp for r in rollouts for lp in r["engine_logprobs"]])
+    sums = dict.fromkeys(("loss", "clip_frac", "kl", "entropy", "tokens"), 0.0)  # over the batch, per token
+    sums.update(logprob_gap=(engine_lp - torch.cat(old_logp).float().cpu()).abs().sum().item(),
+                sampled_tokens=float(len(engine_lp)))
+    grad_norms = []
+    for update in range(args.num_updates):
+        for share in mini_batch_shares(len(rollouts), args.mini_batch):
+            mini = [i for i in share if not rollouts[i].get("masked")]
+            # under torchrun: the counts of every rank's share, so the summed gradients are the whole batch's
+            mini_tokens, mini_seqs = summed_over_ranks([sum(len(rollouts[i]["response_ids"]) for i in mini),
+                                                        len(mini)], device)
+            if not mini_seqs:  # every response of the mini-batch masked (on every rank)
+                continue
+            for micro, counted in micro_batches(mini, 0, args.micro_batch, device):
+                rows = [rollouts[i] for i in micro]
+                lengths = [len(r["response_ids"]) for r in rows]
+                with autocast:
+                    logp, entropy = response_logprobs(model, collate(rows, pad_id, device), args.temperature,
+                                                      args.logprob_memory_mib)
+                per_token = lambda values: torch.cat([values[i] for i in micro]).to(device)
+                adv = torch.cat([advantages[i].expand(n) for i, n in zip(micro, lengths)]).to(device)
+                weights = token_weights(lengths, args.loss_agg, mini_tokens, mini_seqs, args.max_new_tokens)
+                loss, s = policy_loss(logp, per_token(old_logp), adv, weights.to(device), args,
+                                      per_token(ref_logp) if ref_logp is not None else None,
+                                      entropy if args.entropy_coef else None)
+                (loss * counted).backward()
+                if counted:  # a filler pass (counted 0) only keeps this rank in step with the others
+                    sums["loss"] += loss.item()
+                    sums["clip_frac"] += s["clip_frac"] * sum(lengths)
+                    sums["kl"] += s.get("kl", 0.0) * sum(lengths)
+                    sums["entropy"] += entropy.detach().float().sum().item()
+                    sums["tokens"] += sum(lengths)
+            grad_norms.append(clip_gradients(model, args.max_grad_norm).item())
+            if math.isfinite(grad_norms[-1]):
+                optimizer.step()
+            else:  # a bf16 overflow or a bad row: this step is lost, the run goes on
+                print(f"non-finite gradient norm ({grad_norms[-1]}): update skipped")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+    total = {k: sum(part[k] for part in gather_from_ranks([sums])) for k in sums}
+    out = {"logprob_gap": total["logprob_gap"] / total["sampled_tokens"]}
+    if grad_norms:  # the loss of an optimizer step, averaged over the steps; the norm is already global
+        out.update(loss=total["loss"] / len(grad_norms), grad_norm=sum(grad_norms) / len(grad_norms))
+    if total["tokens"]:
+        out.update({k: total[k] / total["tokens"] for k in ("clip_frac", "kl", "entropy")})
+    return out
+
+
+def token_logprobs(model, rollouts, args, pad_id, device) -> list[torch.Tensor]:
+    """Per-rollout 1-D tensors of the response tokens' log-probs under `model` (no gradient)."""
+    out = []
+    for u in range(0, len(rollouts), args.micro_batch):
+        rows = rollouts[u:u + args.micro_batch]
+        logp, _ = response_logprobs(model, collate(rows, pad_id, device), args.temperature, args.logprob_memory_mib)
+        out += list(logp.split([len(r["response_ids"]) for r in rows]))
+    return out
+
+
+def run_evaluation(engine, tokenizer, problems, args) -> dict:
+    """Greedy accuracy on the held-out problems (toy split or a benchmark), through eval.py."""
+    metrics, _ = evaluation.evaluate(engine, tokenizer, problems, template=args.template,
+                                     max_tokens=args.max_new_tokens, seed=args.seed, mode=args.answer_mode)
+    return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+# ==== ALGO LOGIC: PCL, prompts of intermediate difficulty chosen by a value model ===================================
+class ValueModel(torch.nn.Module):
+    """V(x) in [0, 1]: the policy's expected accuracy on prompt x, from the prompt alone. Ours: an LM's backbone, a
+    linear head on the last prompt token's hidden state, a sigmoid; the head starts at zero, so V = 0.5 everywhere."""
+    base_model_prefix = "backbone"  # shard_model finds V's decoder layers as it finds the policy's
+
+    def __init__(self, lm):
+        super().__init__()
+        self.backbone = getattr(lm, lm.base_model_prefix)
+        self.head = torch.nn.Linear(lm.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids, attention_mask=None):
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        hidden = self.backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        last = mask.sum(1) - 1  # right padding: the last real token of each row
+        return torch.sigmoid(self.head(hidden[torch.arange(len(hidden)), last]).squeeze(-1).float())
+
+
+def prompt_batches(prompt_ids: list[list[int]], size: int, pad_id: int, device):
+    for u in range(0, len(prompt_ids), size):
+        yield u, collate([{"prompt_ids": p, "response_ids": []} for p in prompt_ids[u:u + size]], pad_id, device)
+
+
+@torch.no_grad()
+def predict_values(value_model, prompt_ids: list[list[int]], args, pad_id, device, autocast) -> torch.Tensor:
+    """V(x) of every prompt: forward passes over the prompts alone, no generation."""
+    value_model.eval()
+    with autocast:
+        values = [value_model(b["input_ids"], b["attention_mask"]).float().cpu()
+                  for _, b in prompt_batches(prompt_ids, args.micro_batch, pad_id, device)]
+    value_model.train()
+    return torch.cat(values)
+
+
+def select_prompts(values: torch.Tensor, m: int, tau: float) -> list[int]:
+    """PCL's rule: the m candidates whose V is closest to tau, closest first; ties go to the one drawn first (ours)."""
+    return torch.sort((values - tau).abs(), stable=True).indices[:m].tolist()
+
+
+def select_informative(rewards: torch.Tensor, group_size: int, m: int, world: int = 1) -> list[int]:
+    """DAPO's dynamic sampling: the first m candidates whose group's rewards differ; fewer if the pool has fewer
+    (ours: DAPO draws again), and under torchrun a multiple of the world size, so that every rank trains on as many."""
+    groups = rewards.view(-1, group_size)
+    informative = (groups.max(dim=1).values != groups.min(dim=1).values).nonzero().flatten().tolist()[:m]
+    return informative[:len(informative) - len(informative) % world]
+
+
+def kept_rollouts_of_rank(pool_rollouts: list[dict], kept: list[int], group_size: int, rank: int, world: int):
+    """This rank's share of the kept groups, from whichever rank rolled each out (a contiguous share of the pool)."""
+    first, n = rank * len(pool_rollouts), group_size  # every rank rolled out as many: its first one's index
+    held = {i: pool_rollouts[i * n - first:(i + 1) * n - first] for i in kept
+            if 0 <= i * n - first < len(pool_rollouts)}
+    groups = {i: group for part in gather_from_ranks([held]) for i, group in part.items()}
+    return [r for i in rank_share(kept, rank, world) for r in groups[i]]
+
+
+def update_value_model(value_model, optimizer, prompt_ids, realised, args, pad_id, device, autocast) -> dict:
+    """--value-updates AdamW steps of V on the kept prompts' realised accuracy (V lags the policy by one step, as in
+    the paper), mean squared error (the paper sums: at large m the sum's gradient would meet the clip). The logged loss
+    is the first step's. Under torchrun each rank takes its share over the whole batch's count; FSDP sums gradients."""
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
+    total, start = len(prompt_ids), time.time()
+    prompt_ids, realised = rank_share(prompt_ids, rank, world), rank_share(realised, rank, world)
+    losses, grad_norms = [], []
+    for _ in range(args.value_updates):
+        losses.append(0.0)
+        for u, batch in prompt_batches(prompt_ids, args.micro_batch, pad_id, device):
+            with autocast:
+                predicted = value_model(batch["input_ids"], batch["attention_mask"])
+            loss = ((predicted - realised[u:u + len(predicted)].to(device)) ** 2).sum() / total
+            loss.backward()
+            losses[-1] += loss.item()
+        grad_norms.append(clip_gradients(value_model, args.max_grad_norm).item())
+        if math.isfinite(grad_norms[-1]):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"value_loss": sum(gather_from_ranks(losses[:1])), "value_grad_norm": np.mean(grad_norms),
+            "time_value": time.time() - start}
+
+
+def load_value_model(args, tokenizer, device, world: int):
+    """V and its AdamW optimizer, as a resumed run left them. V starts from --value-model, by default the run's
+    --model (ours), and reads the policy's token ids: its tokenizer must be the policy's."""
+    lm, value_tokenizer = evaluation.load_model(args.value_model or args.model)
+    if value_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"--value-model {args.value_model}: its tokenizer's vocabulary is not the policy's")
+    if args.gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+    value_model = shard_model(ValueModel(lm).train(), device, world)
+    optimizer = torch.optim.AdamW(value_model.parameters(), args.value_lr, weight_decay=0.0)  # ours: no decay
+    if args.resume:  # as save_value_model wrote them
+        load = lambda name: torch.load(Path(args.resume) / name, map_location="cpu", weights_only=False)
+        whole = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(value_model, load("value_model.pt"), options=whole)
+        set_optimizer_state_dict(value_model, optimizer, load("optimizer/value_optimizer.pt"), options=whole)
+    return value_model, optimizer
+
+
+def save_value_model(folder: Path, value_model, optimizer) -> None:
+    """V's weights into a checkpoint (value_model.pt) and its AdamW state beside the policy's (optimizer/, which only
+    the latest checkpoint keeps), both whole: under torchrun every rank gathers them (collectives), rank 0 writes."""
+    if is_distributed():  # the FSDP root keeps its gathered weights after forward: read the shards
+        value_model.reshard()
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(value_model, options=whole)
+    state = get_optimizer_state_dict(value_model, optimizer, options=whole)
+    if not is_distributed() or torch.distributed.get_rank() == 0:
+        torch.save(weights, folder / "value_model.pt")
+        torch.save(state, folder / "optimizer" / "value_optimizer.pt")
+
+
+def split_probe(problems: list[dict], size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(probe, training pool): `size` prompts drawn once and taken out of the pool, so that no selection and no
+    update touches them (ours)."""
+    if size >= len(problems):
+        raise SystemExit(f"--value-probe {size}: must leave training prompts ({len(problems)} in all)")
+    drawn = set(np.random.default_rng([seed, 1]).permutation(len(problems))[:size].tolist())
+    return [problems[i] for i in sorted(drawn)], [p for i, p in enumerate(problems) if i not in drawn]
+
+
+def probe_value_model(value_model, engine, tokenizer, probe, args, step, device, autocast) -> dict:
+    """V's predictions on the probe against the policy's accuracy there, n samples per prompt at the training
+    temperature (through eval.py, which leaves the run's random streams as they were; each rank samples its share)."""
+    samples = evaluation.evaluate(engine, tokenizer, probe, args.template, args.samples_per_prompt, args.temperature,
+                                  args.top_p, args.max_new_tokens, args.seed + step, args.answer_mode)[1]
+    accuracy = np.array([s["correct"] * (not s["truncated"]) for s in samples]).reshape(len(probe), -1).mean(1)
+    v = predict_values(value_model, [p["prompt_ids"] for p in probe], args, tokenizer.pad_token_id, device,
+                       autocast).double().numpy()
+    corr = float(np.corrcoef(v, accuracy)[0, 1]) if v.std() > 0 and accuracy.std() > 0 else float("nan")
+    return {"value_probe_corr": corr, "value_probe_mae": float(np.abs(v - accuracy).mean()),
+            "value_probe_accuracy": float(accuracy.mean()), "value_probe_accuracy_std": float(accuracy.std())}
+
+
+def rank_share(items: list, rank: int, world: int) -> list:
+    """This rank's contiguous share (whole groups: group advantages need no communication)."""
+    return items[rank * len(items) // world:(rank + 1) * len(items) // world]
+
+
+# ==== PLUMBING: the fused log-prob (the memory-critical piece) ========================================================
 class ChunkedLogprobEntropy(torch.autograd.Function):
     """log p(target) and entropy H of p = softmax(hidden @ weight.T / T), never holding a [tokens x vocab] tensor.
 
@@ -128,7 +419,7 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
     [tokens x hidden] is accumulated, in fp32, by the GEMM itself (C += A B).
     Cost per element of a block, counted in passes over fp32 memory after its GEMM (`bench/logprob.py --passes`):
     forward 4 reads + 1 write, backward 4 reads + 3 writes (2 reads + 2 writes when the entropy's gradient is not
-    needed). On an H200 at 32k tokens the GEMMs take half of the time, these passes the rest (bench/results/).
+    needed); docs/logprob.md has the speed.
     Chunk sizes come from a memory budget (memory_mib) for these temporaries, not a fixed count.
     Under CUDA autocast the GEMMs run in the autocast dtype with fp32 outputs (logits are never rounded to bf16);
     the statistics are fp32 (fp64 inputs stay fp64: the tests' exact reference)."""
@@ -324,574 +615,74 @@ def check_lm_head(model) -> None:
 
 def collate(rollouts: list[dict], pad_id: int, device) -> dict:
     """Right-padded prompt+response rows; response_mask marks the response tokens (stop token included)."""
-    width = max(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rollouts)
-    input_ids = torch.full((len(rollouts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rollouts), width), dtype=torch.long)
-    response_mask = torch.zeros((len(rollouts), width), dtype=torch.bool)
-    for i, r in enumerate(rollouts):
-        p, n = len(r["prompt_ids"]), len(r["response_ids"])
-        input_ids[i, :p + n] = torch.tensor(r["prompt_ids"] + r["response_ids"])
-        attention_mask[i, :p + n] = 1
-        response_mask[i, p:p + n] = True
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+    rows = [torch.tensor(r["prompt_ids"] + r["response_ids"]) for r in rollouts]
+    input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id)
+    position = torch.arange(input_ids.shape[1])
+    attention_mask = position < torch.tensor([len(row) for row in rows])[:, None]
+    response_mask = attention_mask & (position >= torch.tensor([len(r["prompt_ids"]) for r in rollouts])[:, None])
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.long().to(device),
             "response_mask": response_mask.to(device)}
 
 
-# ---- rollouts --------------------------------------------------------------------------------------------------
-def make_rollout_engine(args, model_path: str, model, device):
+# ==== PLUMBING: rollouts (generation itself is eval.py's) and the weight push =========================================
+def make_rollout_engine(args, model_path: str, model):
     """An in-process vLLM engine on the trainer's device, or None for HF `generate` on the policy itself."""
-    vllm_installed = importlib.util.find_spec("vllm") is not None
-    if args.vllm_tensor_parallel > 1 and not vllm_installed:
-        raise SystemExit("--vllm-tensor-parallel: vLLM is not installed (pip install vllm)")
-    if args.rollout == "hf" or (args.rollout == "auto" and not vllm_installed):
+    if args.rollout == "hf" or (args.rollout == "auto" and importlib.util.find_spec("vllm") is None):
         return None
-    if args.rollout not in ("vllm", "auto"):
-        raise SystemExit(f"--rollout must be vllm, hf or auto, not {args.rollout!r}")
-    if not vllm_installed:
-        raise SystemExit("--rollout vllm: vLLM is not installed (pip install vllm), or use --rollout hf")
-    # In-process engine: its model is reachable for weight pushes. On CPU the KV cache needs an explicit size.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
-    on_gpu = device.type == "cuda"
-    # Under torchrun each rank runs its own engine on its own prompts, or each group of vllm_tensor_parallel
-    # consecutive ranks one engine split over their GPUs; external_launcher makes vLLM join the process group that
-    # torchrun started instead of spawning workers (vLLM wants one seed on all ranks).
-    per_rank = dict(distributed_executor_backend="external_launcher", tensor_parallel_size=args.vllm_tensor_parallel,
-                    data_parallel_size=torch.distributed.get_world_size() // args.vllm_tensor_parallel) \
-        if is_distributed() else {}
-    return LLM(model=model_path, dtype="bfloat16" if on_gpu else "float32", seed=args.seed, **per_rank,
-               gpu_memory_utilization=args.gpu_memory_utilization, enable_sleep_mode=on_gpu and args.vllm_sleep,
-               max_model_len=min(args.max_prompt_tokens + args.max_new_tokens, model.config.max_position_embeddings),
-               enable_prefix_caching=True,
-               logprobs_mode="processed_logprobs")  # log-probs after temperature: comparable to the trainer's
+    return evaluation.make_engine(model_path, args.seed, gpu_memory_utilization=args.gpu_memory_utilization,
+                                  enable_sleep_mode=torch.cuda.is_available() and args.vllm_sleep,
+                                  max_model_len=min(args.max_prompt_tokens + args.max_new_tokens,
+                                                    model.config.max_position_embeddings), enable_prefix_caching=True)
 
 
-def generate(engine, model, tokenizer, prompt_ids: list[list[int]], args, step: int, stops: list[int]):
-    """n sampled responses per prompt: [{prompt_ids, response_ids, truncated, engine_logprobs}], grouped by prompt."""
-    if engine is None:
-        return generate_hf(model, tokenizer, prompt_ids, args, stops)
-    if args.vllm_tensor_parallel > 1:
-        return generate_tensor_parallel(engine, prompt_ids, args, step, stops)
-    return generate_vllm(engine, prompt_ids, args, step, stops)
+def generate(engine, model, tokenizer, batch: list[dict], args, step: int, rank: int) -> list[dict]:
+    """n sampled responses per prompt, grouped by prompt: [{prompt_ids, response_ids, text, truncated,
+    engine_logprobs}]. The sampler's seed is a function of (seed, step, rank): a resumed run draws what the
+    uninterrupted one drew, each rank draws its own, and the trainer's random streams are left alone."""
+    completions = evaluation.generate(engine or model, tokenizer, [p["prompt_ids"] for p in batch],
+                                      n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
+                                      max_tokens=args.max_new_tokens, seed=(args.seed * 1_000_003 + step) * 4096 + rank,
+                                      batch_size=len(batch) * args.samples_per_prompt)
+    return [{"prompt_ids": p["prompt_ids"], "response_ids": c["token_ids"], "text": c["text"],
+             "truncated": c["truncated"], "engine_logprobs": c["logprobs"]} for p, group in zip(batch, completions)
+            for c in group]
 
 
-def generate_vllm(engine, prompt_ids: list[list[int]], args, step: int, stops: list[int]) -> list[dict]:
-    """The engine's n samples per prompt, with its log-probs of the sampled tokens (after temperature).
-
-    Requests carry no seed: vLLM then samples from torch's generator (its GPU model runner V2: from a seed it draws
-    per request from numpy's), both seeded here per step and engine, so every sample is drawn independently (with
-    per-request seeds the n samples of each prompt would use the same n streams for every prompt, and copies of one
-    prompt, as in 1-shot RLVR, would get identical responses), a resumed run draws what the uninterrupted one drew,
-    and the trainer's own random streams are left as they were."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-    params = SamplingParams(n=args.samples_per_prompt, temperature=args.temperature, top_p=args.top_p,
-                            max_tokens=args.max_new_tokens, stop_token_ids=stops, logprobs=0)
-    seed, numpy_state = rollout_seed(args, step), np.random.get_state()
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        torch.manual_seed(seed)
-        np.random.seed([seed % 2**32, seed >> 32])
-        try:
-            outputs = engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
-                                      use_tqdm=False)
-        finally:
-            np.random.set_state(numpy_state)
-    return [{"prompt_ids": ids, "response_ids": list(c.token_ids), "truncated": c.finish_reason == "length",
-             "engine_logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]}
-            for ids, o in zip(prompt_ids, outputs) for c in o.outputs]
-
-
-def rollout_seed(args, step: int) -> int:
-    """The seed of one engine's sampling at one step: distinct for every step and every engine (under torchrun one
-    per rank, or one per tensor-parallel group, whose ranks must draw the same samples)."""
-    engine_index = torch.distributed.get_rank() // args.vllm_tensor_parallel if is_distributed() else 0
-    return (args.seed * 1_000_003 + step) * 4096 + engine_index
-
-
-def generate_tensor_parallel(engine, prompt_ids: list[list[int]], args, step: int, stops: list[int]) -> list[dict]:
-    """A tensor-parallel engine spans vllm_tensor_parallel consecutive ranks, which must send it the same requests:
-    the group's prompts are gathered, generated together, and each rank keeps the responses to its own prompts."""
-    tp, rank = args.vllm_tensor_parallel, torch.distributed.get_rank()
-    parts = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, prompt_ids)
-    first = rank - rank % tp
-    group_prompts = [ids for part in parts[first:first + tp] for ids in part]
-    rollouts = generate_vllm(engine, group_prompts, args, step, stops)
-    start = args.samples_per_prompt * sum(len(part) for part in parts[first:rank])
-    return rollouts[start:start + args.samples_per_prompt * len(prompt_ids)]
-
-
-@torch.no_grad()
-def generate_hf(model, tokenizer, prompt_ids, args, stops):
-    """The fallback: transformers `generate` on the policy itself, left-padded, sampling from the torch RNG."""
-    from transformers import LogitsProcessorList
-    model.eval()
-    model.config.use_cache = True
-    rows = [ids for ids in prompt_ids for _ in range(args.samples_per_prompt)]
-    width = max(map(len, rows))
-    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=model.device)
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
-    recorder = SampledLogprobs(args.temperature, args.top_p)  # applies temperature and top-p: generate must not
-    sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if args.temperature > 0 else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    # only these settings: the checkpoint's generation_config.json (a repetition penalty, ...) must not apply
-    out = evaluation.generate_exactly(model, dict(max_new_tokens=args.max_new_tokens, eos_token_id=stops,
-                                                  pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
-                                                  **sampling),
-                                      input_ids=input_ids, attention_mask=attention_mask,
-                                      logits_processor=LogitsProcessorList([recorder]),
-                                      synced_gpus=is_distributed())  # FSDP: ranks done early keep joining
-    generated = out.sequences[:, width:]
-    token_logprobs = recorder.logprobs(generated)
-    rollouts = []
-    for prompt, ids, lps in zip(rows, generated.tolist(), token_logprobs.tolist()):
-        response = evaluation.completion_record(tokenizer, ids, stops, args.max_new_tokens)  # cut after a stop
-        n = len(response["token_ids"])
-        rollouts.append({"prompt_ids": prompt, "response_ids": response["token_ids"],
-                         "truncated": response["truncated"], "engine_logprobs": lps[:n]})
-    model.train()
-    model.config.use_cache = not args.gradient_checkpointing
-    return rollouts
-
-
-class SampledLogprobs:
-    """generate()'s logits processor for sampling at a temperature with top-p, which records log p of each sampled
-    token under them: one number per row and step. (generate's own output_scores keeps a [rows x vocab] fp32 tensor
-    per generated token: 1.9 GB per row at 3k tokens of a 152k vocabulary.) The token sampled from one step's
-    distribution is known at the next call, as the last of input_ids, or at the end, as the last generated one."""
-
-    def __init__(self, temperature: float, top_p: float):
-        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
-        self.warpers = [] if temperature <= 0 else [TemperatureLogitsWarper(temperature)] + \
-            ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
-        self.previous, self.steps = None, []
-
-    def __call__(self, input_ids, scores):
-        for warp in self.warpers:
-            scores = warp(input_ids, scores)
-        self.record(input_ids[:, -1])
-        self.previous = scores.float().log_softmax(-1)
-        return scores
-
-    def record(self, sampled):
-        if self.previous is not None:
-            self.steps.append(self.previous.gather(-1, sampled[:, None]).squeeze(-1))
-
-    def logprobs(self, generated) -> torch.Tensor:
-        """[rows x generated tokens]: log p of every generated token (padding after a row's stop included)."""
-        self.record(generated[:, -1])
-        return torch.stack(self.steps, dim=1).cpu()
-
-
-def push_weights(engine, model) -> None:
-    """Load the policy's weights into the vLLM engine in place, then forget cached prefixes of the old weights.
-
-    state_dict() carries lm_head.weight even when it is tied to the embeddings; without it vLLM silently generates
-    from neither the old nor the new weights."""
+def push_weights(engine, model, args) -> None:
+    """Load the policy's weights into the vLLM engine in place (waking it first on a GPU, where it slept through the
+    update), then forget the cached prefixes of the old weights."""
     if engine is None:
         return
+    sleeps = args.vllm_sleep and torch.cuda.is_available()
+    if sleeps:
+        engine.wake_up(tags=["weights"])
     engine.collective_rpc("reload_weights", kwargs={"weights_iterator": streamed_weights(model)})
+    if sleeps:
+        engine.wake_up(tags=["kv_cache"])
     engine.reset_prefix_cache()
 
 
-def sleep_engine(engine, args) -> None:
-    """Free vLLM's GPU memory (weights and KV cache) for the training step; the push refills the weights."""
-    if engine is not None and args.vllm_sleep and torch.cuda.is_available():
-        engine.sleep(level=2)
-
-
-def wake_engine(engine, model, args) -> None:
-    if engine is not None and args.vllm_sleep and torch.cuda.is_available():
-        engine.wake_up(tags=["weights"])
-        push_weights(engine, model)
-        engine.wake_up(tags=["kv_cache"])
-    else:
-        push_weights(engine, model)
-
-
-# ---- the algorithm ---------------------------------------------------------------------------------------------
-def group_advantages(rewards: torch.Tensor, group_size: int, std_normalize: bool = True, eps: float = 1e-6):
-    """GRPO's advantage: each reward minus its group's mean, divided by the group's std unless Dr. GRPO."""
-    groups = rewards.view(-1, group_size)
-    centered = groups - groups.mean(dim=1, keepdim=True)
-    if std_normalize:
-        centered = centered / (groups.std(dim=1, keepdim=True) + eps)
-    return centered.view(-1)
-
-
-def token_weights(lengths: list[int], mode: str, minibatch_tokens: int, minibatch_seqs: int, max_len: int):
-    """Per-token weights w such that the mini-batch loss is sum(w * per-token loss).
-
-    The normalisers are those of the whole mini-batch, so micro-batches accumulate to exactly its gradient."""
-    if mode == "token-mean":
-        per_seq = [1.0 / minibatch_tokens] * len(lengths)
-    elif mode == "seq-mean-token-mean":
-        per_seq = [1.0 / (n * minibatch_seqs) for n in lengths]
-    elif mode == "seq-mean-token-sum-norm":
-        per_seq = [1.0 / (max_len * minibatch_seqs)] * len(lengths)
-    else:
-        raise ValueError(f"unknown loss aggregation {mode!r}")
-    return torch.cat([torch.full((n,), w) for n, w in zip(lengths, per_seq)])
-
-
-def policy_loss(logp, old_logp, advantages, weights, args, ref_logp=None, entropy=None):
-    """PPO clipped surrogate + k3 KL to the reference + entropy bonus, per token, aggregated with `weights`."""
-    ratio = torch.exp(logp - old_logp)
-    clipped = torch.clamp(ratio, 1 - args.clip_low, 1 + args.clip_high)
-    per_token = -torch.minimum(ratio * advantages, clipped * advantages)
-    stats = {"clip_frac": ((ratio * advantages) > (clipped * advantages)).float().mean().item()}
-    if ref_logp is not None:
-        kl = low_var_kl(logp, ref_logp)
-        per_token = per_token + args.kl_coef * kl
-        stats["kl"] = kl.mean().item()
-    if entropy is not None:
-        per_token = per_token - args.entropy_coef * entropy
-    return (per_token * weights).sum(), stats
-
-
-def low_var_kl(logp, ref_logp):
-    """k3 estimator of KL(policy || reference): exp(r) - r - 1 with r = ref - logp; unbiased, always >= 0."""
-    r = torch.clamp(ref_logp - logp, min=-20, max=20)  # as verl: exp of a larger r would give 0 * inf gradients
-    return torch.clamp(torch.exp(r) - r - 1, min=-10, max=10)
-
-
-# ---- prompt selection and the value model (the paper's method) ------------------------------------------------
-class ValueModel(torch.nn.Module):
-    """V(x) in [0, 1]: the current policy's expected accuracy on prompt x, read from the prompt alone.
-
-    Our choice of architecture (the paper gives none in code): an LM backbone, a linear head on the hidden state of
-    the last prompt token, a sigmoid. The head starts at zero, so V starts at 0.5 everywhere: until it has learnt
-    something every candidate ties, and the tie rule makes the first steps uniform sampling. Only the backbone of
-    `lm` is kept: V never reads the LM head, so once `lm` is gone so is its head (with tied embeddings, after
-    sharding, a dead full copy of the embeddings)."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.backbone = getattr(lm, lm.base_model_prefix)
-        self.head = torch.nn.Linear(lm.config.hidden_size, 1)
-        torch.nn.init.zeros_(self.head.weight)
-        torch.nn.init.zeros_(self.head.bias)
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        last = attention_mask.sum(1) - 1  # right padding: the last real token of each row
-        return torch.sigmoid(self.head(hidden[torch.arange(len(hidden)), last]).squeeze(-1).float())
-
-
-def prompt_batches(prompt_ids: list[list[int]], size: int, pad_id: int, device):
-    for u in range(0, len(prompt_ids), size):
-        yield u, collate([{"prompt_ids": p, "response_ids": []} for p in prompt_ids[u:u + size]], pad_id, device)
-
-
-@torch.no_grad()
-def predict_values(value_model, prompt_ids: list[list[int]], args, pad_id, device, autocast) -> torch.Tensor:
-    """V(x) for every prompt: forward passes over the prompts only, no generation, no gradient."""
-    value_model.eval()
-    out = []
-    for _, batch in prompt_batches(prompt_ids, args.micro_batch, pad_id, device):
-        with autocast:
-            out.append(value_model(batch["input_ids"], batch["attention_mask"]).float().cpu())
-    value_model.train()
-    return torch.cat(out)
-
-
-def select_prompts(values: torch.Tensor, m: int, tau: float) -> list[int]:
-    """PCL's rule: the indices of the m values closest to tau, closest first; ties go to the lower index (a stable
-    sort; the tie rule is ours)."""
-    return torch.sort((values - tau).abs(), stable=True).indices[:m].tolist()
-
-
-def select_informative(rewards: torch.Tensor, group_size: int, m: int, world: int = 1) -> list[int]:
-    """Dynamic sampling (DAPO): the first m groups, in candidate order, whose rewards are not all equal. Fewer than
-    m survive when the pool has too few informative prompts; the step then trains on those alone (ours; DAPO draws
-    more batches until it has m, which makes the cost of a step unbounded). Under torchrun the count is cut down to
-    a multiple of the world size, so that every rank trains on as many prompts."""
-    groups = rewards.view(-1, group_size)
-    informative = (groups.max(dim=1).values != groups.min(dim=1).values).nonzero().flatten().tolist()[:m]
-    return informative[:len(informative) - len(informative) % world]
-
-
-def kept_rollouts_of_rank(pool_rollouts: list[dict], kept: list[int], group_size: int, rank: int,
-                          world: int) -> list[dict]:
-    """The rollouts of this rank's share of the kept prompts. Under torchrun each rank rolled out a contiguous share
-    of the pool (`pool_rollouts`), so a kept prompt's rollouts may sit on another rank: every rank sends the kept
-    groups it holds, and takes its own share. In one process: the kept prompts' rollouts."""
-    per_rank = len(pool_rollouts) // group_size  # pool prompts rolled out by each rank
-    first = rank * per_rank
-    held = {i: pool_rollouts[(i - first) * group_size:(i - first + 1) * group_size]
-            for i in kept if first <= i < first + per_rank}
-    groups = {i: group for part in gather_from_ranks([held]) for i, group in part.items()}
-    return [r for i in rank_share(kept, rank, world) for r in groups[i]]
-
-
-def value_loss(predicted: torch.Tensor, realised_accuracy: torch.Tensor) -> torch.Tensor:
-    """Squared error of V(x) against the prompt's realised mean reward over its n samples, averaged over prompts.
-    The paper sums. Under AdamW a constant factor on the loss cancels (but for AdamW's eps), so the mean does not
-    rescale V's learning rate; it matters through the gradient-norm clip (--max-grad-norm, shared with the policy):
-    the sum's gradient grows with m and would be clipped at large m, the mean's does not (ours)."""
-    return ((predicted - realised_accuracy) ** 2).mean()
-
-
-def update_value_model(value_model, optimizer, prompt_ids, realised_accuracy, args, pad_id, device, autocast):
-    """--value-updates AdamW steps of V, each over all of this step's kept prompts: V lags the policy by one step, as
-    in the paper. The logged loss is the first step's: V's error on targets it has not been fitted to yet.
-
-    Under torchrun V is sharded (FSDP sums the ranks' gradients): each rank regresses on its share of the prompts,
-    its loss divided by the whole batch's count, so the summed gradient is the single-process one."""
-    total = len(prompt_ids)
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
-    prompt_ids, realised_accuracy = rank_share(prompt_ids, rank, world), rank_share(realised_accuracy, rank, world)
-    losses, grad_norms = [], []
-    for _ in range(args.value_updates):
-        loss_sum = 0.0
-        for u, batch in prompt_batches(prompt_ids, args.micro_batch, pad_id, device):
-            with autocast:
-                predicted = value_model(batch["input_ids"], batch["attention_mask"])
-            target = realised_accuracy[u:u + len(predicted)].to(device)
-            loss = value_loss(predicted, target) * len(predicted) / total  # micro-batches sum to the batch mean
-            loss.backward()
-            loss_sum += loss.item()
-        grad_norm = clip_gradients(value_model, args.max_grad_norm)
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss_sum)
-        grad_norms.append(grad_norm.item())
-    return {"value_loss": sum(gather_from_ranks(losses[:1])), "value_grad_norm": sum(grad_norms) / len(grad_norms)}
-
-
-def check_value_tokenizer(args, model_path: str) -> None:
-    """V reads the policy's token ids: a --value-model with another vocabulary would silently read other tokens
-    (or, with a smaller one, index past its embeddings)."""
-    if not args.value_model:  # V is the policy's base checkpoint: its tokenizer
-        return
-    from transformers import AutoTokenizer
-    try:
-        value_vocab = AutoTokenizer.from_pretrained(resolve_on_rank0_first(args.value_model)).get_vocab()
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--value-model {args.value_model!r}: {e}") from None
-    policy_vocab = AutoTokenizer.from_pretrained(model_path).get_vocab()
-    if value_vocab != policy_vocab:
-        differ = sorted(set(value_vocab.items()) ^ set(policy_vocab.items()), key=lambda kv: kv[1])
-        raise SystemExit(f"--value-model {args.value_model!r}: its tokenizer's vocabulary ({len(value_vocab)} "
-                         f"tokens) is not the policy's ({len(policy_vocab)} tokens; e.g. {differ[:3]} differ): V "
-                         "reads the policy's token ids, so it needs a model of the same tokenizer")
-
-
-def load_value_model(args) -> ValueModel:
-    """V from --value-model, by default the policy's base checkpoint (not a resumed policy); a resumed run restores
-    V's own weights, read whole from trainer_state.pt before sharding. Nothing but V outlives this function: not the
-    LM head V drops, not the checkpoint's copy of its weights."""
-    try:
-        lm = evaluation.load_model(resolve_on_rank0_first(args.value_model or args.model))[0]
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--value-model {args.value_model!r}: {e}") from None
-    value_model = ValueModel(lm).train()
-    if args.resume:  # mmap, CPU: read only V's weights, not the optimizer state beside them, and not onto a GPU
-        weights = torch.load(Path(args.resume) / "trainer_state.pt", map_location="cpu", mmap=True,
-                             weights_only=False).get("value_model")
-        if weights is None:
-            raise SystemExit(f"--resume {args.resume}: no value model in trainer_state.pt (not a pcl.py checkpoint)")
-        value_model.load_state_dict(weights)
-    if args.gradient_checkpointing:
-        lm.gradient_checkpointing_enable()
-    return value_model
-
-
-def shard_value_model(value_model, device):
-    """V under torchrun, sharded like the policy (FSDP2: each decoder layer one unit, the root holds the embeddings,
-    the final norm and the head), so that a V as large as the policy fits beside it. Every rank still scores every
-    candidate (the forwards are collectives; prompts only, no generation)."""
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
-    for layer in value_model.backbone.layers:
-        fully_shard(layer, mp_policy=mixed)
-    fully_shard(value_model, mp_policy=mixed)
-    for module in value_model.modules():
-        if isinstance(module, FSDPModule):  # each rank's loss is divided by the whole batch's count: sum
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)
-    return value_model
-
-
-def save_sharded_value_optimizer(folder: Path, value_model, optimizer) -> dict:
-    """Every rank writes its shard of V's optimizer state (value_optimizer/, torch.distributed.checkpoint); returns
-    V's gathered weights on rank 0, which writes them into trainer_state.pt as one process does (an empty dict on
-    the other ranks: each joins every gather, a collective, and drops the result at once)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    rank = torch.distributed.get_rank()
-    value_model.reshard()
-    weights = {}
-    for name, t in value_model.state_dict().items():
-        whole = t.full_tensor() if hasattr(t, "full_tensor") else t
-        if rank == 0:
-            weights[name] = whole.cpu()
-    dcp.save({"optimizer": get_optimizer_state_dict(value_model, optimizer)}, checkpoint_id=folder / "value_optimizer")
-    return weights
-
-
-def load_sharded_value_optimizer(folder: Path, value_model, optimizer) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-    value_model.reshard()
-    sharded = {"optimizer": get_optimizer_state_dict(value_model, optimizer)}
-    dcp.load(sharded, checkpoint_id=folder / "value_optimizer")
-    set_optimizer_state_dict(value_model, optimizer, sharded["optimizer"])
-
-
-def realised_accuracy_over_ranks(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Each kept prompt's mean reward over its n samples, for the whole batch: under torchrun every rank's prompts,
-    gathered in rank order (the kept prompts' order), so every rank regresses its copy of V on the same targets."""
-    realised = rewards.view(-1, group_size).mean(dim=1)
-    return torch.tensor(gather_from_ranks(realised.tolist()), dtype=realised.dtype) if is_distributed() else realised
-
-
-def effective_ratio(advantages: torch.Tensor) -> float:
-    """The share of samples with a non-zero advantage: the ones that carry gradient in GRPO."""
-    return (advantages != 0).float().mean().item() if len(advantages) else 0.0
-
-
-def value_fit(predicted: torch.Tensor, realised: torch.Tensor) -> dict:
-    """Pearson correlation and explained variance 1 - Var(realised - V) / Var(realised) of V's predictions; NaN
-    where the realised accuracies do not vary (nothing to explain). Under --select pcl the prompts were chosen by
-    V itself (V near tau): V's spread is cut, so both read lower than V's fit on uniform prompts would."""
-    v, r = predicted.double().numpy(), realised.double().numpy()
-    if len(r) < 2 or r.var() == 0:
-        return {"value_corr": float("nan"), "value_explained_var": float("nan")}
-    corr = float(np.corrcoef(v, r)[0, 1]) if v.var() > 0 else float("nan")
-    return {"value_corr": corr, "value_explained_var": float(1 - (r - v).var() / r.var())}
-
-
-def split_probe(problems: list[dict], size: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(probe, training pool): `size` prompts drawn once (seeded) and taken out of the pool, so that neither the
-    selection nor the policy's updates ever touch them (ours)."""
-    if size < 0 or size >= len(problems):
-        raise SystemExit(f"--value-probe {size}: must be >= 0 and leave training prompts ({len(problems)} in all)")
-    drawn = set(np.random.default_rng([seed, 1]).permutation(len(problems))[:size].tolist())
-    return [problems[i] for i in sorted(drawn)], [p for i, p in enumerate(problems) if i not in drawn]
-
-
-def probe_value_model(value_model, engine, model, tokenizer, probe, args, step, stops, pad_id, device, autocast):
-    """V's predictions on the fixed probe against the current policy's accuracy on it (n samples per prompt at the
-    training temperature): correlation and mean absolute error, where V's own selection cannot hide its errors.
-    The samples come from a stream of their own (step -(step + 1)): the training run draws what it would without
-    the probe. Under torchrun each rank rolls out its share of the probe."""
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
-    share = rank_share(probe, rank, world)
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        torch.manual_seed(rollout_seed(args, -(step + 1)))
-        rollouts = generate(engine, model, tokenizer, [p["prompt_ids"] for p in share], args, -(step + 1), stops)
-    accuracy = realised_accuracy_over_ranks(score(rollouts, share, tokenizer, args)[1], args.samples_per_prompt)
-    predicted = predict_values(value_model, [p["prompt_ids"] for p in probe[:len(accuracy)]], args, pad_id, device,
-                               autocast)
-    v, a = predicted.double().numpy(), accuracy.double().numpy()
-    corr = float(np.corrcoef(v, a)[0, 1]) if v.var() > 0 and a.var() > 0 else float("nan")
-    return {"value_probe_corr": corr, "value_probe_mae": float(np.abs(v - a).mean()),
-            "value_probe_accuracy": float(a.mean()), "value_probe_accuracy_std": float(a.std())}
-
-
-TRAINED_BATCH_METRICS = ("reward_mean", "accuracy", "effective_ratio", "response_len_mean", "truncated_share")
-
-
-def blank_if_nothing_kept(metrics: dict) -> dict:
-    """A step that kept no prompt (dynamic sampling whose pool held no informative group) trained on nothing: the
-    trained batch's statistics are NaN, as kept_accuracy_distance is, not 0 (an accuracy of 0 would read as a
-    policy that solves nothing, when every group of the pool may have been all correct)."""
-    if metrics["kept_prompts"]:
-        return metrics
-    return {**metrics, **dict.fromkeys(TRAINED_BATCH_METRICS, float("nan"))}
-
-
-# ---- scale-out: torchrun + FSDP2 (idle in a single process) ---------------------------------------------------
-def is_distributed() -> bool:
-    """Started by torchrun with several ranks. (An in-process vLLM engine starts a process group of one.)"""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
-
-
-def summed_over_ranks(counts: list[int], device) -> list[int]:
-    """Counts of the whole mini-batch from each rank's share: a rank's loss divided by them is its share of the
-    single-process loss, so the gradients summed over ranks are the single-process gradient."""
-    if not is_distributed():
-        return counts
-    total = torch.tensor(counts, dtype=torch.long, device=device)
-    torch.distributed.all_reduce(total)
-    return total.tolist()
-
-
-def micro_batches(kept: list[int], filler: int, size: int, device) -> list[tuple[list[int], float]]:
-    """A mini-batch's kept rows in micro-batches of `size`, each with the factor its loss counts with (1 or 0).
-
-    Under torchrun every rank must run as many forward and backward passes as the others, because FSDP's
-    all-gathers and reduce-scatters are collectives. A rank left with fewer passes (it holds fewer rows of this
-    mini-batch, or --mask-truncated dropped more of its rows) makes up the difference with passes over one row,
-    `filler`, whose loss counts 0."""
-    chunks = [(kept[u:u + size], 1.0) for u in range(0, len(kept), size)]
-    if is_distributed():
-        most = torch.tensor(len(chunks), device=device)
-        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-        chunks += [([filler], 0.0)] * (int(most) - len(chunks))
-    return chunks
-
-
-def mini_batch_shares(n: int, size: int) -> list[list[int]]:
-    """This rank's rows of each shuffled mini-batch, for a batch of n rows on each rank and `size` rows per rank and
-    mini-batch. Under torchrun the shuffle is the single process's: one permutation of every rank's rows, rank 0's
-    draw sent to all, and each rank keeps the members of each mini-batch that it holds; so every optimizer step sees
-    the rows it would see in one process. A rank may then hold more of a mini-batch than another: micro_batches
-    keeps the ranks in step."""
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
-    order = [torch.randperm(n * world).tolist()]  # drawn on every rank: every rank's random stream moves alike
-    if world > 1:
-        torch.distributed.broadcast_object_list(order, src=0)
-    first, step = rank * n, size * world
-    return [[g - first for g in order[0][m:m + step] if first <= g < first + n] for m in range(0, n * world, step)]
-
-
-def clip_gradients(model, max_norm: float) -> torch.Tensor:
-    """Clip to a global gradient norm; returns the norm before clipping (under FSDP over every rank's shards)."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor, the same on every rank
-
-
-def full_weights(model) -> dict:
-    """name -> full tensor, lm_head.weight included even when tied. Under FSDP the shards are gathered, which is a
-    collective: every rank must call this."""
-    return dict(streamed_weights(model))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def streamed_weights(model):
-    """full_weights one tensor at a time. Under FSDP each is gathered when it is asked for: a weight push that loads
-    and drops them one by one holds one full tensor (the 0.9 GB embedding at 1.5B in fp32), not the whole model
-    (6 GB). Every rank must go through it in the same order, since each gather is a collective."""
+    """name -> full tensor, one at a time, lm_head.weight included even when tied (without it vLLM silently generates
+    from neither the old nor the new weights). Under FSDP each is gathered when asked for, so a push holds one full
+    tensor, not the whole model; every rank must go through it in the same order (each gather is a collective)."""
     if is_distributed():  # the FSDP root keeps its gathered (on GPUs bf16) weights after forward: read the shards
         model.reshard()
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
-    names = set()
-    for name, t in model.state_dict().items():
-        names.add(name)
+    state = model.state_dict()
+    for name, t in state.items():
         yield name, full(t)
-    if "lm_head.weight" not in names:
+    if "lm_head.weight" not in state and model.get_output_embeddings() is not None:  # a critic has no LM head
         yield "lm_head.weight", full(model.get_output_embeddings().weight)
 
 
+# ==== PLUMBING: torchrun and FSDP2 (idle in a single process) =========================================================
 def init_distributed() -> tuple[int, int, torch.device]:
     """rank, world size and this rank's device. Under torchrun (WORLD_SIZE > 1) join its process group: NCCL on
     GPUs, gloo on CPUs; a single process starts no process group at all."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.distributed.is_available():
-        raise SystemExit(f"WORLD_SIZE={world} but this torch build has no torch.distributed")
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -899,20 +690,17 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return torch.distributed.get_rank(), world, device
 
 
-def resolve_on_rank0_first(name: str) -> str:
-    """Rank 0 downloads (or builds the tiny model) first; the other ranks then find it cached instead of racing."""
-    rank = torch.distributed.get_rank() if is_distributed() else 0
-    if rank != 0:
-        torch.distributed.barrier()
-    path = evaluation.resolve_model_path(name)
-    if rank == 0 and is_distributed():
-        torch.distributed.barrier()
-    return path
+def is_distributed() -> bool:
+    """Started by torchrun with several ranks. (An in-process vLLM engine starts a process group of one.)"""
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
-def shard_model(model, device):
-    """FSDP2 (fully_shard): each decoder layer is one gather/reduce unit, the root holds embeddings, norm and LM
-    head. On GPUs bf16 copies of the fp32 master weights compute and gradients are reduced in fp32; CPUs stay fp32."""
+def shard_model(model, device, world: int):
+    """One process: the model on the device. Under torchrun, FSDP2: each decoder layer is one gather/reduce unit and
+    the root holds embeddings, norm and LM head; fully_shard moves each layer to the GPU as it shards it, so no GPU
+    ever holds a whole fp32 model. On GPUs bf16 copies of the fp32 weights compute, and gradients reduce in fp32."""
+    if world == 1:
+        return model.to(device)
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
@@ -930,21 +718,8 @@ def shard_model(model, device):
     return model
 
 
-def on_device(model, device, world: int):
-    """One process: the model on the device. Under torchrun: this rank's FSDP2 shard of a model still in CPU memory;
-    fully_shard moves each layer to the GPU as it shards it, so no GPU ever holds a whole fp32 model (a 7B policy and
-    reference moved whole would take 56 GB of each GPU, which torch then keeps cached where vLLM needs room)."""
-    return shard_model(model, device) if world > 1 else model.to(device)
-
-
-def rank_share(batch: list, rank: int, world: int) -> list:
-    """This rank's prompts of the rollout batch: whole groups, so group advantages need no communication."""
-    share = len(batch) // world
-    return batch[rank * share:(rank + 1) * share]
-
-
 def gather_from_ranks(values: list) -> list:
-    """Every rank's values in rank order (for logging); in a single process, the values themselves."""
+    """Every rank's values in rank order; in a single process, the values themselves."""
     if not is_distributed():
         return values
     parts = [None] * torch.distributed.get_world_size()
@@ -952,130 +727,155 @@ def gather_from_ranks(values: list) -> list:
     return [v for part in parts for v in part]
 
 
-def summed_stats_over_ranks(sums: dict) -> dict:
-    """Each logged sum over the whole batch: every rank's sums added (all ranks hold the same keys)."""
-    parts = gather_from_ranks([sums])
-    return {k: sum(part[k] for part in parts) for k in sums}
+def summed_over_ranks(counts: list[int], device, op=None) -> list[int]:
+    """Counts summed over the ranks (or their maximum, op=MAX), reduced on the ranks' device (NCCL: GPU tensors)."""
+    if not is_distributed():
+        return counts
+    total = torch.tensor(counts, dtype=torch.long, device=device)
+    torch.distributed.all_reduce(total, op=op or torch.distributed.ReduceOp.SUM)
+    return total.tolist()
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def mini_batch_shares(n: int, size: int) -> list[list[int]]:
+    """This rank's rows of each shuffled mini-batch (n rows and `size` rows per mini-batch on each rank). Under
+    torchrun the shuffle is the single process's: one permutation of every rank's rows, drawn by rank 0 and sent to
+    all, each rank keeping the members it holds; so every optimizer step sees the rows one process would."""
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
+    order = [torch.randperm(n * world).tolist()]  # drawn on every rank: every rank's random stream moves alike
+    if world > 1:
+        torch.distributed.broadcast_object_list(order, src=0)
+    first, step = rank * n, size * world
+    return [[g - first for g in order[0][m:m + step] if first <= g < first + n] for m in range(0, n * world, step)]
 
 
-def save_sharded_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, scheduler,
-                            extra: dict | None = None):
-    """Rank 0 writes the full HF folder (loadable by vLLM and eval.py) and trainer_state.pt (with `extra`: the
-    fork's own state, the same on every rank); every rank writes its optimizer shard (torch.distributed.checkpoint)
-    and its RNG state, so a resume at the same world size is exact."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = full_weights(model)  # also leaves the root sharded: the optimizer's state is keyed by the shards
-    if model.config.tie_word_embeddings:  # written once, as a single-process save_pretrained does
-        weights.pop("lm_head.weight")
-    if rank == 0:
-        model.save_pretrained(folder, state_dict=weights)
-        tokenizer.save_pretrained(folder)
-        torch.save({"step": step, "scheduler": scheduler.state_dict(), "world_size": world, **(extra or {})},
-                   folder / "trainer_state.pt")
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder / "optimizer")
-    torch.save(rng_state(), folder / f"rng-rank{rank}.pt")  # each rank samples from its own stream
-    torch.distributed.barrier()
+def micro_batches(kept: list[int], filler: int, size: int, device) -> list[tuple[list[int], float]]:
+    """A mini-batch's rows in micro-batches, each with the factor its loss counts with. FSDP's gathers are collectives,
+    so every rank runs as many passes as the others: a rank holding fewer rows of this mini-batch adds passes over one
+    row, `filler`, whose loss counts 0."""
+    chunks = [(kept[u:u + size], 1.0) for u in range(0, len(kept), size)]
+    most = summed_over_ranks([len(chunks)], device, torch.distributed.ReduceOp.MAX)[0] if is_distributed() else 0
+    return chunks + [([filler], 0.0)] * (most - len(chunks))
 
 
-def load_sharded_trainer_state(folder: Path, model, optimizer, scheduler) -> dict:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False, map_location="cpu")
-    if state.get("world_size") != world:
-        raise SystemExit(f"--resume {folder}: written by {state.get('world_size', 'a single process (1)')} "
-                         f"rank(s); resume it with that many (this run has {world})")
-    model.reshard()
-    sharded = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(sharded, checkpoint_id=Path(folder) / "optimizer")
-    set_optimizer_state_dict(model, optimizer, sharded["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = torch.load(Path(folder) / f"rng-rank{rank}.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state
+def clip_gradients(model, max_norm: float) -> torch.Tensor:
+    """Clip to a global gradient norm; returns the norm before clipping (under FSDP over every rank's shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor, the same on every rank
 
 
-# ---- plumbing: arguments, data, checkpoints, logging -----------------------------------------------------------
-def parse_args(argv=None, args_class=Args) -> Args:
-    """--flag-name for every Args field; booleans also take --no-flag-name. Help is the field's comment."""
-    source = inspect.getsource(args_class)
-    helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", source, re.M))
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(args_class):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=helps.get(f.name))
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=f.default, help=helps.get(f.name))
-    return args_class(**vars(parser.parse_args(argv)))
+# ==== PLUMBING: arguments, data, checkpoints, logging =================================================================
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: )" after an empty default
+        return action.help if action.default in ("", None, []) else super()._get_help_string(action)
 
 
-def check_choices(args) -> None:
-    """The flags with a fixed set of values, and the sampling settings the trainer needs, checked before anything
-    loads (a typo would otherwise fail after the first batch, or fall back silently)."""
-    choices = {"rollout": ("auto", "vllm", "hf"), "template": evaluation.TEMPLATES, "answer_mode": verify.MODES,
-               "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-               "lr_schedule": ("constant", "cosine", "linear")}
-    for name, allowed in choices.items():
-        if getattr(args, name) not in allowed:
-            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)!r}: choose one of {', '.join(allowed)}")
-    if not args.temperature > 0:
-        raise SystemExit(f"--temperature {args.temperature}: training samples, so it must be > 0 (the trainer also "
-                         "divides its logits by it)")
-    if not 0 < args.top_p <= 1:
-        raise SystemExit(f"--top-p {args.top_p}: must be in (0, 1]")
+def parse_args(argv=None) -> Args:
+    """The command line, through transformers' HfArgumentParser. --resume RUN continues a run with its own args.json;
+    flags given on the command line override it (--total-steps to train longer, say), with a note."""
+    from transformers import HfArgumentParser
+    parser = HfArgumentParser(GROUPS, description=__doc__.split("\n\n")[0], formatter_class=Help,
+                              usage="%(prog)s [--flag value ...]; --help lists them")
+    for action in parser._actions:  # it also lists --output_dir beside --output-dir: --help shows one spelling
+        action.option_strings = [o for o in action.option_strings if "_" not in o] or action.option_strings
+    args = Args(**vars(parser.parse_args(argv)))
+    if not args.resume:
+        return args
+    checkpoint = latest_checkpoint(Path(args.resume))
+    run_args = json.loads((checkpoint.parent / "args.json").read_text())
+    foreign = sorted(set(run_args) - {f.name for f in dataclasses.fields(Args)})
+    if foreign:  # another script's run: its flags are not this script's
+        raise SystemExit(f"--resume {checkpoint.parent}: not a {Path(__file__).name} run (its args.json has "
+                         f"{', '.join(foreign)})")
+    resumed = Args(**vars(parser.parse_args(argv, namespace=argparse.Namespace(**run_args))))
+    changed = [f"--{k.replace('_', '-')} {v} (was {run_args[k]})" for k, v in dataclasses.asdict(resumed).items()
+               if k != "resume" and v != run_args.get(k)]
+    if changed:
+        print(f"resuming {checkpoint.parent} with " + ", ".join(changed))
+    return dataclasses.replace(resumed, resume=str(checkpoint), output_dir=str(checkpoint.parent))
 
 
-def load_prompts(args, tokenizer) -> list[dict]:
-    """Training problems with their tokenized prompts; prompts over the length limit are dropped and counted."""
+def latest_checkpoint(folder: Path) -> Path:
+    """A checkpoint-<step> folder, or a run's folder standing for its latest checkpoint."""
+    if not (folder / "trainer_state.pt").is_file():
+        steps = sorted(int(c.name.split("-")[1]) for c in folder.glob("checkpoint-*") if c.name.split("-")[1].isdigit())
+        if not steps:
+            raise SystemExit(f"--resume {folder}: neither a run folder with checkpoints nor a checkpoint-<step> folder")
+        folder = folder / f"checkpoint-{steps[-1]}"
+    if not (folder.parent / "args.json").is_file() or not (folder / "trainer_state.pt").is_file():
+        raise SystemExit(f"--resume {folder}: not a checkpoint of a run (no trainer_state.pt, or no args.json beside)")
+    if not (folder / "optimizer").is_dir():
+        raise SystemExit(f"--resume {folder}: an older checkpoint, which keeps its weights only; resume the run's "
+                         "latest (give the run's folder)")
+    return folder
+
+
+AT_LEAST_ONE = ("total_steps", "prompts_per_step", "max_new_tokens", "num_updates", "mini_batch", "micro_batch",
+                "max_prompt_tokens", "candidates_factor", "value_updates")
+
+
+def check_args(args, world: int) -> Path:
+    """Everything that needs nothing built, so that bad input costs one line and a second, and writes nothing.
+    Returns the run's folder."""
+    for name, value in dataclasses.asdict(args).items():
+        at_least = 1 if name in AT_LEAST_ONE else 0
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < at_least:
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be at least {at_least}")
+    if args.samples_per_prompt < 2:  # the baseline is the group's mean: a group of one has nothing to compare with
+        raise SystemExit(f"--samples-per-prompt {args.samples_per_prompt}: GRPO needs at least 2 per prompt")
+    batch = args.prompts_per_step * args.samples_per_prompt
+    if batch % args.mini_batch or args.mini_batch % args.micro_batch:
+        raise SystemExit(f"--mini-batch {args.mini_batch} must divide the batch (prompts per step x samples per "
+                         f"prompt = {batch}), and --micro-batch {args.micro_batch} must divide --mini-batch")
+    if args.prompts_per_step % world or args.mini_batch % world:
+        raise SystemExit(f"torchrun with {world} ranks: --prompts-per-step ({args.prompts_per_step}) and "
+                         f"--mini-batch ({args.mini_batch}) must be multiples of {world}")
+    if not args.temperature > 0 or not 0 < args.top_p <= 1:
+        raise SystemExit(f"--temperature {args.temperature}, --top-p {args.top_p}: training samples, so the "
+                         "temperature must be > 0 (the trainer divides its logits by it), and top-p in (0, 1]")
+    if args.rollout == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise SystemExit("--rollout vllm: vLLM is not installed (pip install vllm), or use --rollout hf")
+    evaluation.check_model(args.model)
+    folder = Path(args.output_dir or f"runs/{Path(__file__).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.resume:
+        step = int(Path(args.resume).name.split("-")[1])
+        world_then = torch.load(Path(args.resume) / "trainer_state.pt", weights_only=False)["world_size"]
+        if world_then != world:
+            raise SystemExit(f"--resume {args.resume}: written by {world_then} rank(s); resume it with as many")
+        if step >= args.total_steps:
+            raise SystemExit(f"--resume {folder}: the run is finished ({step} of {args.total_steps} steps); "
+                             "add --total-steps N to train it further")
+    elif folder.is_file() or (folder / "args.json").exists():
+        raise SystemExit(f"--output-dir {folder}: " + ("a file" if folder.is_file() else "holds a run: continue it "
+                         f"with --resume {folder}, or choose another folder"))
+    return folder
+
+
+def read_data(args) -> tuple[list[dict], list[dict]]:
+    """The training problems and the held-out ones, read before any model loads: bad data costs a second."""
+    if args.eval_data == "auto":
+        args.eval_data = "toy" if args.model in evaluation.TINY_MODELS else "math500"
     try:
-        problems = evaluation.load_problems(args.train_data, args.problem_key, args.answer_key)
+        return (evaluation.load_problems(args.train_data, args.problem_key, args.answer_key),
+                evaluation.load_eval_set(args.eval_data, args.problem_key, args.answer_key, args.eval_max_problems))
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--train-data: {e}") from None
+        raise SystemExit(f"--train-data / --eval-data: {e}") from None
+
+
+def tokenize_prompts(problems: list[dict], tokenizer, args) -> list[dict]:
+    """The problems with their prompts' token ids; prompts over the length limit are dropped and counted."""
     try:
-        prompts = [evaluation.build_prompt(p["problem"], tokenizer, args.template) for p in problems]
+        kept = [{**p, "prompt_ids": evaluation.encode_prompt(tokenizer, evaluation.build_prompt(p["problem"],
+                                                                                             tokenizer, args.template))}
+                for p in problems]
     except ValueError as e:  # a chat template the tokenizer lacks
         raise SystemExit(f"--template: {e}") from None
-    kept = []
-    for p, prompt in zip(problems, prompts):
-        ids = evaluation.encode_prompt(tokenizer, prompt)  # one BOS, also where the template writes it
-        if len(ids) <= args.max_prompt_tokens:
-            kept.append({**p, "prompt_ids": ids})
+    kept = [p for p in kept if len(p["prompt_ids"]) <= args.max_prompt_tokens]
     if len(kept) < len(problems):
         print(f"dropped {len(problems) - len(kept)} of {len(problems)} prompts longer than {args.max_prompt_tokens} "
               "tokens")
     if not kept:
         raise SystemExit(f"no training prompt fits in --max-prompt-tokens {args.max_prompt_tokens}")
     return kept
-
-
-def load_eval_problems(args) -> list[dict]:
-    if args.eval_data == "auto":
-        args.eval_data = "toy" if args.model in evaluation.TINY_MODELS else "math500"
-    try:
-        if args.eval_data == "toy":
-            problems = evaluation.toy_splits()[1]
-        elif Path(args.eval_data).suffix in (".jsonl", ".json", ".parquet"):
-            problems = evaluation.load_problems(args.eval_data, args.problem_key, args.answer_key)
-        else:
-            problems = evaluation.load_benchmark(args.eval_data)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--eval-data: {e}") from None
-    return problems[:args.eval_max_problems] if args.eval_max_problems else problems
 
 
 def batch_indices(step: int, n_problems: int, batch: int, seed: int) -> list[int]:
@@ -1097,401 +897,231 @@ def make_optimizer(model, args, total_updates: int):
         progress = min(1.0, (update - args.warmup_steps) / max(1, total_updates - args.warmup_steps))
         if args.lr_schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * progress))
-        if args.lr_schedule == "linear":  # to 0 at the end, as transformers' default schedule
-            return 1.0 - progress
-        return 1.0
+        return 1.0 - progress if args.lr_schedule == "linear" else 1.0  # linear: to 0, as transformers' default
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
 def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict | None = None):
-    """An HF folder (loadable by transformers, vLLM and eval.py) plus what resuming needs: optimizer, RNG, step."""
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                **(extra or {})}, folder / "trainer_state.pt")
+    """An HF folder (loadable by transformers, vLLM and eval.py) and what resuming needs: the optimizer state
+    (torch.distributed.checkpoint: sharded under torchrun), the schedule, every rank's random state, and `extra`,
+    a fork's own state (the same on every rank). One process and torchrun write the same layout."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
+    weights = dict(streamed_weights(model))  # a collective under FSDP: every rank gathers
+    if model.config.tie_word_embeddings:  # written once, as save_pretrained does
+        weights.pop("lm_head.weight", None)
+    if rank == 0:
+        model.save_pretrained(folder, state_dict=weights)
+        tokenizer.save_pretrained(folder)
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "world_size": world,
+                    **(extra or {})}, folder / "trainer_state.pt")
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder / "optimizer",
+             no_dist=not is_distributed())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.save((random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda), folder / f"rng-rank{rank}.pt")
+    if is_distributed():
+        torch.distributed.barrier()
+    for older in folder.parent.glob("checkpoint-*") if rank == 0 else ():  # 2x the weights each: only the
+        if older != folder:  # latest checkpoint keeps what resuming needs; the others keep what evaluating needs
+            for state in list(older.glob("**/optimizer")):  # a second model's (ppo's critic/) too
+                shutil.rmtree(state, ignore_errors=True)
 
 
-def check_resume(args) -> None:
-    """--resume continues a run: the folder must hold what resuming needs, and --model must be the run's. The
-    weights come from the checkpoint, but the reference model and the evaluation defaults come from --model, so a
-    resume that leaves --model out is refused; another spelling of a model (a moved folder, a hub id) is noted."""
-    folder = Path(args.resume)
-    if not (folder / "trainer_state.pt").is_file():
-        why = " (a checkpoint that --keep-resume-states left with its weights only, or not a checkpoint)" \
-            if (folder / "config.json").is_file() else " (give a checkpoint-<step> folder)"
-        raise SystemExit(f"--resume {args.resume}: no trainer_state.pt there{why}")
-    # the run wrote args.json into its output folder (one_shot.py's pool run: one folder further up)
-    written = [d / "args.json" for d in (folder.parent, folder.parent.parent) if (d / "args.json").is_file()]
-    model_then = json.loads(written[0].read_text()).get("model") if written else None
-    if model_then is None or model_then == args.model:
-        return
-    if args.model == type(args)().model:
-        raise SystemExit(f"--resume {args.resume}: that run trained --model {model_then}, and this command leaves "
-                         f"--model at its default ({args.model}); give the run's --model")
-    print(f"--resume: the run trained --model {model_then}; taking --model {args.model} to be the same model")
-
-
-def drop_old_resume_states(output_dir: Path, keep: int, step: int) -> None:
-    """Only the newest `keep` checkpoints up to `step` (the one just written) keep what resuming needs (the
-    optimizer state, twice the fp32 weights, and the RNG); older ones keep their weights and tokenizer, which is what
-    evaluating them needs. 0 keeps everything. Later checkpoints, left by a continuation that this run's resume
-    abandoned, are not touched."""
-    if keep <= 0:
-        return
-    names = (f.name.removeprefix("checkpoint-") for f in output_dir.glob("checkpoint-*"))
-    written = sorted(s for s in map(int, filter(str.isdigit, names)) if s <= step)
-    for old in written[:-keep]:
-        for path in (output_dir / f"checkpoint-{old}").iterdir():
-            if path.name == "trainer_state.pt" or path.name.startswith("rng-rank"):
-                path.unlink()
-            elif path.is_dir() and path.name.endswith("optimizer"):  # the sharded optimizer states
-                shutil.rmtree(path)
-
-
-def load_trainer_state(folder: Path, optimizer, scheduler) -> dict:
-    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
+def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
+    """What save_checkpoint wrote, into the model's optimizer, the schedule and this rank's random streams; returns
+    trainer_state.pt's contents (the step and a fork's `extra`). The weights were loaded with the model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    state = torch.load(folder / "trainer_state.pt", weights_only=False, map_location="cpu")
+    if is_distributed():
+        model.reshard()
+    sharded = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(sharded, checkpoint_id=folder / "optimizer", no_dist=not is_distributed())
+    set_optimizer_state_dict(model, optimizer, sharded["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    python, numpy, cpu, cuda = torch.load(folder / f"rng-rank{torch.distributed.get_rank() if is_distributed() else 0}"
+                                                     ".pt", weights_only=False)
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
     return state
 
 
-class Logger:
-    """One line per step to stdout, the same as JSON lines in metrics.jsonl, and optionally TensorBoard/wandb."""
+class CtrlC:
+    """The first Ctrl-C asks the run to stop after the step in progress and save it; a second one quits at once."""
 
-    def __init__(self, output_dir: Path, args):
-        self.file = open(output_dir / "metrics.jsonl", "a")
-        self.tracker = None
-        if args.track == "tensorboard" and importlib.util.find_spec("tensorboard"):
-            from torch.utils.tensorboard import SummaryWriter
-            self.tracker = SummaryWriter(str(output_dir))
-        elif args.track == "wandb" and importlib.util.find_spec("wandb"):
-            import wandb
-            self.tracker = wandb.init(config=dataclasses.asdict(args), dir=str(output_dir))
-        elif args.track:
-            print(f"--track {args.track}: not installed, logging to metrics.jsonl only")
+    def __init__(self):
+        self.asked = False
+        signal.signal(signal.SIGINT, self.ask)
 
-    def log(self, metrics: dict, line_keys=("reward_mean", "accuracy", "response_len_mean", "entropy", "kl",
-                                              "clip_frac", "grad_norm", "time_generate", "time_score",
-                                              "time_train", "tokens_per_s", "logprob_gap")):
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
-        shown = [f"{k.replace('eval/', 'eval_')} {v:.4g}" for k, v in metrics.items()
-                 if (k in line_keys or k.startswith("eval/")) and isinstance(v, (int, float))]
-        print(f"step {metrics['step']:>5} | " + " | ".join(shown), flush=True)
-        if self.tracker is not None and hasattr(self.tracker, "add_scalar"):
-            for k, v in metrics.items():
-                self.tracker.add_scalar(k, v, metrics["step"])
-        elif self.tracker is not None:
-            self.tracker.log(metrics, step=metrics["step"])
+    def ask(self, *_):
+        if self.asked:
+            os._exit(130)
+        self.asked = True
+        print("\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C again quits at once, unsaved)", flush=True)
 
 
-# ---- main loop -------------------------------------------------------------------------------------------------
-def main(args: Args):
-    # setup: seed, model, value model, optimizers, data, engine, output dir, resume
-    if args.select not in ("pcl", "uniform", "dynamic-sampling"):
-        raise SystemExit(f"--select must be pcl, uniform or dynamic-sampling, not {args.select!r}")
-    for bad, message in ((args.candidates_factor < 1,
-                          f"--candidates-factor must be >= 1, not {args.candidates_factor}"),
-                         (not 0.0 <= args.tau <= 1.0, f"--tau is a target accuracy in [0, 1], not {args.tau}"),
-                         (args.value_updates < 1, f"--value-updates must be >= 1, not {args.value_updates}"),
-                         (args.prompts_per_step < 1, f"--prompts-per-step must be >= 1, not {args.prompts_per_step}"),
-                         (args.samples_per_prompt < 2, "--samples-per-prompt must be >= 2 (a group of one has no "
-                                                       f"advantage), not {args.samples_per_prompt}"),
-                         (args.mini_batch < 0, f"--mini-batch must be >= 0 (0: the whole batch), not "
-                                               f"{args.mini_batch}")):
-        if bad:
-            raise SystemExit(message)
-    batch_size = args.prompts_per_step * args.samples_per_prompt
-    args = dataclasses.replace(args, mini_batch=args.mini_batch or batch_size)  # 0: one optimizer step per batch
+def open_log(output_dir: Path, args, start: int):
+    """metrics.jsonl (every number of every step) as one run: a resumed run first drops the steps after its
+    checkpoint, which it trains again. Returns log(metrics), which also prints each evaluation."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args) | {"resume": ""}, indent=2))
+    path = output_dir / "metrics.jsonl"
+    kept = [line for line in path.read_text().splitlines(True) if json.loads(line)["step"] <= start] if start else []
+    path.write_text("".join(kept))
+
+    def log(metrics: dict):
+        with open(path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if "eval/accuracy" in metrics:
+            tqdm.write(f"step {metrics['step']}: held-out accuracy {metrics['eval/accuracy']:.3f} ({args.eval_data})")
+    return log
+
+
+def summary(output_dir: Path, args, world: int, stopped: bool) -> str:
+    """What the run did, where it is, and what to run next."""
+    rows = [json.loads(line) for line in open(output_dir / "metrics.jsonl")]
+    trained, evals = [r for r in rows if "reward_mean" in r], [r for r in rows if "eval/accuracy" in r]
+    step = trained[-1]["step"]
+    checkpoint = output_dir / f"checkpoint-{step}"
+    launcher = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
+    lines = [f"{'stopped' if stopped else 'finished'} at step {step} of {args.total_steps}: reward "
+             f"{trained[0]['reward_mean']:.2f} -> {trained[-1]['reward_mean']:.2f}, held-out accuracy "
+             f"{evals[0]['eval/accuracy']:.2f} (step {evals[0]['step']}) -> {evals[-1]['eval/accuracy']:.2f} "
+             f"(step {evals[-1]['step']})", f"metrics: {output_dir / 'metrics.jsonl'}", f"checkpoint: {checkpoint}"]
+    if stopped:
+        lines.append(f"continue: {launcher} {Path(__file__).name} --resume {output_dir}")
+    else:
+        benchmarks = "toy" if args.eval_data == "toy" else "paper"
+        lines.append(f"evaluate it: python eval.py --model {checkpoint} --benchmarks {benchmarks}")
+    return "\n".join(lines)
+
+
+# ==== main ============================================================================================================
+def main(args: Args) -> Path:
+    # setup: processes, checks, seed, data, model, reference, optimizer, engine, run folder, resume
     rank, world, device = init_distributed()  # one process unless started by torchrun
-    check_world_size(args, world)
-    check_choices(args)
-    seed_everything(args.seed + rank)  # each rank samples its own responses; the data order is seeded apart
+    output_dir = check_args(args, world)  # before anything is built or written
+    if not 0 <= args.tau <= 1:
+        raise SystemExit(f"--tau {args.tau}: a target accuracy, in [0, 1]")
+    try:
+        evaluation.check_model(args.value_model or args.model)
+    except SystemExit as e:
+        raise SystemExit(f"--value-{str(e)[2:]}") from None
+    train_problems, eval_problems = read_data(args)
+    random.seed(args.seed + rank)  # the trainer's streams: the samplers and the data order are seeded apart
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    if args.resume:
-        check_resume(args)
-    model_path = args.resume or resolve_on_rank0_first(args.model)
-    check_value_tokenizer(args, model_path)  # before any model loads
+    if rank == 0:
+        print(f"{'resuming' if args.resume else 'training'} {args.model} on {args.train_data} ({len(train_problems)} "
+              f"problems), writing to {output_dir}", flush=True)
+    model_path = args.resume or evaluation.resolve_model_path(args.model)  # torchrun: one rank builds the tiny
     model, tokenizer = evaluation.load_model(model_path)  # fp32 master weights; bf16 compute on GPU
     check_lm_head(model)
-    model.train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    model = on_device(model, device, world)  # under torchrun: sharded, before the next model loads
+    model = shard_model(model.train(), device, world)  # under torchrun: sharded before the next model loads
     reference = None
     if args.kl_coef > 0:  # with no KL term there is nothing to compare against: no reference is loaded
-        reference = evaluation.load_model(resolve_on_rank0_first(args.model))[0].eval()
-        reference.requires_grad_(False)
-        reference = on_device(reference, device, world)
-    value_model = load_value_model(args)  # in CPU memory; sharded from there like the policy
-    value_model = shard_value_model(value_model, device) if world > 1 else value_model.to(device)
-    value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=args.value_lr,
-                                        weight_decay=args.value_weight_decay)
-    probe, problems = split_probe(load_prompts(args, tokenizer), args.value_probe, args.seed)
-    eval_problems = load_eval_problems(args)
-    if batch_size % args.mini_batch or args.mini_batch % args.micro_batch:
-        raise SystemExit(f"need mini_batch | prompts_per_step*samples_per_prompt ({batch_size}) and "
-                         f"micro_batch | mini_batch; got mini_batch={args.mini_batch}, micro_batch={args.micro_batch}")
-    updates_per_step = args.num_updates * batch_size // args.mini_batch
+        reference = evaluation.load_model(args.model)[0].eval().requires_grad_(False)
+        reference = shard_model(reference, device, world)
+    value_model, value_optimizer = load_value_model(args, tokenizer, device, world)
+    probe, problems = split_probe(tokenize_prompts(train_problems, tokenizer, args), args.value_probe, args.seed)
+    updates_per_step = args.num_updates * args.prompts_per_step * args.samples_per_prompt // args.mini_batch
     optimizer, scheduler = make_optimizer(model, args, args.total_steps * updates_per_step)
-    output_dir = Path(gather_from_ranks([args.output_dir or f"runs/{Path(__file__).stem}-"
-                                         f"{time.strftime('%Y%m%d-%H%M%S')}"])[0])  # rank 0's clock names it
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    engine = make_rollout_engine(args, model_path, model, device)
-    if engine is not None:  # vLLM's start seeded every generator with args.seed: each rank's stream again
-        seed_everything(args.seed + rank)
-    push_weights(engine, model)  # the engine loaded fp32 files from disk; from here on it tracks the policy
-    start_step = 0
-    if args.resume:
-        state = load_trainer_state_for_world(Path(args.resume), model, optimizer, scheduler, world)  # every rank
-        start_step = state["step"]
-        if world > 1:
-            load_sharded_value_optimizer(Path(args.resume), value_model, value_optimizer)
-        else:
-            value_optimizer.load_state_dict(state["value_optimizer"])
-        del state  # it holds a copy of V's weights, loaded already: not kept for the whole run
-        print(f"resumed from {args.resume} at step {start_step}")
-    stops = evaluation.stop_token_ids(tokenizer, model)
-    logger = Logger(output_dir, args) if rank == 0 else None
+    engine = make_rollout_engine(args, model_path, model)
+    push_weights(engine, model, args)  # the engine loaded fp32 files from disk; from here on it tracks the policy
+    start = load_checkpoint(Path(args.resume), model, optimizer, scheduler)["step"] if args.resume else 0
+    log = open_log(output_dir, args, start) if rank == 0 else lambda metrics: None
+    if start == 0:  # the held-out accuracy before training
+        log({"step": 0, **run_evaluation(engine or model, tokenizer, eval_problems, args)})
     rank_args = dataclasses.replace(args, mini_batch=args.mini_batch // world)  # each rank's share of a mini-batch
-    bad_steps = 0
-    pad_id, n, m = tokenizer.pad_token_id, args.samples_per_prompt, args.prompts_per_step
-
-    for step in range(start_step, args.total_steps):
+    ctrl_c, n, m, pad_id = CtrlC(), args.samples_per_prompt, args.prompts_per_step, tokenizer.pad_token_id
+    transformers.utils.logging.disable_progress_bar()  # a checkpoint's "writing shards" bar would break the step bar
+    bar = tqdm(range(start, args.total_steps), initial=start, total=args.total_steps, unit="step", disable=rank != 0)
+    for step in bar:
         metrics = {"step": step + 1}
-        # 1. sample candidates uniformly: m for plain GRPO, k*m for pcl and dynamic sampling
+        # 1. sample prompts: k*m uniform candidates (m for --select uniform), of which m are kept: V(x) nearest tau
+        #    (pcl), or the first whose group's rewards differ, all rolled out (dynamic sampling); all ranks keep alike
+        t0 = time.time()
         pool = m if args.select == "uniform" else args.candidates_factor * m
         candidates = [problems[i] for i in batch_indices(step, len(problems), pool, args.seed)]
-        # 2. select prompts: by V(x) (pcl, no rollouts), or by rolling out every candidate (dynamic sampling);
-        #    under torchrun every rank scores the same candidates with the same V, and takes its share of the kept
-        t0 = time.time()
-        predicted = None
         if args.select == "pcl":
-            values = predict_values(value_model, [p["prompt_ids"] for p in candidates], args, pad_id, device,
-                                    autocast)
-            kept = select_prompts(values, m, args.tau)
-            kept = gather_from_ranks([kept])[0]  # rank 0's: GPU rounding in V must not split the ranks' batches
-            predicted = values[kept]
-        elif args.select == "dynamic-sampling":  # under torchrun each rank rolls out its share of the pool
-            pool_share = rank_share(candidates, rank, world)
-            pool_rollouts = generate(engine, model, tokenizer, [p["prompt_ids"] for p in pool_share], args, step,
-                                     stops)
-            pool_correct, pool_rewards = score(pool_rollouts, pool_share, tokenizer, args)
-            pool_correct = gather_from_ranks(list(pool_correct))  # the filter sees the whole pool
-            pool_rewards = torch.tensor(gather_from_ranks(pool_rewards.tolist()))
-            kept = select_informative(pool_rewards, n, m, world)
-            metrics["pool_accuracy"] = sum(pool_correct) / len(pool_correct)
+            values = predict_values(value_model, [p["prompt_ids"] for p in candidates], args, pad_id, device, autocast)
+            kept = gather_from_ranks([select_prompts(values, m, args.tau)])[0]  # GPU rounding must not split ranks
+        elif args.select == "dynamic-sampling":  # each rank rolls out its share of the pool; all see every reward
+            mine = rank_share(candidates, rank, world)
+            pool_rollouts = generate(engine, model, tokenizer, mine, args, step, rank)
+            golds = [p["answer"] for p in mine for _ in range(n)]  # scored as step 3 scores
+            pool_correct = verify.score_batch([r["text"] for r in pool_rollouts], golds, mode=args.answer_mode)
+            pool_rewards = [0.0 if r["truncated"] else c for r, c in zip(pool_rollouts, pool_correct)]
+            kept = select_informative(torch.tensor(gather_from_ranks(pool_rewards)), n, m, world)
+            metrics["pool_accuracy"] = np.mean(gather_from_ranks(pool_correct))
         else:
             kept = list(range(m))
         batch = rank_share([candidates[i] for i in kept], rank, world)
+        metrics["time_select"] = time.time() - t0
+        # 2. generate
+        t0 = time.time()
+        rollouts = (kept_rollouts_of_rank(pool_rollouts, kept, n, rank, world) if args.select == "dynamic-sampling"
+                    else generate(engine, model, tokenizer, batch, args, step, rank))  # DAPO: its filter's rollouts
         t1 = time.time()
-        # 3. generate (dynamic sampling reuses the kept prompts' rollouts from its filter)
-        if args.select == "dynamic-sampling":
-            rows = [i * n + j for i in rank_share(kept, rank, world) for j in range(n)]
-            rollouts = kept_rollouts_of_rank(pool_rollouts, kept, n, rank, world)
-            correct, rewards = [pool_correct[r] for r in rows], pool_rewards[rows]
-            t2 = t3 = time.time()
-        else:
-            rollouts = generate(engine, model, tokenizer, [p["prompt_ids"] for p in batch], args, step, stops)
-            t2 = time.time()
-            # 4. score: the final answer checked by verify.py; a truncated response earns nothing
-            correct, rewards = score(rollouts, batch, tokenizer, args)
-            t3 = time.time()
-        # 5. advantages: r - group mean (no std normalisation in the paper)
-        advantages = group_advantages(rewards, n, args.std_normalize)
+        # 3. score: the final answer checked by verify.py; a truncated response earns nothing
+        golds = [p["answer"] for p in batch for _ in range(args.samples_per_prompt)]
+        correct = verify.score_batch([r["text"] for r in rollouts], golds, mode=args.answer_mode)
+        rewards = torch.tensor([0.0 if r["truncated"] else c for r, c in zip(rollouts, correct)])
+        # 4. advantages
+        advantages = group_advantages(rewards, args.samples_per_prompt, args.std_normalize)
         if args.mask_truncated:
             rollouts = [dict(r, masked=r["truncated"]) for r in rollouts]
-        # the kept prompts' realised accuracy, V's target (under torchrun: every rank's kept prompts, gathered)
-        realised = realised_accuracy_over_ranks(rewards, n) if batch else torch.zeros(0)
-        whole_batch = gather_from_ranks(batch)
-        train_stats = {"skipped": False}
-        lr = scheduler.get_last_lr()[0]  # the rate of this step's (first) update
-        t4 = t5 = time.time()
-        if batch:  # dynamic sampling can find no informative prompt at all: nothing to train on
-            # steps 6 and 7 both run while vLLM sleeps: the policy and V each hold their AdamW state and gradients
-            sleep_engine(engine, args)
-            # 6. update the policy on-policy (one optimizer step per batch by default)
-            train_stats = update_policy(model, reference, rollouts, advantages, optimizer, scheduler, rank_args,
-                                        autocast, pad_id, device)
-            t4 = time.time()
-            # 7. regress V on the kept prompts' realised accuracy: the V used at the next step lags by one update
-            if predicted is None:  # uniform / dynamic sampling: V is not used to select, but still fitted and scored
-                predicted = predict_values(value_model, [p["prompt_ids"] for p in whole_batch], args, pad_id, device,
-                                           autocast)
-            metrics.update(value_fit(predicted, realised))
-            metrics.update(update_value_model(value_model, value_optimizer, [p["prompt_ids"] for p in whole_batch],
+        # 5. update: num_updates passes, each over mini-batches with micro-batch gradient accumulation
+        if engine is not None and args.vllm_sleep and torch.cuda.is_available():
+            engine.sleep(level=2)  # free vLLM's GPU memory (weights and KV cache) for the update
+        realised = torch.tensor(gather_from_ranks(rewards.view(-1, n).mean(dim=1).tolist()))  # every rank's prompts
+        if kept:  # dynamic sampling may keep no prompt at all: nothing to train on
+            metrics.update(lr=scheduler.get_last_lr()[0], **update_policy(
+                model, reference, rollouts, advantages, optimizer, scheduler, rank_args, autocast, pad_id, device))
+            # then V on the kept prompts' realised accuracy, while vLLM still sleeps (two AdamW states on the GPU)
+            metrics.update(update_value_model(value_model, value_optimizer, [candidates[i]["prompt_ids"] for i in kept],
                                               realised, args, pad_id, device, autocast))
-            t5 = time.time()
-            if device.type == "cuda":  # two models' activations stay cached by torch unless handed back before vLLM
-                torch.cuda.empty_cache()  # wakes up and allocates its weights and KV cache again
-            wake_engine(engine, model, args)  # pushes the policy's new weights into the engine
-        t6 = time.time()
-        bad_steps = bad_steps + 1 if train_stats.pop("skipped") else 0
-        if bad_steps >= args.max_bad_steps:
-            raise SystemExit(f"stopping: {bad_steps} updates in a row had a non-finite loss or gradient "
-                             "(lower --lr, check the data, or use fp32)")
-        # 8. log / evaluate / checkpoint (under torchrun: the whole batch, gathered from every rank)
-        lengths = gather_from_ranks([len(r["response_ids"]) for r in rollouts]) or [0]
-        rewards, correct = torch.tensor(gather_from_ranks(rewards.tolist())), gather_from_ranks(list(correct))
-        advantages = torch.tensor(gather_from_ranks(advantages.tolist()))
-        truncated = gather_from_ranks([r["truncated"] for r in rollouts])
-        metrics.update(reward_mean=rewards.mean().item() if batch else 0.0,
-                       accuracy=sum(correct) / max(1, len(correct)),
-                       effective_ratio=effective_ratio(advantages), kept_prompts=len(whole_batch),
-                       kept_accuracy_distance=(realised - args.tau).abs().mean().item() if batch else float("nan"),
-                       value_pred_mean=predicted.mean().item() if predicted is not None else float("nan"),
-                       response_len_mean=sum(lengths) / len(lengths),
-                       truncated_share=sum(truncated) / max(1, len(truncated)),
-                       time_select=t1 - t0, time_generate=t2 - t1, time_score=t3 - t2, time_train=t4 - t3 + t6 - t5,
-                       time_value=t5 - t4, lr=lr, **train_stats)
-        last = step + 1 == args.total_steps
-        if last or (args.eval_every and (step + 1) % args.eval_every == 0):
-            if probe:
-                metrics.update(probe_value_model(value_model, engine, model, tokenizer, probe, args, step, stops,
-                                                 pad_id, device, autocast))
-            # every rank evaluates its share of the set (eval.evaluate) and gets all results; rank 0 logs
+        # 6. push weights into the rollout engine
+        push_weights(engine, model, args)
+        # 7. log, evaluate, checkpoint (under torchrun: the whole batch, gathered from every rank)
+        metrics.update(effective_ratio=np.mean(gather_from_ranks((advantages != 0).tolist())),  # what PCL raises
+                       kept_prompts=len(kept), kept_accuracy_distance=(realised - args.tau).abs().mean().item())
+        lengths = gather_from_ranks([len(r["response_ids"]) for r in rollouts])
+        metrics.update(reward_mean=np.mean(gather_from_ranks(rewards.tolist())),
+                       accuracy=np.mean(gather_from_ranks(list(correct))), response_len_mean=np.mean(lengths),
+                       truncated_share=np.mean(gather_from_ranks([r["truncated"] for r in rollouts])),
+                       time_generate=t1 - t0, time_train=time.time() - t1, tokens_per_s=sum(lengths) / (t1 - t0))
+        stopping = any(gather_from_ranks([ctrl_c.asked]))  # every rank stops at the same step
+        if step + 1 == args.total_steps or (args.eval_every and (step + 1) % args.eval_every == 0):
             metrics.update(run_evaluation(engine or model, tokenizer, eval_problems, args))
-        if last or (args.save_every and (step + 1) % args.save_every == 0):
-            folder = output_dir / f"checkpoint-{step + 1}"
-            if world > 1:  # V's gathered weights (rank 0's) go into trainer_state.pt, its optimizer's shards beside it
-                save_sharded_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra={
-                    "value_model": save_sharded_value_optimizer(folder, value_model, value_optimizer)})
-            else:
-                save_checkpoint(folder, step + 1, model, tokenizer, optimizer, scheduler, extra={
-                    "value_model": value_model.state_dict(), "value_optimizer": value_optimizer.state_dict()})
-            if rank == 0:  # older checkpoints keep their weights only (--keep-resume-states)
-                drop_old_resume_states(output_dir, args.keep_resume_states, step + 1)
-        if rank == 0:
-            metrics = blank_if_nothing_kept(metrics)  # a step with no kept prompt has no batch to describe
-            logger.log(metrics, line_keys=("reward_mean", "accuracy", "effective_ratio", "value_corr", "value_loss",
-                                           "value_probe_corr", "kept_prompts", "time_select", "time_generate",
-                                           "time_train"))
+            if probe:
+                metrics.update(probe_value_model(value_model, engine or model, tokenizer, probe, args, step, device,
+                                                 autocast))
+        if step + 1 == args.total_steps or stopping or (args.save_every and (step + 1) % args.save_every == 0):
+            save_checkpoint(output_dir / f"checkpoint-{step + 1}", step + 1, model, tokenizer, optimizer, scheduler)
+            save_value_model(output_dir / f"checkpoint-{step + 1}", value_model, value_optimizer)
+        log({k: float(v) if isinstance(v, np.floating) else v for k, v in metrics.items()})
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", len=f"{metrics['response_len_mean']:.0f}")
+        if stopping:
+            break
+    bar.close()
+    if rank == 0:
+        print(summary(output_dir, args, world, stopping))
     if world > 1 and engine is None:  # a vLLM engine tears the process group down itself when it shuts down
         evaluation.leave_process_group()
     return output_dir
 
 
-def check_world_size(args, world: int) -> None:
-    """Under torchrun every rank takes whole groups and an equal share of every mini-batch."""
-    if args.vllm_tensor_parallel < 1 or (args.vllm_tensor_parallel > 1 and (world == 1 or args.rollout == "hf")):
-        raise SystemExit(f"--vllm-tensor-parallel {args.vllm_tensor_parallel}: a vLLM engine split over that many "
-                         "ranks needs torchrun with one rank per GPU and --rollout vllm")
-    if world == 1:
-        return
-    if args.prompts_per_step % world or args.mini_batch % world:
-        raise SystemExit(f"torchrun with {world} ranks: --prompts-per-step ({args.prompts_per_step}) and "
-                         f"--mini-batch ({args.mini_batch}) must be multiples of {world}")
-    if world % args.vllm_tensor_parallel:
-        raise SystemExit(f"--vllm-tensor-parallel {args.vllm_tensor_parallel} must divide the number of ranks "
-                         f"({world})")
-
-
-def load_trainer_state_for_world(folder: Path, model, optimizer, scheduler, world: int) -> dict:
-    """A single-process checkpoint holds the whole optimizer state; a torchrun one holds it sharded."""
-    sharded = (folder / "optimizer").is_dir()
-    if world > 1:
-        return load_sharded_trainer_state(folder, model, optimizer, scheduler)
-    if sharded:
-        world_then = torch.load(folder / "trainer_state.pt", weights_only=False, map_location="cpu")["world_size"]
-        raise SystemExit(f"--resume {folder}: written by torchrun with {world_then} ranks; resume it with "
-                         f"torchrun --nproc_per_node {world_then} (its optimizer state is sharded)")
-    return load_trainer_state(folder, optimizer, scheduler)
-
-
-def score(rollouts, batch, tokenizer, args):
-    """1/0 per response from verify.py's check of its final answer; a truncated response earns nothing."""
-    texts = tokenizer.batch_decode([r["response_ids"] for r in rollouts], skip_special_tokens=True)
-    golds = [p["answer"] for p in batch for _ in range(args.samples_per_prompt)]
-    correct = verify.score_batch(texts, golds, mode=args.answer_mode)
-    return correct, torch.tensor([0.0 if r["truncated"] else float(c) for r, c in zip(rollouts, correct)])
-
-
-def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, args, autocast, pad_id, device):
-    """num_updates passes over the batch in shuffled mini-batches; one optimizer step per mini-batch."""
-    with torch.no_grad(), autocast:  # old and reference log-probs: fixed for all passes over this batch
-        old_logp = token_logprobs(model, rollouts, args, pad_id, device)
-        ref_logp = token_logprobs(reference, rollouts, args, pad_id, device) if reference is not None else None
-    # the engine sampled from exactly these weights: any gap is engine-trainer mismatch (numerics, a missed push)
-    engine_lp = torch.tensor([lp for r in rollouts for lp in r["engine_logprobs"]])
-    # logged sums over the batch: each micro-batch's share of its mini-batch's loss, the other statistics per token
-    sums = dict.fromkeys(("loss", "clip_frac", "kl", "entropy", "tokens"), 0.0)
-    sums.update(logprob_gap=(engine_lp - torch.cat(old_logp).float().cpu()).abs().sum().item(),
-                sampled_tokens=float(len(engine_lp)))
-    grad_norms, skipped = [], False
-    for update in range(args.num_updates):
-        for share in mini_batch_shares(len(rollouts), args.mini_batch):
-            mini = [i for i in share if not rollouts[i].get("masked")]
-            # under torchrun: the counts of every rank's share, so the summed gradients are the whole batch's
-            mini_tokens, mini_seqs = summed_over_ranks([sum(len(rollouts[i]["response_ids"]) for i in mini),
-                                                        len(mini)], device)
-            if not mini_seqs:  # every response of the mini-batch masked (on every rank)
-                continue
-            for micro, counted in micro_batches(mini, 0, args.micro_batch, device):
-                rows = [rollouts[i] for i in micro]
-                lengths = [len(r["response_ids"]) for r in rows]
-                with autocast:
-                    logp, entropy = response_logprobs(model, collate(rows, pad_id, device), args.temperature,
-                                                      args.logprob_memory_mib)
-                per_token = lambda values: torch.cat([values[i] for i in micro]).to(device)
-                adv = torch.cat([advantages[i].expand(n) for i, n in zip(micro, lengths)]).to(device)
-                weights = token_weights(lengths, args.loss_agg, mini_tokens, mini_seqs, args.max_new_tokens)
-                loss, s = policy_loss(logp, per_token(old_logp), adv, weights.to(device), args,
-                                      per_token(ref_logp) if ref_logp is not None else None,
-                                      entropy if args.entropy_coef else None)
-                (loss * counted).backward()
-                if not counted:  # a filler pass only keeps this rank in step with the others
-                    continue
-                sums["loss"] += loss.item()
-                sums["clip_frac"] += s["clip_frac"] * sum(lengths)
-                sums["kl"] += s.get("kl", 0.0) * sum(lengths)
-                sums["entropy"] += entropy.detach().float().sum().item()
-                sums["tokens"] += sum(lengths)
-            grad_norm = clip_gradients(model, args.max_grad_norm)
-            if torch.isfinite(grad_norm):
-                optimizer.step()
-            else:
-                skipped = True
-                print(f"non-finite gradient norm ({grad_norm.item()}): update skipped")
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            grad_norms.append(grad_norm.item())
-    total = summed_stats_over_ranks(sums)
-    out = {"logprob_gap": total["logprob_gap"] / total["sampled_tokens"], "skipped": skipped}
-    if grad_norms:  # the loss of an optimizer step, averaged over the steps; the norm is already global
-        out.update(loss=total["loss"] / len(grad_norms), grad_norm=sum(grad_norms) / len(grad_norms))
-    if total["tokens"]:
-        out.update({k: total[k] / total["tokens"] for k in ("clip_frac", "kl", "entropy")})
-    return out
-
-
-def token_logprobs(model, rollouts, args, pad_id, device) -> list[torch.Tensor]:
-    """Per-rollout 1-D tensors of the response tokens' log-probs under `model` (no gradient)."""
-    out = []
-    for u in range(0, len(rollouts), args.micro_batch):
-        rows = rollouts[u:u + args.micro_batch]
-        logp, _ = response_logprobs(model, collate(rows, pad_id, device), args.temperature, args.logprob_memory_mib)
-        out += list(logp.split([len(r["response_ids"]) for r in rows]))
-    return out
-
-
-def run_evaluation(engine, tokenizer, problems, args) -> dict:
-    """Greedy accuracy on the held-out problems (toy split or a benchmark), through eval.py."""
-    with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's random stream
-        metrics, _ = evaluation.evaluate(engine, tokenizer, problems, template=args.template,
-                                         max_tokens=args.max_new_tokens, seed=args.seed, mode=args.answer_mode)
-    return {f"eval/{k}": v for k, v in metrics.items()}
-
-
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except KeyboardInterrupt:  # before the first step, when there is nothing to save yet
+        sys.exit("\ninterrupted before training began: nothing was written")

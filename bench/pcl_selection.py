@@ -4,7 +4,7 @@ The paper's claim: scoring k*m candidates with V(x) (one forward pass over each 
 (DeepScaleR) faster than DAPO-style dynamic sampling (n rollouts per candidate, scored, groups with all-equal
 rewards dropped). Both are timed here on the same candidates, model and machine, with pcl.py's own functions:
   pcl               pcl.predict_values on k*m prompts + pcl.select_prompts
-  dynamic sampling  pcl.generate (n per candidate, the script's rollout engine) + pcl.score + pcl.select_informative
+  dynamic sampling  pcl.generate (n per candidate, the run's rollout engine), verify.py, pcl.select_informative
 Each is timed --reps times after one warm-up; the table gives the medians and their ratio. V is the untrained
 value model (its cost does not depend on its weights); the policy is --model as it is, so the rollouts' lengths are
 the untrained policy's.
@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as evaluation  # noqa: E402
 import pcl  # noqa: E402
+import verify  # noqa: E402
 
 
 def main():
@@ -46,19 +47,20 @@ def main():
     model, tokenizer = evaluation.load_model(path)
     model.to(device)
     value_model = pcl.ValueModel(evaluation.load_model(path)[0]).to(device)
-    problems = pcl.load_prompts(args, tokenizer)
+    problems = pcl.tokenize_prompts(pcl.read_data(args)[0], tokenizer, args)
     candidates = [problems[i] for i in pcl.batch_indices(0, len(problems), cli.candidates, args.seed)]
     prompt_ids = [p["prompt_ids"] for p in candidates]
-    engine = pcl.make_rollout_engine(args, path, model, device)
-    stops = evaluation.stop_token_ids(tokenizer, model)
+    engine = pcl.make_rollout_engine(args, path, model)
+    golds = [p["answer"] for p in candidates for _ in range(args.samples_per_prompt)]
 
     def by_value():
         values = pcl.predict_values(value_model, prompt_ids, args, tokenizer.pad_token_id, device, autocast)
         return pcl.select_prompts(values, args.prompts_per_step, args.tau)
 
     def by_rollouts():
-        rollouts = pcl.generate(engine, model, tokenizer, prompt_ids, args, 0, stops)
-        _, rewards = pcl.score(rollouts, candidates, tokenizer, args)
+        rollouts = pcl.generate(engine, model, tokenizer, candidates, args, 0, 0)
+        correct = verify.score_batch([r["text"] for r in rollouts], golds, mode=args.answer_mode)
+        rewards = torch.tensor([0.0 if r["truncated"] else c for r, c in zip(rollouts, correct)])
         return pcl.select_informative(rewards, args.samples_per_prompt, args.prompts_per_step)
 
     times = {}

@@ -26,7 +26,7 @@ def run(output_dir: Path, seed: int, select: str, rollout: str, extra: list[str]
                          text=True, cwd=ROOT, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     if out.returncode != 0:
         raise SystemExit(f"pcl.py --select {select} --seed {seed} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-    return [json.loads(line) for line in open(output_dir / "metrics.jsonl")]
+    return [m for m in map(json.loads, open(output_dir / "metrics.jsonl")) if m["step"] > 0]  # 0: evaluation only
 
 
 def mean(values):
