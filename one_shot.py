@@ -1027,7 +1027,8 @@ def main(args: Args) -> Path:
         metrics.update(reward_mean=np.mean(gather_from_ranks(rewards.tolist())),
                        accuracy=np.mean(gather_from_ranks(list(correct))), response_len_mean=np.mean(lengths),
                        truncated_share=np.mean(gather_from_ranks([r["truncated"] for r in rollouts])),
-                       time_generate=t1 - t0, time_train=time.time() - t1, tokens_per_s=sum(lengths) / (t1 - t0))
+                       time_generate=t1 - t0, time_train=time.time() - t1,
+                       tokens_per_s=sum(lengths) / max(t1 - t0, 1e-9))
         #    each example's accuracy this step: the pool run's history is what --history ranks
         record_accuracy(history, batch, rewards, args.samples_per_prompt)
         if not args.pool and len(history) > 1:

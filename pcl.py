@@ -1098,7 +1098,8 @@ def main(args: Args) -> Path:
         metrics.update(reward_mean=np.mean(gather_from_ranks(rewards.tolist())),
                        accuracy=np.mean(gather_from_ranks(list(correct))), response_len_mean=np.mean(lengths),
                        truncated_share=np.mean(gather_from_ranks([r["truncated"] for r in rollouts])),
-                       time_generate=t1 - t0, time_train=time.time() - t1, tokens_per_s=sum(lengths) / (t1 - t0))
+                       time_generate=t1 - t0, time_train=time.time() - t1,
+                       tokens_per_s=sum(lengths) / max(t1 - t0, 1e-9))
         stopping = any(gather_from_ranks([ctrl_c.asked]))  # every rank stops at the same step
         if step + 1 == args.total_steps or (args.eval_every and (step + 1) % args.eval_every == 0):
             metrics.update(run_evaluation(engine or model, tokenizer, eval_problems, args))
