@@ -488,8 +488,6 @@ def test_critic_warmup_leaves_the_policy_alone(tmp_path):
     assert "kl" in metrics[1], "the KL-in-loss form logs its KL"
 
 
-@pytest.mark.xfail(reason="grpo.py's parse_args builds Args from a foreign args.json: a TypeError traceback (the "
-                          "fix, for grpo.py and every fork, is in the ppo helper's report)")
 def test_resuming_another_scripts_run_stops_with_one_line(tmp_path):
     """A GRPO run has no critic to continue from: resuming it with ppo.py says so in one line, before loading."""
     run = tmp_path / "grpo-run"
