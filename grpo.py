@@ -26,7 +26,6 @@ import importlib.util
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -179,8 +178,8 @@ def update_policy(model, reference, rollouts, advantages, optimizer, scheduler, 
     sums.update(logprob_gap=(engine_lp - torch.cat(old_logp).float().cpu()).abs().sum().item(),
                 sampled_tokens=float(len(engine_lp)))
     grad_norms = []
-    for update in range(args.num_updates):
-        for share in mini_batch_shares(len(rollouts), args.mini_batch):
+    for _ in range(args.num_updates):
+        for share in mini_batch_shares(len(rollouts), args.mini_batch, [args.seed, scheduler.last_epoch]):
             mini = [i for i in share if not rollouts[i].get("masked")]
             # under torchrun: the counts of every rank's share, so the summed gradients are the whole batch's
             mini_tokens, mini_seqs = summed_over_ranks([sum(len(rollouts[i]["response_ids"]) for i in mini),
@@ -575,16 +574,14 @@ def summed_over_ranks(counts: list[int], device, op=None) -> list[int]:
     return total.tolist()
 
 
-def mini_batch_shares(n: int, size: int) -> list[list[int]]:
-    """This rank's rows of each shuffled mini-batch (n rows and `size` rows per mini-batch on each rank). Under
-    torchrun the shuffle is the single process's: one permutation of every rank's rows, drawn by rank 0 and sent to
-    all, each rank keeping the members it holds; so every optimizer step sees the rows one process would."""
+def mini_batch_shares(n: int, size: int, seed: list[int]) -> list[list[int]]:
+    """This rank's rows of each shuffled mini-batch (n rows and `size` rows per mini-batch on each rank). The shuffle
+    is the single process's: one permutation of every rank's rows, a function of `seed` (so a resumed run needs no
+    random state), each rank keeping the members it holds; so every optimizer step sees the rows one process would."""
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
-    order = [torch.randperm(n * world).tolist()]  # drawn on every rank: every rank's random stream moves alike
-    if world > 1:
-        torch.distributed.broadcast_object_list(order, src=0)
+    order = np.random.default_rng(seed).permutation(n * world).tolist()
     first, step = rank * n, size * world
-    return [[g - first for g in order[0][m:m + step] if first <= g < first + n] for m in range(0, n * world, step)]
+    return [[g - first for g in order[m:m + step] if first <= g < first + n] for m in range(0, n * world, step)]
 
 
 def micro_batches(kept: list[int], filler: int, size: int, device) -> list[tuple[list[int], float]]:
@@ -728,22 +725,16 @@ def batch_indices(step: int, n_problems: int, batch: int, seed: int) -> list[int
 
 
 def make_optimizer(model, args, total_updates: int):
+    """AdamW and transformers' schedule of that name (warmup from 0, then constant, or cosine or linear to 0)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-
-    def lr_factor(update: int) -> float:
-        if update < args.warmup_steps:
-            return (update + 1) / args.warmup_steps
-        progress = min(1.0, (update - args.warmup_steps) / max(1, total_updates - args.warmup_steps))
-        if args.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0 - progress if args.lr_schedule == "linear" else 1.0  # linear: to 0, as transformers' default
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    name = "constant_with_warmup" if args.lr_schedule == "constant" else args.lr_schedule
+    return optimizer, transformers.get_scheduler(name, optimizer, args.warmup_steps, total_updates)
 
 
 def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict | None = None):
     """An HF folder (loadable by transformers, vLLM and eval.py) and what resuming needs: the optimizer state
-    (torch.distributed.checkpoint: sharded under torchrun), the schedule, every rank's random state, and `extra`,
-    a fork's own state (the same on every rank). One process and torchrun write the same layout."""
+    (torch.distributed.checkpoint: sharded under torchrun), the schedule and `extra`, a fork's own state (the same on
+    every rank). No random state: every draw is a function of the seed and the step. One layout for any world size."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
@@ -757,8 +748,6 @@ def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, schedu
                     **(extra or {})}, folder / "trainer_state.pt")
     dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder / "optimizer",
              no_dist=not is_distributed())
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    torch.save((random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda), folder / f"rng-rank{rank}.pt")
     if is_distributed():
         torch.distributed.barrier()
     for older in folder.parent.glob("checkpoint-*") if rank == 0 else ():  # 2x the weights each: only the
@@ -768,8 +757,8 @@ def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, schedu
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
-    """What save_checkpoint wrote, into the model's optimizer, the schedule and this rank's random streams; returns
-    trainer_state.pt's contents (the step and a fork's `extra`). The weights were loaded with the model."""
+    """What save_checkpoint wrote, into the model's optimizer and the schedule; returns trainer_state.pt's contents
+    (the step and a fork's `extra`). The weights were loaded with the model."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     state = torch.load(folder / "trainer_state.pt", weights_only=False, map_location="cpu")
@@ -779,13 +768,6 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
     dcp.load(sharded, checkpoint_id=folder / "optimizer", no_dist=not is_distributed())
     set_optimizer_state_dict(model, optimizer, sharded["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    python, numpy, cpu, cuda = torch.load(folder / f"rng-rank{torch.distributed.get_rank() if is_distributed() else 0}"
-                                                     ".pt", weights_only=False)
-    random.setstate(python)
-    np.random.set_state(numpy)
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
     return state
 
 
@@ -845,9 +827,7 @@ def main(args: Args) -> Path:
     rank, world, device = init_distributed()  # one process unless started by torchrun
     output_dir = check_args(args, world)  # before anything is built or written
     train_problems, eval_problems = read_data(args)
-    random.seed(args.seed + rank)  # the trainer's streams: the samplers and the data order are seeded apart
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
+    torch.manual_seed(args.seed)  # a new head's initial weights; every other draw is seeded by (seed, step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     if rank == 0:
         print(f"{'resuming' if args.resume else 'training'} {args.model} on {args.train_data} ({len(train_problems)} "

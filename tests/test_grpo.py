@@ -270,19 +270,6 @@ def test_hf_rollout_logprobs_equal_generates_own_scores(tiny, temperature, top_p
         assert r["engine_logprobs"] == pytest.approx(lps[:n], abs=1e-6)
 
 
-def test_linear_schedule_decays_to_zero_as_transformers_does():
-    model = torch.nn.Linear(2, 2)
-    args = grpo.Args(lr=1.0, lr_schedule="linear", warmup_steps=2)
-    optimizer, scheduler = grpo.make_optimizer(model, args, total_updates=10)
-    lrs = []
-    for _ in range(10):
-        lrs.append(scheduler.get_last_lr()[0])
-        optimizer.step()
-        scheduler.step()
-    # transformers' get_linear_schedule_with_warmup: (step + 1) / warmup, then (total - step) / (total - warmup)
-    assert lrs == pytest.approx([0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
-
-
 class ReachedTheCollective(Exception):
     pass
 
@@ -298,8 +285,7 @@ def test_collectives_reduce_tensors_on_the_ranks_device(monkeypatch):
     """Under torchrun on GPUs the process group is NCCL's, which reduces only GPU tensors. A stand-in all_reduce
     that refuses CPU tensors as NCCL does, and a rank whose device is "meta" (the only non-CPU device a CPU machine
     has): each function's collective must get a tensor on that device. (Meta tensors hold no data, so the stand-in
-    stops the function there.) The object collectives (gather_from_ranks, mini_batch_shares) place tensors
-    themselves."""
+    stops the function there.) The object collective (gather_from_ranks) places its own."""
     monkeypatch.setattr(grpo, "is_distributed", lambda: True)
     monkeypatch.setattr(torch.distributed, "all_reduce", nccl_like_all_reduce)
     meta = torch.device("meta")
