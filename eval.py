@@ -37,10 +37,7 @@ QWEN25_MATH_COT = (
     "<|im_start|>user\n{problem}<|im_end|>\n<|im_start|>assistant\n"
 )
 TRAIN_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
-QWEN_MATH_TRAIN = (
-    "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{{}}.<|im_end|>\n"
-    "<|im_start|>user\n{problem}" + TRAIN_SUFFIX.replace("{}", "{{}}") + "<|im_end|>\n<|im_start|>assistant\n"
-)
+QWEN_MATH_TRAIN = QWEN25_MATH_COT.replace("{problem}", "{problem}" + TRAIN_SUFFIX.replace("{}", "{{}}"))
 # HAPO's system turn (prompting_utils.py's SYSTEM_PROMPT, written "\\boxed{}" in its Python source: one backslash
 # reaches the model), with the bare question as the user turn, through the model's own chat template (train_grpo.py)
 HAPO_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -135,13 +132,10 @@ def toy_splits(seed: int = 0, n_test: int = 100) -> tuple[list[dict], list[dict]
 
 def toy_response(answer: str, rng: random.Random, fillers: tuple[str, ...] = TOY_FILLERS,
                  max_fillers: int = 3, style: str = "boxed") -> str:
-    """A response in the format a base model would write: the boxed answer, then some idle checking sentences.
-
-    The answer comes first so that it sits at a fixed distance from the prompt's number (a tiny model learns to
-    read by position within seconds, by content only after thousands of steps); the checking is what HAPO trims.
-    The other styles are `tiny-format`'s answers that a boxed grader scores 0: the number without a box
-    ("unboxed", decided at the first token), or a second, other boxed number after the first ("hedged", decided
-    right after the number, where the model sees which number it wrote)."""
+    """A response as a base model would write it: the boxed answer, then idle checking sentences (what HAPO trims).
+    The answer comes first, at a fixed distance from the prompt's number: a tiny model learns to read by position in
+    seconds, by content only after thousands of steps. `tiny-format`'s other styles score 0 with a boxed grader:
+    "unboxed" (decided at the first token) and "hedged", a second, other boxed number after the first."""
     head = f"I think it is {answer}." if style == "unboxed" else f"The answer is \\boxed{{{answer}}}" + (
         "." if style == "boxed" else f" or \\boxed{{{rng.choice([d for d in '123456789' if d != answer])}}}.")
     checking = " ".join(rng.choice(fillers) for _ in range(rng.randint(0, max_fillers)))
@@ -182,9 +176,8 @@ def load_model(name: str = TINY_NAME, dtype=torch.float32, seed: int = 0):
 
 
 def check_model(name: str) -> None:
-    """One line, in seconds, for a model that cannot load (transformers would retry the hub for a minute, then print
-    four chained tracebacks): a missing folder, a folder without config.json, a hub id that is neither downloaded nor
-    reachable."""
+    """One line, in seconds, for a model that cannot load (a missing folder, one without config.json, a hub id neither
+    downloaded nor reachable), where transformers would retry the hub for a minute and print four tracebacks."""
     path = Path(name).expanduser()
     if name in TINY_MODELS or (path / "config.json").is_file():
         return
@@ -229,15 +222,11 @@ def tiny_model_path(seed: int = 0, name: str = TINY_NAME) -> str:
         shutil.rmtree(staging, ignore_errors=True)
         raise SystemExit(f"the {name} model is not in {cache} and only global rank 0 can build it: build it once "
                          f"before this multi-node run: python -c 'import eval; eval.tiny_model_path(0, \"{name}\")'")
-    if (path / "config.json").exists():  # another process finished its build first: keep that one
-        shutil.rmtree(staging, ignore_errors=True)
-        return str(path)
-    if path.exists():  # a folder without config.json is a broken build: replace it
-        shutil.rmtree(path, ignore_errors=True)
-    try:
-        staging.rename(path)  # atomic: parallel builders (pytest-xdist, two scripts) never see half a folder
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
+    if not (path / "config.json").exists():  # else another process finished its build first: keep that one
+        shutil.rmtree(path, ignore_errors=True)  # a folder without config.json is a broken build: replace it
+        with contextlib.suppress(OSError):
+            staging.rename(path)  # atomic: parallel builders (pytest-xdist, two scripts) never see half a folder
+    shutil.rmtree(staging, ignore_errors=True)  # what another process's build made redundant
     return str(path)
 
 
@@ -528,11 +517,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1 - Fraction(math.comb(n - c, k), math.comb(n, k)))
 
 
-def mean_pass_at_k(correct_counts: list[int], n: int, k: int) -> float:
-    """pass@k of a benchmark: the mean over its problems."""
-    return sum(pass_at_k(n, c, k) for c in correct_counts) / len(correct_counts)
-
-
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (an observed value, no interpolation); q in (0, 1]."""
     ordered = sorted(values)
@@ -554,7 +538,7 @@ def summarize(samples: list[dict], n: int, ks=()) -> dict:
                "unknown_golds": sum(group[0]["gold_parseable"] is None for group in per_problem)}
     for k in sorted(set(ks)):
         if k <= n:
-            metrics[f"pass@{k}"] = mean_pass_at_k(correct_counts, n, k)
+            metrics[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct_counts) / len(correct_counts)
     return metrics
 
 
@@ -602,11 +586,19 @@ def generate(engine, tokenizer, prompts: list, n: int = 1, temperature: float = 
     stops = stop_token_ids(tokenizer, None if is_vllm(engine) else engine)
     prompt_ids = [encode_prompt(tokenizer, p) if isinstance(p, str) else p for p in prompts]
     with seeded(seed):
-        if is_vllm(engine):
-            return generate_vllm(engine, tokenizer, prompt_ids, stops, n, temperature, top_p, max_tokens, seed,
-                                 first_index, progress)
-        return generate_hf(engine, tokenizer, prompt_ids, stops, n, temperature, top_p, max_tokens, batch_size,
-                           progress)
+        if not is_vllm(engine):
+            return generate_hf(engine, tokenizer, prompt_ids, stops, n, temperature, top_p, max_tokens, batch_size,
+                               progress)
+        from vllm import SamplingParams
+        seeds = [sampling_seed(seed, first_index + i) if first_index is not None and temperature > 0 else None
+                 for i in range(len(prompt_ids))]
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
+                                 stop_token_ids=stops, seed=request_seed) for request_seed in seeds]
+        outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=progress)
+    # vLLM also stops at the end-of-sequence ids of the model's generation config, which `stops` may lack
+    return [[completion_record(tokenizer, list(c.token_ids), stops, max_tokens, c.finish_reason == "length",
+                               [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]) for c in o.outputs]
+            for o in outputs]
 
 
 @contextlib.contextmanager
@@ -620,20 +612,6 @@ def seeded(seed: int):
             yield
         finally:
             np.random.set_state(numpy_state)
-
-
-def generate_vllm(engine, tokenizer, prompt_ids, stops, n, temperature, top_p, max_tokens, seed, first_index,
-                  progress) -> list[list[dict]]:
-    from vllm import SamplingParams
-    per_problem = first_index is not None and temperature > 0
-    params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop_token_ids=stops,
-                             logprobs=0, seed=sampling_seed(seed, first_index + i) if per_problem else None)
-              for i in range(len(prompt_ids))]
-    outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=progress)
-    # vLLM also stops at the end-of-sequence ids of the model's generation config, which `stops` may lack
-    return [[completion_record(tokenizer, list(c.token_ids), stops, max_tokens, c.finish_reason == "length",
-                               [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]) for c in o.outputs]
-            for o in outputs]
 
 
 def generate_hf(model, tokenizer, prompt_ids, stops, n, temperature, top_p, max_tokens, batch_size,
@@ -735,13 +713,9 @@ def completion_record(tokenizer, token_ids: list[int], stops: list[int], max_tok
 def evaluate(engine, tokenizer, problems: list[dict], template: str = "qwen25-math-cot", n: int = 1,
              temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 512, seed: int = 0,
              mode: str = "boxed", ks=(), batch_size: int = 64, progress: bool = False) -> tuple[dict, list[dict]]:
-    """Accuracy (avg@n; greedy accuracy at n=1, temperature 0), pass@k for each k in `ks` up to n, response lengths
-    (mean, p90), truncation share and the count of unparseable golds on `problems`; returns (metrics, samples).
-
-    Under torchrun, as the training scripts run it, every rank must call this: each vLLM engine (one per rank or per
-    tensor-parallel group), or each rank of an HF model sharded by FSDP, evaluates a contiguous share of the
-    problems, and every rank gets the samples and metrics of all of them. (FSDP's forwards are collectives: its
-    ranks generate with synced_gpus and make as many generate calls as each other.)"""
+    """(metrics, samples) on `problems`: metrics as summarize gives them, samples as grade does. Under torchrun every
+    rank must call this: each vLLM engine (one per rank or tensor-parallel group), or each rank of an HF model sharded
+    by FSDP, evaluates a contiguous share of the problems, and every rank gets the samples and metrics of all."""
     shard, shards, reports = engine_shard(engine)
     first, end = shard_bounds(len(problems), shard, shards)
     samples = sample_and_grade(engine, tokenizer, problems[first:end], template, n, temperature, top_p, max_tokens,
@@ -754,8 +728,7 @@ def evaluate(engine, tokenizer, problems: list[dict], template: str = "qwen25-ma
 def sample_and_grade(engine, tokenizer, problems: list[dict], template: str, n: int, temperature: float,
                      top_p: float, max_tokens: int, seed: int, mode: str, batch_size: int,
                      progress: bool, first_index: int = 0) -> list[dict]:
-    """n graded samples per problem, problem by problem (see grade); `first_index`: problems[0]'s index in its
-    benchmark."""
+    """n graded samples per problem, problem by problem (grade); `first_index`: problems[0]'s index in its benchmark."""
     if not problems:  # more ranks than problems: an empty share still joins the others' collectives (FSDP's
         if engine_shard(engine)[1] > 1:  # forwards, a data-parallel vLLM engine's steps), with a prompt of its own
             generate(engine, tokenizer, ["0"], max_tokens=1, batch_size=batch_size)
@@ -860,7 +833,6 @@ def leave_process_group() -> None:
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------
-
 # Decoding per benchmark unless --n / --temperature say otherwise, as in the 1-shot RLVR paper (Qwen2.5-Math
 # evaluation): greedy, except avg@8 at temperature 0.6 on the small competition sets, where one greedy pass over
 # 30-40 problems moves 2.5-3.3 points per problem.
@@ -914,8 +886,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.subset and "math_beyond" not in names:
         raise SystemExit("eval.py: --subset selects rows of math_beyond, which --benchmarks does not include")
     for flag, value, lowest in (("--n", args.n, 1), ("--max-tokens", args.max_tokens, 1), ("--limit", args.limit, 0),
-                                ("--batch-size", args.batch_size, 1), ("--tensor-parallel-size",
-                                                                       args.tensor_parallel_size, 1)):
+                                ("--batch-size", args.batch_size, 1),
+                                ("--tensor-parallel-size", args.tensor_parallel_size, 1)):
         if value is not None and value < lowest:
             raise SystemExit(f"eval.py: {flag} must be at least {lowest}, got {value}")
     if args.temperature is not None and args.temperature < 0 or not 0 < args.top_p <= 1:
