@@ -76,7 +76,6 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 def stop_token_ids(tokenizer, model_config=None) -> list[int]:
     """Every token that ends a response: the tokenizer's EOS, the model's generation EOS ids, and <|im_end|>.
-
     Qwen2.5-Math's tokenizer says <|endoftext|> while its chat frame closes with <|im_end|>; stopping on only one of
     them lets a base model ramble into a new turn."""
     ids = {tokenizer.eos_token_id}
@@ -485,7 +484,8 @@ def load_math_beyond(data_dir: str | None = None, subset: str | None = None) -> 
     numbered = list(enumerate(rows))
     if subset:
         column = unsolved_column(rows[0] if rows else {}, subset, path)
-        numbered = [(i, row) for i, row in numbered if is_true(row.get(column))]
+        numbered = [(i, row) for i, row in numbered  # a flag from parquet (True), csv ("True", "1") or jsonl
+                    if str(row.get(column)).strip().lower() in ("true", "1", "1.0", "yes")]
     return [benchmark_problem("math_beyond", row, path, i) for i, row in numbered]
 
 
@@ -497,11 +497,6 @@ def unsolved_column(row: dict, subset: str, path: Path) -> str:
         raise ValueError(f"{path}: no '<model>_unsolved' column for --subset {subset!r}; "
                          f"models: {', '.join(sorted(columns)) or 'none'}")
     return columns[wanted]
-
-
-def is_true(flag) -> bool:
-    """A flag read from parquet (bool), csv ("True", "1") or jsonl."""
-    return flag is True or str(flag).strip().lower() in ("true", "1", "1.0", "yes")
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------------
