@@ -225,7 +225,7 @@ def tiny_model_path(seed: int = 0, name: str = TINY_NAME) -> str:
         shutil.rmtree(path, ignore_errors=True)  # a folder without config.json is a broken build: replace it
         with contextlib.suppress(OSError):
             staging.rename(path)  # atomic: parallel builders (pytest-xdist, two scripts) never see half a folder
-    shutil.rmtree(staging, ignore_errors=True)  # what another process's build made redundant
+    shutil.rmtree(staging, ignore_errors=True)  # left only where another process's build won
     return str(path)
 
 
