@@ -4,8 +4,6 @@ Shared by all algorithm scripts (they import it as `evaluation`); knows nothing 
 
     python eval.py                                   # the tiny built-in model on the toy task, in seconds
     python eval.py --model Qwen/Qwen2.5-Math-1.5B --benchmarks math500,aime24,aime25,amc23,minerva_math,olympiadbench
-
-Sections: prompt templates | the tiny model and toy task | benchmarks | metrics | generation | CLI.
 """
 from __future__ import annotations
 
@@ -39,10 +37,7 @@ QWEN25_MATH_COT = (
     "<|im_start|>user\n{problem}<|im_end|>\n<|im_start|>assistant\n"
 )
 TRAIN_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
-QWEN_MATH_TRAIN = (
-    "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{{}}.<|im_end|>\n"
-    "<|im_start|>user\n{problem}" + TRAIN_SUFFIX.replace("{}", "{{}}") + "<|im_end|>\n<|im_start|>assistant\n"
-)
+QWEN_MATH_TRAIN = QWEN25_MATH_COT.replace("{problem}", "{problem}" + TRAIN_SUFFIX.replace("{}", "{{}}"))
 # HAPO's system turn (prompting_utils.py's SYSTEM_PROMPT, written "\\boxed{}" in its Python source: one backslash
 # reaches the model), with the bare question as the user turn, through the model's own chat template (train_grpo.py)
 HAPO_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -81,7 +76,6 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 def stop_token_ids(tokenizer, model_config=None) -> list[int]:
     """Every token that ends a response: the tokenizer's EOS, the model's generation EOS ids, and <|im_end|>.
-
     Qwen2.5-Math's tokenizer says <|endoftext|> while its chat frame closes with <|im_end|>; stopping on only one of
     them lets a base model ramble into a new turn."""
     ids = {tokenizer.eos_token_id}
@@ -137,13 +131,10 @@ def toy_splits(seed: int = 0, n_test: int = 100) -> tuple[list[dict], list[dict]
 
 def toy_response(answer: str, rng: random.Random, fillers: tuple[str, ...] = TOY_FILLERS,
                  max_fillers: int = 3, style: str = "boxed") -> str:
-    """A response in the format a base model would write: the boxed answer, then some idle checking sentences.
-
-    The answer comes first so that it sits at a fixed distance from the prompt's number (a tiny model learns to
-    read by position within seconds, by content only after thousands of steps); the checking is what HAPO trims.
-    The other styles are `tiny-format`'s answers that a boxed grader scores 0: the number without a box
-    ("unboxed", decided at the first token), or a second, other boxed number after the first ("hedged", decided
-    right after the number, where the model sees which number it wrote)."""
+    """A response as a base model would write it: the boxed answer, then idle checking sentences (what HAPO trims).
+    The answer comes first, at a fixed distance from the prompt's number: a tiny model learns to read by position in
+    seconds, by content only after thousands of steps. `tiny-format`'s other styles score 0 with a boxed grader:
+    "unboxed" (decided at the first token) and "hedged", a second, other boxed number after the first."""
     head = f"I think it is {answer}." if style == "unboxed" else f"The answer is \\boxed{{{answer}}}" + (
         "." if style == "boxed" else f" or \\boxed{{{rng.choice([d for d in '123456789' if d != answer])}}}.")
     checking = " ".join(rng.choice(fillers) for _ in range(rng.randint(0, max_fillers)))
@@ -158,17 +149,11 @@ def toy_style(problem: dict, rng: random.Random, level_hedged: dict, unboxed: fl
     return "hedged" if rng.random() < level_hedged[problem["level"]] else "boxed"
 
 
-# The built-in models, each built once per seed by one recipe (build_tiny_model). `tiny`: every script but hapo.py.
-# `tiny-verbose` is hapo.py's: its 0-3 idle sentences after the answer are longer, so that a length reward has room
-# to work (the right answer alone is 9 tokens with the stop token; `tiny`'s fillers leave at most ~27% to cut, short
-# of HAPO's 30% bar; `tiny-verbose` starts at 17.5-18.7 tokens). Its doubt stage is longer and its level-1 share
-# higher so that its accuracy by level stays near `tiny`'s: at T=1, 0.49 / 0.13 / 0.06 (`tiny`: 0.54 / 0.15 / 0.05).
-# The value models of ppo.py and pcl.py learn it more slowly (pooled explained variance 0.04, V's correlation 0.17,
-# against 0.34 and 0.68 on `tiny`), which is why it is not everyone's default.
-# `tiny-format` is one_shot.py's: it reads the number as surely as a trained model (its doubt stage keeps 95/90/85%
-# right answers by level) but often fails the answer's form, as a base model does: 15% of its answers leave the box
-# out, and it hedges with a second, other boxed number after the first in 25/60/75% of the rest by level. One
-# example then teaches a form that every question shares rather than an answer (see one_shot.py).
+# The built-in models, each built once per seed by one recipe (build_tiny_model); docs/eval.md gives their numbers.
+# `tiny`: every script but hapo.py. `tiny-verbose` (hapo.py's): longer idle sentences after the answer, so that a
+# length reward has room to work; its longer doubt stage keeps its accuracy by level near `tiny`'s. `tiny-format`
+# (one_shot.py's): reads the number surely but often fails the answer's form, as a base model does (no box, or a
+# second boxed number), so that one example can teach a form every question shares (see one_shot.py).
 TINY_NAME = "tiny"
 TINY_MODELS = {"tiny": dict(fillers=TOY_FILLERS, level_correct=TOY_LEVEL_CORRECT, doubt_steps=150),
                "tiny-verbose": dict(fillers=TOY_VERBOSE_FILLERS, level_correct={**TOY_LEVEL_CORRECT, 1: 0.56},
@@ -190,9 +175,8 @@ def load_model(name: str = TINY_NAME, dtype=torch.float32, seed: int = 0):
 
 
 def check_model(name: str) -> None:
-    """One line, in seconds, for a model that cannot load (transformers would retry the hub for a minute, then print
-    four chained tracebacks): a missing folder, a folder without config.json, a hub id that is neither downloaded nor
-    reachable."""
+    """One line, in seconds, for a model that cannot load (a missing folder, one without config.json, a hub id neither
+    downloaded nor reachable), where transformers would retry the hub for a minute and print four tracebacks."""
     path = Path(name).expanduser()
     if name in TINY_MODELS or (path / "config.json").is_file():
         return
@@ -223,7 +207,11 @@ def tiny_model_path(seed: int = 0, name: str = TINY_NAME) -> str:
     if (path / "config.json").exists():
         return str(path)
     if os.environ.get("LOCAL_RANK", "0") != "0":  # under torchrun one process per machine builds, the others wait
-        return wait_for_tiny_model(path)
+        for _ in range(900):
+            if (path / "config.json").exists():
+                return str(path)
+            time.sleep(1)
+        raise SystemExit(f"waited 900 s for local rank 0 to build the tiny model in {path}")
     cache.mkdir(parents=True, exist_ok=True)
     print(f"building the built-in {name} model in {path} (about a minute on 2 cores, once)", flush=True)
     staging = Path(tempfile.mkdtemp(dir=cache, prefix=".building-"))
@@ -233,38 +221,20 @@ def tiny_model_path(seed: int = 0, name: str = TINY_NAME) -> str:
         shutil.rmtree(staging, ignore_errors=True)
         raise SystemExit(f"the {name} model is not in {cache} and only global rank 0 can build it: build it once "
                          f"before this multi-node run: python -c 'import eval; eval.tiny_model_path(0, \"{name}\")'")
-    if (path / "config.json").exists():  # another process finished its build first: keep that one
-        shutil.rmtree(staging, ignore_errors=True)
-        return str(path)
-    if path.exists():  # a folder without config.json is a broken build: replace it
-        shutil.rmtree(path, ignore_errors=True)
-    try:
-        staging.rename(path)  # atomic: parallel builders (pytest-xdist, two scripts) never see half a folder
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    return str(path)
-
-
-def wait_for_tiny_model(path: Path, timeout_s: float = 900) -> str:
-    """Wait for another process (torchrun's local rank 0) to finish building the tiny model."""
-    deadline = time.time() + timeout_s
-    while not (path / "config.json").exists():
-        if time.time() > deadline:
-            raise SystemExit(f"waited {timeout_s:.0f} s for local rank 0 to build the tiny model in {path}")
-        time.sleep(1)
+    if not (path / "config.json").exists():  # else another process finished its build first: keep that one
+        shutil.rmtree(path, ignore_errors=True)  # a folder without config.json is a broken build: replace it
+        with contextlib.suppress(OSError):
+            staging.rename(path)  # atomic: parallel builders (pytest-xdist, two scripts) never see half a folder
+    shutil.rmtree(staging, ignore_errors=True)  # left only where another process's build won
     return str(path)
 
 
 def build_tiny_model(folder: Path, seed: int = 0, fillers: tuple[str, ...] = TOY_FILLERS,
                      level_correct: dict = TOY_LEVEL_CORRECT, doubt_steps: int = 150,
                      level_hedged: dict | None = None) -> None:
-    """A Qwen2 model of 0.45M parameters and a BPE tokenizer trained on toy text, saved like a hub checkpoint.
-
-    The weights start random and then get ~60 s (2 cores) of supervised pretraining (cached afterwards; see
-    format_pretrain) that leaves a model which writes `\\boxed{d}` and stops, as a base model does, and which
-    samples the right toy answer only some of the time, by level (at T=1: about 0.54 for counts 1-3, 0.15 for 4-6,
-    0.05 for 7-9; 0.25 overall): RL's job is to make it reliable.
-    Filler sentences of random count give HAPO lengths to shorten. (These numbers are `tiny`'s; see TINY_MODELS.)"""
+    """A Qwen2 model of 0.45M parameters and a BPE tokenizer trained on toy text, saved like a hub checkpoint. Random
+    weights, then supervised pretraining (format_pretrain) into a model that writes `\\boxed{d}` and stops, as a base
+    model does, and samples the right toy answer only some of the time: RL's job is to make it reliable."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -316,16 +286,11 @@ def train_tiny_tokenizer(rng: random.Random, fillers: tuple[str, ...] = TOY_FILL
 def format_pretrain(model, tokenizer, rng: random.Random, fillers: tuple[str, ...] = TOY_FILLERS,
                     level_correct: dict = TOY_LEVEL_CORRECT, read_steps: int = 450, doubt_steps: int = 150,
                     level_hedged: dict | None = None) -> None:
-    """Supervised steps on response tokens, in two stages.
-
-    1. Toy questions answered right: the model learns to find the number in its prompt (this takes ~400 steps to
-       emerge, far more than a CPU-sized RL run could spend discovering it from nothing).
-    2. Toy answers right only some of the time (`level_correct`; for `tiny` half the time for counts 1-3, never
-       for 7-9),
-       else another digit, at a lower learning rate so that the model settles near these shares rather than
-       wherever a few large steps leave it: it still finds the number but doubts it, more so for larger counts.
-       RL has to make it sure, as RLVR does with a base model that can solve a problem sometimes.
-       With `level_hedged` (`tiny-format`) this stage also varies the answer's form (toy_style)."""
+    """Supervised steps on response tokens, in two stages. 1. Toy questions answered right: the model learns to find
+    the number in its prompt (far sooner than a CPU-sized RL run would discover it). 2. Answers right only with their
+    level's share (`level_correct`), else another digit, at a lower learning rate so that the model settles near
+    these shares: it finds the number but doubts it, as a base model that solves a problem sometimes. With
+    `level_hedged` (`tiny-format`) this stage also varies the answer's form (toy_style)."""
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for steps, lr, doubt in ((read_steps, 2e-3, False), (doubt_steps, 5e-4, True)):
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -349,24 +314,24 @@ def toy_label(problem: dict, rng: random.Random, level_correct: dict = TOY_LEVEL
 
 
 def response_loss(model, tokenizer, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-    """Mean next-token loss on the response tokens of (prompt ids, response ids) rows."""
-    width = max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), width), -100)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (prompt, response) in enumerate(rows):  # right padding: positions start at 0 for every row
-        ids[i, :len(prompt) + len(response)] = torch.tensor(prompt + response)
-        labels[i, len(prompt):len(prompt) + len(response)] = torch.tensor(response)
-        attention[i, :len(prompt) + len(response)] = 1
+    """Mean next-token loss on the response tokens of (prompt ids, response ids) rows, right-padded (positions start
+    at 0 in every row)."""
+    pad = torch.nn.utils.rnn.pad_sequence
+    ids = pad([torch.tensor(p + r) for p, r in rows], batch_first=True, padding_value=tokenizer.pad_token_id)
+    labels = pad([torch.tensor([-100] * len(p) + r) for p, r in rows], batch_first=True, padding_value=-100)
+    attention = pad([torch.ones(len(p) + len(r), dtype=torch.long) for p, r in rows], batch_first=True)
     return model(input_ids=ids, attention_mask=attention, labels=labels).loss
 
 
 # ---- benchmarks ------------------------------------------------------------------------------------------------
 def read_rows(path: str) -> list[dict]:
-    """Rows of a .jsonl, .json (a list of objects) or .parquet file, with errors that name the file."""
+    """Rows of a .jsonl, .json (a list of objects), .csv or .parquet file, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -419,14 +384,10 @@ def load_problems(path: str, problem_key: str = "problem", answer_key: str = "an
 
 
 def load_eval_set(name: str, problem_key: str = "problem", answer_key: str = "answer", limit: int = 0):
-    """A training script's held-out problems: the toy's held-out split, a data file or a benchmark by name."""
-    if name == "toy":
-        problems = toy_splits()[1]
-    elif Path(name).suffix in (".jsonl", ".json", ".parquet"):
-        problems = load_problems(name, problem_key, answer_key)
-    else:
-        problems = load_benchmark(name)
-    return problems[:limit or None]
+    """A training script's held-out problems: a data file, or a benchmark by name (`toy`: the toy's held-out split)."""
+    if Path(name).suffix in (".jsonl", ".json", ".parquet"):
+        return load_problems(name, problem_key, answer_key)[:limit or None]
+    return load_benchmark(name)[:limit or None]
 
 
 # The six benchmarks of the 1-shot RLVR paper; its "Avg." column is their unweighted mean.
@@ -507,36 +468,25 @@ def gold_answer(name: str, row: dict) -> str | None:
 
 def load_math_beyond(data_dir: str | None = None, subset: str | None = None) -> list[dict]:
     """MATH-Beyond's 181 problems from <data_dir>/math_beyond/test.{csv,parquet,jsonl}, else from the hub."""
-    path = local_math_beyond_file(data_dir) or download_math_beyond()
-    rows = read_csv_rows(path) if path.suffix == ".csv" else read_rows(path)
+    has_data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or SHARED_DATA_DIR.is_dir()
+    folder = resolve_data_dir(data_dir) / "math_beyond" if has_data_dir else None
+    path = next((folder / f for f in MATH_BEYOND_FILES if folder and (folder / f).is_file()), None)
+    if path is None:
+        try:
+            from huggingface_hub import hf_hub_download  # a dependency of transformers; only MATH-Beyond needs it
+            path = Path(hf_hub_download(MATH_BEYOND_REPO, "test.csv", repo_type="dataset"))
+        except Exception as e:  # offline, hub down, no huggingface_hub: all end the same way for the user
+            raise FileNotFoundError(
+                f"MATH-Beyond: no local copy (<data-dir>/math_beyond/test.csv or test.parquet) and downloading "
+                f"{MATH_BEYOND_REPO} from the Hugging Face hub failed ({type(e).__name__}: {e}); put test.csv from "
+                f"https://huggingface.co/datasets/{MATH_BEYOND_REPO} into <data-dir>/math_beyond/") from None
+    rows = read_rows(path)
     numbered = list(enumerate(rows))
     if subset:
         column = unsolved_column(rows[0] if rows else {}, subset, path)
-        numbered = [(i, row) for i, row in numbered if is_true(row.get(column))]
+        numbered = [(i, row) for i, row in numbered  # a flag from parquet (True), csv ("True", "1") or jsonl
+                    if str(row.get(column)).strip().lower() in ("true", "1", "1.0", "yes")]
     return [benchmark_problem("math_beyond", row, path, i) for i, row in numbered]
-
-
-def local_math_beyond_file(data_dir: str | None) -> Path | None:
-    if not (data_dir or os.environ.get(DATA_DIR_ENV) or SHARED_DATA_DIR.is_dir()):
-        return None
-    folder = resolve_data_dir(data_dir) / "math_beyond"
-    return next((folder / f for f in MATH_BEYOND_FILES if (folder / f).is_file()), None)
-
-
-def download_math_beyond() -> Path:
-    try:
-        from huggingface_hub import hf_hub_download  # a dependency of transformers; only MATH-Beyond needs it
-        return Path(hf_hub_download(MATH_BEYOND_REPO, "test.csv", repo_type="dataset"))
-    except Exception as e:  # offline, hub down, no huggingface_hub: all end the same way for the user
-        raise FileNotFoundError(
-            f"MATH-Beyond: no local copy (<data-dir>/math_beyond/test.csv or test.parquet) and downloading "
-            f"{MATH_BEYOND_REPO} from the Hugging Face hub failed ({type(e).__name__}: {e}); put test.csv from "
-            f"https://huggingface.co/datasets/{MATH_BEYOND_REPO} into <data-dir>/math_beyond/") from None
-
-
-def read_csv_rows(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 def unsolved_column(row: dict, subset: str, path: Path) -> str:
@@ -549,14 +499,7 @@ def unsolved_column(row: dict, subset: str, path: Path) -> str:
     return columns[wanted]
 
 
-def is_true(flag) -> bool:
-    """A flag read from parquet (bool), csv ("True", "1") or jsonl."""
-    return flag is True or str(flag).strip().lower() in ("true", "1", "1.0", "yes")
-
-
 # ---- metrics ---------------------------------------------------------------------------------------------------
-
-
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k (Chen et al., 2021) from n samples with c correct: 1 - C(n-c, k) / C(n, k).
 
@@ -567,11 +510,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0  # every k-subset holds a correct sample
     return float(1 - Fraction(math.comb(n - c, k), math.comb(n, k)))
-
-
-def mean_pass_at_k(correct_counts: list[int], n: int, k: int) -> float:
-    """pass@k of a benchmark: the mean over its problems."""
-    return sum(pass_at_k(n, c, k) for c in correct_counts) / len(correct_counts)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -595,7 +533,7 @@ def summarize(samples: list[dict], n: int, ks=()) -> dict:
                "unknown_golds": sum(group[0]["gold_parseable"] is None for group in per_problem)}
     for k in sorted(set(ks)):
         if k <= n:
-            metrics[f"pass@{k}"] = mean_pass_at_k(correct_counts, n, k)
+            metrics[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct_counts) / len(correct_counts)
     return metrics
 
 
@@ -634,22 +572,28 @@ def generate(engine, tokenizer, prompts: list, n: int = 1, temperature: float = 
              progress: bool = False) -> list[list[dict]]:
     """n completions per prompt (a text or its token ids) from a vLLM `LLM` or an HF model, grouped by prompt:
     [[{text, token_ids, truncated, logprobs}, ...], ...], where logprobs are those of the sampled tokens after
-    temperature and top-p (what a trainer compares its own log-probs with).
+    temperature and top-p (what a trainer compares its own log-probs with). `batch_size`: sequences per HF call.
 
     Seeds. With `first_index` (evaluation: the index of prompts[0] in its benchmark) each problem's vLLM requests
-    carry a seed of their own, a function of (seed, the problem's index) only, so the samples are the same whichever
-    shard or batch holds a problem. Without it (a trainer's rollouts) the whole call draws from torch's and numpy's
-    generators seeded by `seed`, and their states are restored afterwards: per-request seeds would cost vLLM a Python
-    loop over requests at every token. HF generate always draws from torch's generator seeded by `seed`.
-    `batch_size`: sequences per HF generate call. `progress`: a progress bar on stderr."""
+    carry a seed of (seed, the problem's index), the same whichever shard or batch holds a problem. Otherwise (a
+    trainer's rollouts: per-request seeds cost vLLM a Python loop per token), and always for HF, the call draws from
+    torch's and numpy's generators seeded by `seed`, whose states are restored afterwards."""
     stops = stop_token_ids(tokenizer, None if is_vllm(engine) else engine)
     prompt_ids = [encode_prompt(tokenizer, p) if isinstance(p, str) else p for p in prompts]
     with seeded(seed):
-        if is_vllm(engine):
-            return generate_vllm(engine, tokenizer, prompt_ids, stops, n, temperature, top_p, max_tokens, seed,
-                                 first_index, progress)
-        return generate_hf(engine, tokenizer, prompt_ids, stops, n, temperature, top_p, max_tokens, batch_size,
-                           progress)
+        if not is_vllm(engine):
+            return generate_hf(engine, tokenizer, prompt_ids, stops, n, temperature, top_p, max_tokens, batch_size,
+                               progress)
+        from vllm import SamplingParams
+        seeds = [sampling_seed(seed, first_index + i) if first_index is not None and temperature > 0 else None
+                 for i in range(len(prompt_ids))]
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
+                                 stop_token_ids=stops, seed=request_seed) for request_seed in seeds]
+        outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=progress)
+    # vLLM also stops at the end-of-sequence ids of the model's generation config, which `stops` may lack
+    return [[completion_record(tokenizer, list(c.token_ids), stops, max_tokens, c.finish_reason == "length",
+                               [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]) for c in o.outputs]
+            for o in outputs]
 
 
 @contextlib.contextmanager
@@ -665,24 +609,11 @@ def seeded(seed: int):
             np.random.set_state(numpy_state)
 
 
-def generate_vllm(engine, tokenizer, prompt_ids, stops, n, temperature, top_p, max_tokens, seed, first_index,
-                  progress) -> list[list[dict]]:
-    from vllm import SamplingParams
-    per_problem = first_index is not None and temperature > 0
-    params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop_token_ids=stops,
-                             logprobs=0, seed=sampling_seed(seed, first_index + i) if per_problem else None)
-              for i in range(len(prompt_ids))]
-    outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=progress)
-    # vLLM also stops at the end-of-sequence ids of the model's generation config, which `stops` may lack
-    return [[completion_record(tokenizer, list(c.token_ids), stops, max_tokens, c.finish_reason == "length",
-                               [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]) for c in o.outputs]
-            for o in outputs]
-
-
 def generate_hf(model, tokenizer, prompt_ids, stops, n, temperature, top_p, max_tokens, batch_size,
                 progress) -> list[list[dict]]:
     """transformers generate, left-padded, with only our settings (generate_exactly), sampling at temperature 1
-    from scores that SampledLogprobs has already tempered and cut to top-p (it records their log-probs)."""
+    from scores that SampledLogprobs has already tempered and cut to top-p (it records their log-probs). A sharded
+    model's forwards are collectives: a rank with fewer batches than the others joins theirs with filler calls."""
     from tqdm import tqdm
     from transformers import LogitsProcessorList
     was_training = model.training
@@ -691,8 +622,13 @@ def generate_hf(model, tokenizer, prompt_ids, stops, n, temperature, top_p, max_
     sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     records, bar = [], tqdm(total=len(rows), desc="generating", unit="sample", disable=not progress)
-    for start in batch_starts(len(rows), batch_size, is_sharded(model), model.device):
-        filler = start is None  # a sharded model's rank with no batch left joins the others' forwards
+    starts = list(range(0, len(rows), batch_size))
+    if is_sharded(model):
+        most = torch.tensor(len(starts), device=model.device)  # NCCL reduces only GPU tensors
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        starts += [None] * (int(most) - len(starts))
+    for start in starts:
+        filler = start is None
         batch = [(prompt_ids or [encode_prompt(tokenizer, "0")])[0]] if filler else rows[start:start + batch_size]
         enc = tokenizer.pad({"input_ids": batch}, padding_side="left", return_tensors="pt").to(model.device)
         recorder = SampledLogprobs(temperature, top_p)
@@ -712,11 +648,9 @@ def generate_hf(model, tokenizer, prompt_ids, stops, n, temperature, top_p, max_
 
 
 def generate_exactly(model, settings: dict, **inputs):
-    """model.generate with the generation settings given and no others. transformers fills every setting a call
-    leaves unset from the checkpoint's generation_config.json (Qwen2.5's instruct models ask for repetition_penalty
-    1.05-1.1): sampling would not be from the model's distribution, so a trainer's log-probs would be off-policy and
-    HF evaluations would differ from vLLM's (which gets explicit parameters). The model's own config is set aside for
-    the call (an empty one in its place), since passing a fresh GenerationConfig alone still inherits it."""
+    """model.generate with the settings given and no others: transformers fills unset ones from the checkpoint's
+    generation_config.json (Qwen2.5-Instruct's repetition_penalty), which would sample off-policy and unlike vLLM.
+    The model's own config is set aside for the call, since a fresh GenerationConfig alone still inherits it."""
     from transformers import GenerationConfig
     own = model.generation_config
     model.generation_config = GenerationConfig()
@@ -728,9 +662,8 @@ def generate_exactly(model, settings: dict, **inputs):
 
 class SampledLogprobs:
     """generate()'s logits processor for sampling at a temperature with top-p, which records log p of each sampled
-    token under them: one number per row and step. (generate's own output_scores keeps a [rows x vocab] fp32 tensor
-    per generated token: 1.9 GB per row at 3k tokens of a 152k vocabulary.) The token sampled from one step's
-    distribution is known at the next call, as the last of input_ids, or at the end, as the last generated one."""
+    token under them, one number per row and step (output_scores would keep a [rows x vocab] tensor per step). The
+    token sampled from one step is known at the next call, as the last of input_ids, or at the end."""
 
     def __init__(self, temperature: float, top_p: float):
         from transformers import TemperatureLogitsWarper, TopPLogitsWarper
@@ -761,17 +694,6 @@ def sampling_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:7], "big")
 
 
-def batch_starts(count: int, batch_size: int, sharded: bool, device) -> list[int | None]:
-    """The first row of each HF generate() call. A sharded model's ranks must make as many calls as each other (its
-    forwards are collectives): a rank with fewer batches adds filler calls (None), whose outputs are dropped."""
-    starts = list(range(0, count, batch_size))
-    if sharded:
-        most = torch.tensor(len(starts), device=device)  # NCCL reduces only GPU tensors
-        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-        starts += [None] * (int(most) - len(starts))
-    return starts
-
-
 def completion_record(tokenizer, token_ids: list[int], stops: list[int], max_tokens: int, truncated=None,
                       logprobs=None) -> dict:
     """Cut a completion after its first stop token; without one it was truncated at max_tokens (unless the engine
@@ -786,13 +708,9 @@ def completion_record(tokenizer, token_ids: list[int], stops: list[int], max_tok
 def evaluate(engine, tokenizer, problems: list[dict], template: str = "qwen25-math-cot", n: int = 1,
              temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 512, seed: int = 0,
              mode: str = "boxed", ks=(), batch_size: int = 64, progress: bool = False) -> tuple[dict, list[dict]]:
-    """Accuracy (avg@n; greedy accuracy at n=1, temperature 0), pass@k for each k in `ks` up to n, response lengths
-    (mean, p90), truncation share and the count of unparseable golds on `problems`; returns (metrics, samples).
-
-    Under torchrun, as the training scripts run it, every rank must call this: each vLLM engine (one per rank or per
-    tensor-parallel group), or each rank of an HF model sharded by FSDP, evaluates a contiguous share of the
-    problems, and every rank gets the samples and metrics of all of them. (FSDP's forwards are collectives: its
-    ranks generate with synced_gpus and make as many generate calls as each other.)"""
+    """(metrics, samples) on `problems`: metrics as summarize gives them, samples as grade does. Under torchrun every
+    rank must call this: each vLLM engine (one per rank or tensor-parallel group), or each rank of an HF model sharded
+    by FSDP, evaluates a contiguous share of the problems, and every rank gets the samples and metrics of all."""
     shard, shards, reports = engine_shard(engine)
     first, end = shard_bounds(len(problems), shard, shards)
     samples = sample_and_grade(engine, tokenizer, problems[first:end], template, n, temperature, top_p, max_tokens,
@@ -805,8 +723,7 @@ def evaluate(engine, tokenizer, problems: list[dict], template: str = "qwen25-ma
 def sample_and_grade(engine, tokenizer, problems: list[dict], template: str, n: int, temperature: float,
                      top_p: float, max_tokens: int, seed: int, mode: str, batch_size: int,
                      progress: bool, first_index: int = 0) -> list[dict]:
-    """n graded samples per problem, problem by problem (see grade); `first_index`: problems[0]'s index in its
-    benchmark."""
+    """n graded samples per problem, problem by problem (grade); `first_index`: problems[0]'s index in its benchmark."""
     if not problems:  # more ranks than problems: an empty share still joins the others' collectives (FSDP's
         if engine_shard(engine)[1] > 1:  # forwards, a data-parallel vLLM engine's steps), with a prompt of its own
             generate(engine, tokenizer, ["0"], max_tokens=1, batch_size=batch_size)
@@ -903,18 +820,14 @@ def engine_shard(engine) -> tuple[int, int, bool]:
 
 
 def leave_process_group() -> None:
-    """End a torchrun run: wait for every rank, then tear the process group down. On CPUs, a gloo worker thread
-    frees a finished collective's buffers a moment after the collective returns, and takes the GIL to do it; if
-    Python has begun shutting down by then, the thread exits mid-destructor and the process aborts (SIGABRT,
-    "terminate called without an active exception"; 2 of 24 two-rank test runs on a loaded 2-core machine, 0 of 50
-    with this sleep). destroy_process_group does not join those threads. Sleeping releases the GIL to them."""
+    """End a torchrun run: wait for every rank, then tear the process group down. The sleep lets gloo's worker
+    threads free their buffers before Python shuts down, which would abort the process (docs/distributed.md)."""
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     time.sleep(0.5)
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------
-
 # Decoding per benchmark unless --n / --temperature say otherwise, as in the 1-shot RLVR paper (Qwen2.5-Math
 # evaluation): greedy, except avg@8 at temperature 0.6 on the small competition sets, where one greedy pass over
 # 30-40 problems moves 2.5-3.3 points per problem.
@@ -968,8 +881,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.subset and "math_beyond" not in names:
         raise SystemExit("eval.py: --subset selects rows of math_beyond, which --benchmarks does not include")
     for flag, value, lowest in (("--n", args.n, 1), ("--max-tokens", args.max_tokens, 1), ("--limit", args.limit, 0),
-                                ("--batch-size", args.batch_size, 1), ("--tensor-parallel-size",
-                                                                       args.tensor_parallel_size, 1)):
+                                ("--batch-size", args.batch_size, 1),
+                                ("--tensor-parallel-size", args.tensor_parallel_size, 1)):
         if value is not None and value < lowest:
             raise SystemExit(f"eval.py: {flag} must be at least {lowest}, got {value}")
     if args.temperature is not None and args.temperature < 0 or not 0 < args.top_p <= 1:
