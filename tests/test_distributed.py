@@ -239,7 +239,7 @@ def two_rank_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
               "--eval-every", "0", "--eval-max-problems", "4", "--save-every", "2",
-              "--warmup-steps", "3"]  # lr 1/3, 2/3, 1, 1: a scheduler restarted by the resume would show at step 3
+              "--warmup-steps", "3"]  # lr 0, 1/3, 2/3, 1: a scheduler restarted by the resume would show
     torchrun(ROOT / "grpo.py", *common, "--total-steps", "4", "--output-dir", root / "straight")
     torchrun(ROOT / "grpo.py", *common, "--total-steps", "2", "--output-dir", root / "resumed")
     torchrun(ROOT / "grpo.py", "--resume", root / "resumed", "--total-steps", "4")
