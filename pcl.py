@@ -20,6 +20,8 @@ Choices and simplifications (a flag where there is a choice):
   counts, so a step is the single-process step on the whole batch.
 - V (ours: no code of the paper is public): --model's backbone, a zero-initialised linear head on the last prompt
   token, a sigmoid (V = 0.5 everywhere, ties go to the first drawn: the first steps are uniform); its own AdamW.
+- tau is 0.3 by default, for the toy (the paper's 0.5: --tau 0.5): late in a toy run its prompts are solved or
+  unsolved, equally far from 0.5, and 0.3 sends that tie to the unsolved ones, the ones left to learn (docs/pcl.md).
 - Dynamic sampling with fewer than m informative prompts trains on those alone (DAPO draws again).
 - V is scored where its selection cannot hide its errors: on a fixed probe of training prompts never trained on.
 - Checkpoints: the last step's and every --save-every's, V's weights and AdamW state with the policy's.
@@ -133,10 +135,12 @@ class PCL:
     select: Literal["pcl", "uniform", "dynamic-sampling"] = arg(
         "pcl", "pcl: by V(x); uniform: plain GRPO; dynamic-sampling: DAPO's filter (the paper's baselines)")
     candidates_factor: int = arg(4, "k: pcl and dynamic sampling draw k*m candidates per step (paper: 4)")
-    tau: float = arg(0.5, "target accuracy: pcl keeps the m candidates whose V(x) is closest to it (paper: 0.5)")
+    tau: float = arg(0.3, "target accuracy: pcl keeps the m candidates whose V(x) is closest to it (paper: 0.5, "
+                          "as real runs pass; the toy's 0.3 breaks the tie of solved and unsolved toward unsolved)")
     value_model: str = arg("", "V's initial backbone, with the policy's tokenizer; default: --model (ours)")
     value_lr: float = arg(3e-4, "V's AdamW learning rate (ours; 1e-3 was unstable on the toy)")
-    value_updates: int = arg(4, "V's AdamW steps per training step, each on all kept prompts (ours; 1 is too slow)")
+    value_updates: int = arg(8, "V's AdamW steps per training step, each on all kept prompts (ours; 4 was too slow "
+                                "on the toy)")
     value_probe: int = arg(64, "training prompts kept out of training, on which V is scored at each evaluation")
 
 
