@@ -558,6 +558,8 @@ def make_engine(path: str, seed: int = 0, in_process: bool = True, tensor_parall
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     if not on_gpu:  # read when vLLM starts: its CPU build would ask for 92% of RAM as KV cache and refuse to start
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # a seeded request whose prefill is split over steps makes vLLM rewind its generator, which a CPU one cannot
+        options.setdefault("enable_chunked_prefill", False)
     from vllm import LLM
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if world > 1:

@@ -490,6 +490,16 @@ def test_vllm_samples_depend_on_the_seed_and_the_problems_index_only(vllm_tiny):
     assert vllm_samples(vllm_tiny, problems, seed=1) != alone, "another --seed, other samples"
 
 
+def test_vllm_samples_a_batch_larger_than_one_prefill_step(vllm_tiny):
+    """64 problems x 8 seeded samples (PCL's probe): more prompt tokens than one engine step takes. A prefill split
+    over steps made vLLM 0.32 rewind the request's generator, which a CPU generator cannot (RuntimeError)."""
+    engine, tokenizer = vllm_tiny
+    samples = evaluation.sample_and_grade(engine, tokenizer, evaluation.toy_problems(64, seed=3), "qwen-math-train",
+                                          n=8, temperature=1.0, top_p=1.0, max_tokens=8, seed=0, mode="boxed",
+                                          batch_size=64, progress=False)
+    assert len(samples) == 64 * 8
+
+
 @pytest.mark.slow
 def test_vllm_samples_are_the_same_with_the_engine_core_in_a_child_process(vllm_tiny, tmp_path):
     """vLLM's default on a GPU runs the engine core, and its sampler, in a child process, which no seed set in this
