@@ -2,6 +2,7 @@
 
 In-process: each script's parse_args and main, as `python <script> argv` calls them, so a case costs no fresh
 interpreter; two real command lines show what a user sees."""
+import dataclasses
 import importlib
 import json
 import os
@@ -66,12 +67,18 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
-    """A run of 2 steps that finished, a checkpoint after each (real ones: resume reads their step and world size)."""
+    """A run folder as a finished 2-step run leaves it (what the refusals read: args.json, each checkpoint's
+    trainer_state.pt, and only the latest keeping its optimizer state); save_checkpoint's own layout is the resume
+    tests'."""
+    import torch
     import grpo
     folder = tmp_path_factory.mktemp("runs") / "finished"
-    grpo.main(grpo.parse_args(["--rollout", "hf", "--total-steps", "2", "--save-every", "1", "--prompts-per-step", "2",
-                               "--mini-batch", "16", "--micro-batch", "16", "--eval-max-problems", "2",
-                               "--output-dir", str(folder)]))
+    for step in (1, 2):
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+        torch.save({"step": step, "world_size": 1}, folder / f"checkpoint-{step}" / "trainer_state.pt")
+    (folder / "checkpoint-2" / "optimizer").mkdir()
+    args = grpo.Args(total_steps=2, save_every=1, output_dir=str(folder))
+    (folder / "args.json").write_text(json.dumps(dataclasses.asdict(args)))
     return folder
 
 

@@ -321,17 +321,6 @@ def test_held_out_accuracy_is_logged_from_step_0_and_the_best_kept(toy_runs):
     assert all(m["entropy"] > 0 and m["response_len_mean"] > 0 for m in metrics if m["step"] > 0)
 
 
-@pytest.mark.slow
-def test_the_entropy_bonus_ablation_runs_and_is_reported(toy_runs, tmp_path):
-    """--entropy-coef 0 beside the default (seed 1), on the same history: both curves logged. The difference is
-    printed, not asserted: see bench/results/one_shot_entropy_cpu.md for seeds 1-3."""
-    root, _ = toy_runs
-    run_script("--history", str(root / "pool"), "--entropy-coef", "0", "--output-dir", str(tmp_path))
-    with_bonus, without = curve(root / "one-shot"), curve(tmp_path)
-    print("entropy bonus 0.001:", with_bonus, "\nentropy bonus 0:", without)
-    assert without["saturated_step"] is not None and 0 <= without["end"] <= 1
-
-
 # ---- resume ----------------------------------------------------------------------------------------------------
 # HF rollouts, a learning rate that changes at every update (warmup, then linear decay: a scheduler not restored on
 # resume shows in the weights) and an evaluation at every step (so that the best one so far is carried over too);
