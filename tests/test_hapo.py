@@ -139,9 +139,9 @@ def tenths(metrics, key):
 
 
 @pytest.fixture(scope="module")
-def hapo_run(default_run):
+def hapo_run(training_run):
     """The default run (no arguments), shared by the assertions below: it is the expensive part of this file."""
-    return [m for m in default_run("hapo") if m["step"] > 0]  # step 0: the evaluation before training
+    return [m for m in training_run("hapo")["metrics"] if m["step"] > 0]  # step 0: the evaluation before training
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """one_shot.py: the example chosen by historical variance, its copies, the entropy bonus and the ablations, the two
 runs (pool, then 1-shot RLVR) learning on the toy, resume, and clear errors."""
 import json
-import os
 import random
 import subprocess
 import sys
@@ -244,14 +243,6 @@ def test_a_file_named_like_a_benchmark_is_decoded_as_the_training_prompts(tmp_pa
 
 
 # ---- the two runs ----------------------------------------------------------------------------------------------
-def run_script(*args, timeout=1200):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    out = subprocess.run([sys.executable, str(ROOT / "one_shot.py"), *args], capture_output=True, text=True,
-                         timeout=timeout, cwd=ROOT, env=env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
 def read_metrics(output_dir):
     return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
 
@@ -263,19 +254,21 @@ def curve(output_dir) -> dict:
     return summary(read_metrics(output_dir))
 
 
+# The docstring's two commands, trained by conftest.py once per session: the toy pool run, then 1-shot RLVR on pi_1
+# of its history.
+RUNS = {"pool": ("one_shot", ["--pool", "--pool-size", "32"]), "one-shot": ("one_shot", ["--history", "{pool}"])}
+
+
 @pytest.fixture(scope="module")
-def toy_runs(tmp_path_factory):
-    """The docstring's two commands: the toy pool run, then 1-shot RLVR on pi_1 of its history."""
-    root = tmp_path_factory.mktemp("toy")
-    run_script("--pool", "--pool-size", "32", "--output-dir", str(root / "pool"))
-    out = run_script("--history", str(root / "pool"), "--output-dir", str(root / "one-shot"))
-    return root, out.stdout
+def toy_runs(training_run):
+    """(the pool run's folder, the 1-shot run's folder, the 1-shot run's output)."""
+    return training_run("pool")["folder"], training_run("one-shot")["folder"], training_run("one-shot")["stdout"]
 
 
 @pytest.mark.slow
 def test_one_example_lifts_held_out_accuracy_well_above_the_base_model(toy_runs):
     """The paper's main claim on the toy: training on one example lifts accuracy on held-out problems."""
-    c = curve(toy_runs[0] / "one-shot")
+    c = curve(toy_runs[1])
     print("held-out toy accuracy:", c)
     assert c["end"] >= c["base"] + 0.25, f"held-out accuracy {c['base']:.2f} (base) -> {c['end']:.2f} (end)"
 
@@ -284,7 +277,7 @@ def test_one_example_lifts_held_out_accuracy_well_above_the_base_model(toy_runs)
 def test_held_out_accuracy_holds_after_the_example_saturates(toy_runs):
     """No collapse once the reward on the example has saturated (the toy's `tiny` model learns to give the
     example's answer to every question instead)."""
-    c = curve(toy_runs[0] / "one-shot")
+    c = curve(toy_runs[1])
     assert c["saturated_step"] is not None, "the reward on the example never reached 0.9"
     assert c["end"] >= c["at_saturation"], (f"held-out accuracy fell after saturation (step "
                                             f"{c['saturated_step']}): {c['at_saturation']:.2f} -> {c['end']:.2f}")
@@ -292,7 +285,7 @@ def test_held_out_accuracy_holds_after_the_example_saturates(toy_runs):
 
 @pytest.mark.slow
 def test_the_reward_on_the_example_saturates(toy_runs):
-    steps = [m for m in read_metrics(toy_runs[0] / "one-shot") if m["step"] > 0]
+    steps = [m for m in read_metrics(toy_runs[1]) if m["step"] > 0]
     rewards = [m["reward_mean"] for m in steps]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print("1-shot reward per step:", " ".join(f"{r:.2f}" for r in rewards))
@@ -302,21 +295,21 @@ def test_the_reward_on_the_example_saturates(toy_runs):
 
 @pytest.mark.slow
 def test_the_one_shot_run_trains_on_pi1_of_the_pool_runs_history(toy_runs):
-    root, stdout = toy_runs
-    history = json.loads((root / "pool" / "accuracy_history.json").read_text())
+    pool, one_shot_run, stdout = toy_runs
+    history = json.loads((pool / "accuracy_history.json").read_text())
     assert len(history) == 32 and min(len(accs) for accs in history.values()) >= 5, "too few records per example"
     pi1 = one_shot.select_by_rank(history, [1])[0]
     assert f"pi_1 = {pi1}\n" in stdout and f"example {pi1}," in stdout
-    assert set(json.loads((root / "one-shot" / "accuracy_history.json").read_text())) == {pi1}
+    assert set(json.loads((one_shot_run / "accuracy_history.json").read_text())) == {pi1}
 
 
 @pytest.mark.slow
 def test_held_out_accuracy_is_logged_from_step_0_and_the_best_kept(toy_runs):
-    metrics = read_metrics(toy_runs[0] / "one-shot")
+    metrics = read_metrics(toy_runs[1])
     evals = {m["step"]: m["eval/toy"] for m in metrics if "eval/toy" in m}
     assert 0 in evals and max(evals) == metrics[-1]["step"] and len(evals) >= 5, evals
     print("held-out toy accuracy by step:", evals)
-    best = json.loads((toy_runs[0] / "one-shot" / "best.json").read_text())
+    best = json.loads((toy_runs[1] / "best.json").read_text())
     assert best["eval/accuracy"] == max(evals.values()) and evals[best["step"]] == best["eval/accuracy"]
     assert all(m["entropy"] > 0 and m["response_len_mean"] > 0 for m in metrics if m["step"] > 0)
 

@@ -152,21 +152,15 @@ def mean(values):
     return sum(values) / len(values)
 
 
+# The default run (--select pcl) and the same run with --select uniform, trained by conftest.py once per session.
+# HF rollouts, so that the bars are the same whether or not vLLM is installed; the probe every 10 steps (it leaves
+# training as it was) gives V's mean six points.
+RUNS = {s: ("pcl", ["--rollout", "hf", "--eval-every", "10", "--select", s]) for s in ("pcl", "uniform")}
+
+
 @pytest.fixture(scope="module")
-def default_runs(tmp_path_factory):
-    """The default run (--select pcl) and the same run with --select uniform, side by side (one core each): once per
-    session, read by every test below that needs a whole run. HF rollouts, so that the bars are the same whether or
-    not vLLM is installed; the probe every 10 steps (it leaves training as it was) gives V's mean six points."""
-    folder = tmp_path_factory.mktemp("default")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    flags = ("--rollout", "hf", "--eval-every", "10")
-    runs = {s: subprocess.Popen(script(*flags, "--select", s, "--output-dir", str(folder / s)), cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for s in ("pcl", "uniform")}
-    for s, p in runs.items():
-        output = p.communicate(timeout=1800)[0]
-        assert p.returncode == 0, output[-3000:]
-    return {s: read_metrics(folder / s) for s in runs}
+def default_runs(training_run):
+    return {s: [m for m in training_run(s)["metrics"] if m["step"] > 0] for s in RUNS}
 
 
 @pytest.mark.slow

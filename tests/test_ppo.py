@@ -400,9 +400,9 @@ def trained(metrics: list[dict]) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_default_run_learns(default_run):
+def test_default_run_learns(training_run):
     """The CartPole of the codebase: no arguments, the tiny model's reward climbs on the toy task."""
-    rewards = [m["reward_mean"] for m in trained(default_run("ppo"))]
+    rewards = [m["reward_mean"] for m in trained(training_run("ppo")["metrics"])]
     start, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"reward first five steps {start:.3f}, last five {last:.3f}")
     assert start <= 0.4, f"the task is too easy at the start: {start:.3f}"  # step 0: ~0.25 (eval.build_tiny_model)
@@ -410,17 +410,17 @@ def test_default_run_learns(default_run):
 
 
 @pytest.mark.slow
-def test_default_run_critic_explains_the_returns(default_run):
+def test_default_run_critic_explains_the_returns(training_run):
     """The critic's values explain a good part of the returns' variance over the run. Steps are pooled by their
     return variance: once nearly every response is right, the returns hardly vary and one step's ratio is noise."""
-    steps = [m for m in default_run("ppo") if "explained_var" in m]
+    steps = [m for m in training_run("ppo")["metrics"] if "explained_var" in m]
     pooled = 1 - sum((1 - m["explained_var"]) * m["return_var"] for m in steps) / sum(m["return_var"] for m in steps)
     print(f"explained variance: first three steps {[round(m['explained_var'], 3) for m in steps[:3]]}, "
           f"whole run pooled {pooled:.3f}")
     assert pooled > 0.2, f"the critic does not predict the returns: pooled explained variance {pooled:.3f}"
     keys = {"value_loss", "value_clip_frac", "critic_grad_norm", "loss", "clip_frac", "entropy", "grad_norm",
             "logprob_gap", "value_mean", "return_mean", "return_var"}
-    last = default_run("ppo")[-1]
+    last = training_run("ppo")["metrics"][-1]
     assert keys <= set(last), f"missing metrics: {keys - set(last)}"
 
 
