@@ -57,9 +57,7 @@ def pytest_collection_finish(session):
     for module in dict.fromkeys(modules):
         for name, (script, argv) in runs_of(module).items():
             # a built-in model is built here on a fresh cache (on both cores), not by each process that needs it
-            model = importlib.import_module(script).Args().model if "--model" not in argv else \
-                argv[argv.index("--model") + 1]
-            evaluation.resolve_model_path(model)
+            evaluation.resolve_model_path(importlib.import_module(script).Args().model)
             RUNS[name] = TRAINER.submit(train, script, argv)
 
 
