@@ -1,12 +1,14 @@
 """Shared by the test files: the whole training runs that tests read (each algorithm's default run; PCL's beside
-uniform prompts; 1-shot's pool run and the 1-shot run on its history), each once per pytest session, trained one
-after another on one core while the other tests take the other."""
+uniform prompts; 1-shot's pool run and the 1-shot run on its history), each once per pytest session. One core trains
+them, one after another, while the other runs every test that reads none; then the tests that read them run, and
+this core trains whichever run the other has not started (so both cores finish together)."""
 import importlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS: dict[str, Future] = {}  # name -> {"folder", "stdout", "metrics"}
-TRAINER = ThreadPoolExecutor(max_workers=1)  # one run at a time, in the order the tests read them
+SPECS: dict[str, tuple[str, list[str]]] = {}  # name -> (script, argv)
+TRAINER = ThreadPoolExecutor(max_workers=1)  # one run at a time, in the order of the files
 CHILDREN: set[subprocess.Popen] = set()
 
 
@@ -29,8 +32,9 @@ def train(script: str, argv: list[str]) -> dict:
     """`python <script>.py argv` on one thread, its output folder aside; a failed run fails the tests that read it,
     with its output's tail."""
     folder = Path(tempfile.mkdtemp(prefix=f"run-{script}-"))
-    for name, run in list(RUNS.items()):  # a run named in argv was submitted, so trained, before this one
-        argv = [a.replace(f"{{{name}}}", str(run.result()["folder"])) if f"{{{name}}}" in a else a for a in argv]
+    for name in list(RUNS):  # a run named in argv was submitted, so trained (or claimed), before this one
+        if any(f"{{{name}}}" in a for a in argv):
+            argv = [a.replace(f"{{{name}}}", str(result(name)["folder"])) for a in argv]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     with subprocess.Popen([sys.executable, str(ROOT / f"{script}.py"), *argv, "--output-dir", str(folder)], cwd=ROOT,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
@@ -47,18 +51,41 @@ def train(script: str, argv: list[str]) -> dict:
     return {"folder": folder, "stdout": stdout, "metrics": metrics}
 
 
+def result(name: str) -> dict:
+    """A run's result: trained here if the trainer thread has not started it yet, else waited for."""
+    claimed = Future()
+    if RUNS[name].cancel():
+        RUNS[name] = claimed
+        claimed.set_running_or_notify_cancel()
+        try:
+            claimed.set_result(train(*SPECS[name]))
+        except BaseException as e:
+            claimed.set_exception(e)
+    while RUNS[name].cancelled():  # claimed by the other thread an instant ago
+        time.sleep(0.1)
+    return RUNS[name].result()
+
+
 def pytest_collection_finish(session):
-    """The runs that the selected tests read (tests asking for training_run) start now, in the order of the files."""
-    modules = [item.module for item in session.items if "training_run" in getattr(item, "fixturenames", ())]
+    """The runs that the selected tests read (tests asking for training_run) start now, in the order of the files,
+    after their built-in models are built (in parallel, one core each); those tests move to the end, the last
+    file's first, so that this core claims the runs queued last."""
+    reads = lambda item: "training_run" in getattr(item, "fixturenames", ())  # noqa: E731
+    modules = list(dict.fromkeys(item.module for item in session.items if reads(item)))
     if not modules:
         return
     sys.path.insert(0, str(ROOT))
-    import eval as evaluation
-    for module in dict.fromkeys(modules):
-        for name, (script, argv) in runs_of(module).items():
-            # a built-in model is built here on a fresh cache (on both cores), not by each process that needs it
-            evaluation.resolve_model_path(importlib.import_module(script).Args().model)
-            RUNS[name] = TRAINER.submit(train, script, argv)
+    for module in modules:
+        SPECS.update(runs_of(module))
+    models = {importlib.import_module(script).Args().model for script, _ in SPECS.values()}
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # a tiny model's build gains little from a second thread
+    builds = [subprocess.Popen([sys.executable, "-c", f"import eval; eval.resolve_model_path({m!r})"], cwd=ROOT,
+                               env=env) for m in sorted(models)]
+    assert all(build.wait() == 0 for build in builds), "a built-in model failed to build"
+    for name, (script, argv) in SPECS.items():
+        RUNS[name] = TRAINER.submit(train, script, argv)
+    session.items[:] = [item for item in session.items if not reads(item)] + \
+        [item for module in reversed(modules) for item in session.items if reads(item) and item.module is module]
 
 
 def pytest_sessionfinish(session):
@@ -72,4 +99,4 @@ def pytest_sessionfinish(session):
 def training_run():
     """training_run("grpo"): a run of the test file's RUNS (or its script's default run), trained once per session
     and shared by every test that reads it: {"folder", "stdout", "metrics": one dict per logged step}."""
-    return lambda name: RUNS[name].result()
+    return result

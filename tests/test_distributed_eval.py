@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -17,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval as evaluation  # noqa: E402
 from test_distributed import HAS_GLOO, torchrun  # noqa: E402
 
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
 pytestmark = pytest.mark.skipif(not HAS_GLOO, reason="torch.distributed with the gloo backend is not available")
 # 25 problems: rank 0 takes 12, rank 1 takes 13, so an off-by-one in the shards or the re-indexing shows
 SMALL = ["--limit", "25", "--max-tokens", "24"]
@@ -76,7 +76,7 @@ def test_two_ranks_greedy_equal_one_process(tmp_path, one_process_run):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed")
 def test_one_engine_over_two_ranks_equals_one_process(tmp_path, one_process_run):
     """--tensor-parallel-size 2: one vLLM engine split over both ranks (each holds half of every layer) evaluates
     all 25 problems; greedy, it gives one process's samples."""
@@ -103,51 +103,52 @@ def test_two_ranks_sampled_pass_at_k_over_all_samples(tmp_path):
     assert toy["accuracy"] == pytest.approx(sum(counts) / 100)
 
 
-def evaluate_worker(kind: str, output: str) -> None:
+def evaluate_worker(output: str) -> None:
     """What a training script does at evaluation under torchrun: every rank calls eval.evaluate, each must generate
-    only its share, and every rank get all 25 results. kind "vllm": a vLLM engine per rank (external_launcher).
-    kind "hf" (--rollout hf): the policy sharded by FSDP on both ranks; batches of 4 give rank 0 (12 prompts) 3
-    generate calls to rank 1's 4, so rank 0 must add a filler call to stay in the collectives."""
-    if kind == "vllm":
-        evaluation.init_data_parallel()
-        path = evaluation.resolve_model_path("tiny")
-        engine, tokenizer = evaluation.make_engine(path, seed=0), AutoTokenizer.from_pretrained(path)
-    else:
-        import grpo
-        _, world, device = grpo.init_distributed()
-        engine, tokenizer = evaluation.load_model("tiny")
-        engine = grpo.shard_model(engine, device, world)
+    only its share, and every rank get all 25 results. First "hf" (--rollout hf): the policy sharded by FSDP on both
+    ranks; batches of 4 give rank 0 (12 prompts) 3 generate calls to rank 1's 4, so rank 0 must add a filler call to
+    stay in the collectives. Then "vllm" where installed: a vLLM engine per rank (external_launcher), which joins the
+    trainer's process group as in a training run."""
+    import grpo
+    _, world, device = grpo.init_distributed()
+    model, tokenizer = evaluation.load_model("tiny")
+    engines = {"hf": grpo.shard_model(model, device, world)}
+    if HAS_VLLM:
+        engines["vllm"] = lambda: evaluation.make_engine(evaluation.resolve_model_path("tiny"), seed=0)
     generated = []
     real_generate = evaluation.generate
     evaluation.generate = lambda engine, tokenizer, prompts, **kw: generated.extend(prompts) or \
         real_generate(engine, tokenizer, prompts, **kw)
-    metrics, samples = evaluation.evaluate(engine, tokenizer, evaluation.load_benchmark("toy")[:25],
-                                           template="qwen-math-train", max_tokens=24, mode="boxed", batch_size=4)
-    share = len(generated)
-    # one problem for two ranks: rank 0's share is empty, yet it must join rank 1's collectives (a vLLM engine's
-    # data-parallel steps, FSDP's forwards) or rank 1 waits for ever
-    _, one_sample = evaluation.evaluate(engine, tokenizer, evaluation.load_benchmark("toy")[:1],
-                                        template="qwen-math-train", max_tokens=24, mode="boxed", batch_size=4)
-    rank = torch.distributed.get_rank()
-    Path(f"{output}.rank{rank}").write_text(json.dumps({"metrics": metrics, "samples": samples, "generated": share,
-                                                        "one_sample": one_sample}))
-    if kind == "hf":  # a vLLM engine tears the process group down itself
+    results = {}
+    for kind, engine in engines.items():
+        engine = engine() if kind == "vllm" else engine
+        generated.clear()
+        metrics, samples = evaluation.evaluate(engine, tokenizer, evaluation.load_benchmark("toy")[:25],
+                                               template="qwen-math-train", max_tokens=24, mode="boxed", batch_size=4)
+        share = len(generated)
+        # one problem for two ranks: rank 0's share is empty, yet it must join rank 1's collectives (a vLLM engine's
+        # data-parallel steps, FSDP's forwards) or rank 1 waits for ever
+        _, one_sample = evaluation.evaluate(engine, tokenizer, evaluation.load_benchmark("toy")[:1],
+                                            template="qwen-math-train", max_tokens=24, mode="boxed", batch_size=4)
+        results[kind] = {"metrics": metrics, "samples": samples, "generated": share, "one_sample": one_sample}
+    Path(f"{output}.rank{torch.distributed.get_rank()}").write_text(json.dumps(results))
+    if not HAS_VLLM:  # a vLLM engine tears the process group down itself
         evaluation.leave_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["hf", pytest.param("vllm", marks=pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None, reason="vllm is not installed"))])
-def test_training_time_evaluation_splits_the_set_between_ranks(tmp_path, one_process_run, kind):
-    one, one_samples = one_process_run(kind)
-    torchrun(Path(__file__), "evaluate", kind, tmp_path / "out", timeout=600)
+def test_training_time_evaluation_splits_the_set_between_ranks(tmp_path, one_process_run):
+    torchrun(Path(__file__), "evaluate", tmp_path / "out", timeout=600)
     for rank, share in ((0, 12), (1, 13)):
-        result = json.loads(Path(f"{tmp_path / 'out'}.rank{rank}").read_text())
-        assert result["generated"] == share, f"rank {rank} generated {result['generated']} prompts, not {share}"
-        assert result["samples"] == [{k: v for k, v in s.items() if k != "benchmark"} for s in one_samples]
-        assert result["one_sample"] == result["samples"][:1]
-        assert result["metrics"]["accuracy"] == one["benchmarks"]["toy"]["accuracy"]
+        results = json.loads(Path(f"{tmp_path / 'out'}.rank{rank}").read_text())
+        assert list(results) == (["hf", "vllm"] if HAS_VLLM else ["hf"])
+        for kind, result in results.items():
+            one, one_samples = one_process_run(kind)
+            assert result["generated"] == share, f"{kind}: rank {rank} generated {result['generated']}, not {share}"
+            assert result["samples"] == [{k: v for k, v in s.items() if k != "benchmark"} for s in one_samples]
+            assert result["one_sample"] == result["samples"][:1]
+            assert result["metrics"]["accuracy"] == one["benchmarks"]["toy"]["accuracy"]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["evaluate"]:
-    evaluate_worker(sys.argv[2], sys.argv[3])
+    evaluate_worker(sys.argv[2])

@@ -22,7 +22,7 @@ import one_shot  # noqa: E402
 import pcl  # noqa: E402
 import ppo  # noqa: E402
 # tests/ is on the path
-from test_distributed import assert_same_statistics, max_difference, torchrun  # noqa: E402
+from test_distributed import assert_same_statistics, fixed_batch, max_difference, torchrun  # noqa: E402
 
 HAS_GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
 pytestmark = pytest.mark.skipif(not HAS_GLOO, reason="torch.distributed with the gloo backend is not available")
@@ -210,6 +210,20 @@ def ppo_step(mini_batches: int = 1) -> dict:
             "local_advantages": ppo.gather_from_ranks(local.tolist())}
 
 
+def ppo_reference_on_cpu() -> dict:
+    """--reference-on-cpu: each rank keeps a whole reference in CPU memory (not an FSDP shard) and moves it to its
+    device for its forwards alone. Its log-probs of each rank's responses, and the sharded reference's."""
+    rank, world, device = ppo.init_distributed()
+    tokenizer = evaluation.load_model("tiny")[1]
+    rollouts = fixed_batch(tokenizer)[0][rank * 8:(rank + 1) * 8]  # rank 1 holds the long responses
+    load = lambda: evaluation.load_model("tiny", dtype=torch.float64)[0].eval().requires_grad_(False)  # noqa: E731
+    whole, sharded, args = load(), ppo.shard_model(load(), device, world), ppo.Args(micro_batch=3, reference_on_cpu=True)
+    with torch.no_grad(), ppo.reference_on_device(whole, device, args):
+        logprobs = {name: ppo.token_logprobs(reference, rollouts, args, tokenizer.pad_token_id, device)
+                    for name, reference in (("whole", whole), ("sharded", sharded))}
+    return {name: ppo.gather_from_ranks([torch.cat(lp).tolist()]) for name, lp in logprobs.items()}
+
+
 # ---- pcl.py --select dynamic-sampling: the worker --------------------------------------------------------------
 # A pool of 8 prompts x 4 responses, rolled out 4 by each rank (rank 0: prompts 0-3). Informative (mixed rewards)
 # prompts: 0, 1, 2, 5 in the first pool, so that rank 1's share of the kept (2 and 5) holds a group rank 0 rolled
@@ -231,7 +245,8 @@ def pcl_dynamic_sampling() -> dict:
 
 
 WORKERS = {"hapo-step": hapo_step, "one-shot-step": one_shot_step, "pcl-step": pcl_step, "ppo-step": ppo_step,
-           "ppo-two-mini-batches": lambda: ppo_step(mini_batches=2), "pcl-dynamic-sampling": pcl_dynamic_sampling}
+           "ppo-two-mini-batches": lambda: ppo_step(mini_batches=2), "pcl-dynamic-sampling": pcl_dynamic_sampling,
+           "ppo-reference-on-cpu": ppo_reference_on_cpu}
 
 
 def worker(output: str) -> None:
@@ -438,19 +453,17 @@ def test_ppo_several_mini_batches_on_two_ranks_equal_one_process_policy_and_crit
 
 
 @pytest.mark.slow
-def test_ppo_reference_on_cpu_under_torchrun_equals_the_sharded_reference(tmp_path):
-    """--reference-on-cpu on 2 ranks: each rank keeps a whole reference in CPU memory (not an FSDP shard) and moves
-    it to its device for the forward; the KL it measures is the sharded reference's, step for step."""
-    common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
-              "--eval-every", "0", "--eval-max-problems", "2", "--total-steps", "2", "--kl-coef", "0.05"]
-    torchrun(ROOT / "ppo.py", *common, "--output-dir", tmp_path / "sharded")
-    torchrun(ROOT / "ppo.py", *common, "--reference-on-cpu", "--output-dir", tmp_path / "cpu")
-    read = lambda run: [m for m in map(json.loads, open(tmp_path / run / "metrics.jsonl")) if m["step"]]  # noqa: E731
-    sharded, cpu = read("sharded"), read("cpu")
-    assert [m["reward_mean"] for m in cpu] == [m["reward_mean"] for m in sharded]
-    assert abs(sharded[-1]["kl"]) > 1e-6, "the policy never left the reference: the KL comparison could not fail"
-    for a, b in zip(cpu, sharded):
-        assert a["kl"] == pytest.approx(b["kl"], rel=1e-5, abs=1e-9), (a["kl"], b["kl"])
+def test_ppo_reference_on_cpu_under_torchrun_equals_the_sharded_reference(two_ranks):
+    """The whole reference beside the sharded policy gives each rank's tokens the sharded reference's log-probs, and
+    one process's, so the KL it measures is the same."""
+    logprobs = two_ranks["ppo-reference-on-cpu"]
+    model, tokenizer = evaluation.load_model("tiny", dtype=torch.float64)
+    with torch.no_grad():
+        one = ppo.token_logprobs(model, fixed_batch(tokenizer)[0], ppo.Args(micro_batch=3), tokenizer.pad_token_id,
+                                 torch.device("cpu"))
+    assert [len(part) for part in logprobs["whole"]] == [len(torch.cat(one[:8])), len(torch.cat(one[8:]))]
+    assert sum(logprobs["whole"], []) == pytest.approx(torch.cat(one).tolist(), rel=1e-9, abs=1e-12)
+    assert logprobs["whole"] == logprobs["sharded"]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["steps"]:

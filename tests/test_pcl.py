@@ -2,9 +2,7 @@
 import gc
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 import weakref
 from pathlib import Path
@@ -125,17 +123,6 @@ def test_value_update_moves_v_towards_the_realised_accuracy_and_accumulates_exac
 
 
 # ---- whole runs --------------------------------------------------------------------------------------------------
-def script(*args):
-    return [sys.executable, str(ROOT / "pcl.py"), *args]
-
-
-def run_script(*args, timeout=600):
-    out = subprocess.run(script(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
 def read_metrics(output_dir):
     """The trained steps' metrics (step 0 is the evaluation before training)."""
     return [m for m in map(json.loads, open(Path(output_dir) / "metrics.jsonl")) if m["step"] > 0]
@@ -199,15 +186,15 @@ def test_default_run_pcl_learns(default_runs):
 
 @pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run_policy_and_value_model(tmp_path):
-    """A 2-step run resumed in place with --total-steps 4 against 4 steps straight: policy, V and metrics.jsonl as
-    the uninterrupted run's. The learning rate warms up over 3 steps: a scheduler restarted by the resume would show
-    at step 3; V's AdamW state not restored would move V otherwise."""
+    """A 2-step run resumed in place with --total-steps 4 against 4 steps straight (in this process, to save
+    interpreter starts): policy, V and metrics.jsonl as the uninterrupted run's. The learning rate warms up over 3
+    steps: a scheduler restarted by the resume would show at step 3; V's AdamW state not restored would move V."""
     common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "32", "--micro-batch", "8",
               "--eval-every", "0", "--eval-max-problems", "4", "--value-lr", "1e-2", "--warmup-steps", "3",
               "--save-every", "2"]
-    run_script(*common, "--total-steps", "4", "--output-dir", str(tmp_path / "straight"))
-    run_script(*common, "--total-steps", "2", "--output-dir", str(tmp_path / "resumed"))
-    assert "finished at step 4 of 4" in run_script("--resume", str(tmp_path / "resumed"), "--total-steps", "4").stdout
+    pcl.main(pcl.parse_args([*common, "--total-steps", "4", "--output-dir", str(tmp_path / "straight")]))
+    pcl.main(pcl.parse_args([*common, "--total-steps", "2", "--output-dir", str(tmp_path / "resumed")]))
+    pcl.main(pcl.parse_args(["--resume", str(tmp_path / "resumed"), "--total-steps", "4"]))
     from safetensors.torch import load_file
     straight = load_file(tmp_path / "straight" / "checkpoint-4" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors")

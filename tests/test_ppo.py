@@ -1,7 +1,6 @@
 """ppo.py: GAE, whitening, the value loss, per-token rewards, the critic's alignment, learning, warm-up and resume."""
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -383,12 +382,9 @@ def test_gradient_checkpointing_keeps_fewer_activations_and_the_same_gradients(t
 
 
 # ---- whole runs ------------------------------------------------------------------------------------------------
-def run_script(*args, timeout=600):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, str(ROOT / "ppo.py"), *args], capture_output=True, text=True,
-                         timeout=timeout, cwd=ROOT, env=env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+def run_script(*args):
+    """`python ppo.py args`, in this process: an interpreter start and the imports cost more than a short run."""
+    return ppo.main(ppo.parse_args(list(args)))
 
 
 def read_metrics(output_dir):
