@@ -2,8 +2,9 @@
 same batch, and a resumed 2-rank run equals an uninterrupted one.
 
 The file is also the worker that torchrun starts (`python -m torch.distributed.run ... test_distributed.py
-steps OUT`): sampling on 2 ranks cannot equal sampling in one process, so the step test feeds fixed rollouts
-to the real update path (shard_model, update_policy, streamed_weights)."""
+steps FOLDER`): sampling on 2 ranks cannot equal sampling in one process, so the step test feeds fixed rollouts
+to the real update path (shard_model, update_policy, streamed_weights); the same launch then trains the whole runs
+that the resume and vLLM tests read."""
 import dataclasses
 import importlib.util
 import json
@@ -22,6 +23,7 @@ import eval as evaluation  # noqa: E402
 import grpo  # noqa: E402
 
 HAS_GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
 pytestmark = pytest.mark.skipif(not HAS_GLOO, reason="torch.distributed with the gloo backend is not available")
 PROMPTS, SAMPLES = 4, 4
 # --mask-truncated's rows in the masked test: rank 0 keeps 7 responses (3 micro-batches of 3), rank 1 keeps 3 (1)
@@ -105,13 +107,35 @@ STEPS = {"plain": {}, "rank-1-masked": {"masked": RANK_1_MASKED}, "masked": {"ma
          "two-mini-batches": {"mini_batches": 2}, "local-counts": {"local_counts": True}}  # local counts: the last
 
 
-def worker(output: str) -> None:
+def whole_runs(root: Path) -> list[list[str]]:
+    """grpo.py's command lines on 2 ranks: 4 steps with a checkpoint after 2 (root/straight); 2 steps, then resumed
+    with --total-steps 4 (root/resumed); where vLLM is installed, 3 steps with an engine per rank (root/vllm)."""
+    common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
+              "--eval-every", "0", "--eval-max-problems", "4", "--save-every", "2",
+              "--warmup-steps", "3"]  # lr 0, 1/3, 2/3, 1: a scheduler restarted by the resume would show
+    runs = [[*common, "--total-steps", "4", "--output-dir", root / "straight"],
+            [*common, "--total-steps", "2", "--output-dir", root / "resumed"],
+            ["--resume", root / "resumed", "--total-steps", "4"]]
+    if HAS_VLLM:  # at T = 0.6 the engine must report the log-probs of the tempered distribution it sampled from
+        runs.append(["--rollout", "vllm", "--prompts-per-step", "4", "--mini-batch", "32", "--lr", "1e-2",
+                     "--temperature", "0.6", "--total-steps", "3", "--eval-every", "0", "--eval-max-problems", "2",
+                     "--output-dir", root / "vllm"])
+    return [list(map(str, run)) for run in runs]
+
+
+def worker(root: str) -> None:
+    """Every variant of STEPS (root/steps.pt), then every run of whole_runs, in one torchrun launch (a launch costs
+    two interpreters): the runs go through grpo.main as `torchrun grpo.py` would, in one process group."""
     joined = grpo.init_distributed()
-    grpo.init_distributed = lambda: joined  # one process group for every variant
+    grpo.init_distributed = lambda: joined
     results = {name: one_training_step(**kwargs) for name, kwargs in STEPS.items()}
     if joined[0] == 0:
-        torch.save(results, output)
-    evaluation.leave_process_group()
+        torch.save(results, Path(root) / "steps.pt")
+    leave, evaluation.leave_process_group = evaluation.leave_process_group, torch.distributed.barrier
+    for argv in whole_runs(Path(root)):
+        grpo.main(grpo.parse_args(argv))
+    if not HAS_VLLM:  # a vLLM engine tears the process group down itself
+        leave()
 
 
 # ---- the tests -------------------------------------------------------------------------------------------------
@@ -157,11 +181,17 @@ def test_logged_statistics_do_not_depend_on_the_micro_batch():
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    """Every variant of STEPS on 2 ranks, from one torchrun launch: {variant: one_training_step's result}."""
-    output = tmp_path_factory.mktemp("two-ranks") / "two.pt"
-    torchrun(Path(__file__), "steps", output, timeout=900)
-    return torch.load(output)
+def launch(tmp_path_factory) -> Path:
+    """The worker on 2 ranks: its folder."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    torchrun(Path(__file__), "steps", root, timeout=900)
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_ranks(launch):
+    """{variant of STEPS: one_training_step's result on 2 ranks}."""
+    return torch.load(launch / "steps.pt")
 
 
 @pytest.fixture(scope="module")
@@ -233,38 +263,25 @@ def test_several_mini_batches_on_two_ranks_equal_one_process(two_ranks, one_proc
     assert gap < 1e-9, f"2 ranks differ from 1 process by {gap} with 2 mini-batches"
 
 
-@pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
-    """4 steps on 2 ranks with a checkpoint after 2; and 2 steps, then resumed with --total-steps 4."""
-    root = tmp_path_factory.mktemp("runs")
-    common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
-              "--eval-every", "0", "--eval-max-problems", "4", "--save-every", "2",
-              "--warmup-steps", "3"]  # lr 0, 1/3, 2/3, 1: a scheduler restarted by the resume would show
-    torchrun(ROOT / "grpo.py", *common, "--total-steps", "4", "--output-dir", root / "straight")
-    torchrun(ROOT / "grpo.py", *common, "--total-steps", "2", "--output-dir", root / "resumed")
-    torchrun(ROOT / "grpo.py", "--resume", root / "resumed", "--total-steps", "4")
-    return root
-
-
 @pytest.mark.slow
-def test_two_rank_resume_equals_uninterrupted_two_rank_run(two_rank_run):
+def test_two_rank_resume_equals_uninterrupted_two_rank_run(launch):
     from safetensors.torch import load_file
-    straight = load_file(two_rank_run / "straight" / "checkpoint-4" / "model.safetensors")
-    halfway = load_file(two_rank_run / "straight" / "checkpoint-2" / "model.safetensors")
-    resumed = load_file(two_rank_run / "resumed" / "checkpoint-4" / "model.safetensors")
+    straight = load_file(launch / "straight" / "checkpoint-4" / "model.safetensors")
+    halfway = load_file(launch / "straight" / "checkpoint-2" / "model.safetensors")
+    resumed = load_file(launch / "resumed" / "checkpoint-4" / "model.safetensors")
     assert any(not torch.equal(halfway[k], straight[k]) for k in straight), "steps 3-4 changed nothing"
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), f"{k} differs after resume"
-    logged = lambda run, key: [json.loads(line).get(key) for line in open(two_rank_run / run / "metrics.jsonl")]
+    logged = lambda run, key: [json.loads(line).get(key) for line in open(launch / run / "metrics.jsonl")]
     assert logged("resumed", "reward_mean") == logged("straight", "reward_mean"), "the resumed run sampled others"
     assert logged("resumed", "lr") == logged("straight", "lr"), "the schedule did not come back"
 
 
 @pytest.mark.slow
-def test_two_rank_checkpoint_is_a_plain_hf_folder(two_rank_run):
+def test_two_rank_checkpoint_is_a_plain_hf_folder(launch):
     """Rank 0 writes the full model: eval.py (and vLLM) load it like a single-process checkpoint."""
     from safetensors.torch import load_file
-    folder = two_rank_run / "straight" / "checkpoint-4"
+    folder = launch / "straight" / "checkpoint-4"
     model, _ = evaluation.load_model(str(folder))
     saved = load_file(folder / "model.safetensors")
     assert json.loads((folder / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
@@ -274,23 +291,19 @@ def test_two_rank_checkpoint_is_a_plain_hf_folder(two_rank_run):
 
 
 @pytest.mark.slow
-def test_single_process_resume_of_a_two_rank_checkpoint_fails_clearly(two_rank_run, tmp_path):
+def test_single_process_resume_of_a_two_rank_checkpoint_fails_clearly(launch, tmp_path):
     with pytest.raises(SystemExit, match="written by 2 rank"):
-        grpo.main(grpo.parse_args(["--resume", str(two_rank_run / "straight")]))
+        grpo.main(grpo.parse_args(["--resume", str(launch / "straight")]))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
-def test_each_rank_vllm_engine_samples_from_the_trained_weights(tmp_path):
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed")
+def test_each_rank_vllm_engine_samples_from_the_trained_weights(launch):
     """One vLLM engine per rank (external_launcher), fed the weights gathered from the FSDP shards after every step.
     At lr 1e-2 an engine left with the old weights was measured 4.2 and 8.8 nats per token away from the trainer
-    at steps 2 and 3 (push_weights replaced by a no-op); with the push, it stays at float32 rounding."""
-    # at T = 0.6 the engine must report the log-probs of the tempered distribution it sampled from, as the trainer
-    # computes them (vLLM's raw log-probs would differ by far more than the bound below)
-    torchrun(ROOT / "grpo.py", "--rollout", "vllm", "--prompts-per-step", "4", "--mini-batch", "32", "--lr", "1e-2",
-             "--temperature", "0.6", "--total-steps", "3", "--eval-every", "0", "--eval-max-problems", "2",
-             "--output-dir", tmp_path)
-    gaps = [json.loads(line)["logprob_gap"] for line in open(tmp_path / "metrics.jsonl")
+    at steps 2 and 3 (push_weights replaced by a no-op); with the push, it stays at float32 rounding. (vLLM's raw
+    log-probs, before the temperature of 0.6, would differ by far more than the bound below.)"""
+    gaps = [json.loads(line)["logprob_gap"] for line in open(launch / "vllm" / "metrics.jsonl")
             if json.loads(line)["step"] > 0]  # step 0 only evaluates
     assert len(gaps) == 3 and max(gaps) < 1e-4, f"engine and trainer log-probs differ: {gaps}"
 

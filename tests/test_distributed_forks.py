@@ -5,7 +5,8 @@ histories are dicts that rank 0 writes through the save_sharded_checkpoint these
 same source), and their single-process resume tests restore them.
 
 As in test_distributed.py, this file is also the worker that torchrun starts (`python -m torch.distributed.run ...
-test_distributed_forks.py steps OUT`): fixed rollouts go through the real scoring and update path."""
+test_distributed_forks.py steps FOLDER`): fixed rollouts go through the real scoring and update path, then
+pcl.py's whole runs go through pcl.main."""
 import dataclasses
 import json
 import sys
@@ -249,26 +250,48 @@ WORKERS = {"hapo-step": hapo_step, "one-shot-step": one_shot_step, "pcl-step": p
            "ppo-reference-on-cpu": ppo_reference_on_cpu}
 
 
-def worker(output: str) -> None:
-    """Every worker above in one torchrun launch (a launch costs two interpreters): {kind: its result}."""
+def whole_runs(root: Path) -> list[list[str]]:
+    """pcl.py's command lines on 2 ranks: 4 steps with a checkpoint after 2 (root/straight), 2 steps resumed in
+    place to 4 (root/resumed), and 2 steps of dynamic sampling (root/dynamic-sampling)."""
+    common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
+              "--eval-every", "0", "--eval-max-problems", "2", "--save-every", "2"]
+    runs = [[*common, "--total-steps", "4", "--output-dir", root / "straight"],
+            [*common, "--total-steps", "2", "--output-dir", root / "resumed"],
+            ["--resume", root / "resumed", "--total-steps", "4"],
+            ["--select", "dynamic-sampling", "--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "32",
+             "--micro-batch", "8", "--total-steps", "2", "--eval-every", "0", "--eval-max-problems", "4",
+             "--output-dir", root / "dynamic-sampling"]]
+    return [list(map(str, run)) for run in runs]
+
+
+def worker(root: str) -> None:
+    """Every worker above (root/steps.pt: {kind: its result}), then pcl.py's whole runs, in one torchrun launch (a
+    launch costs two interpreters), in one process group."""
     joined = hapo.init_distributed()
-    for script in (hapo, one_shot, pcl, ppo):  # one process group for them all
+    for script in (hapo, one_shot, pcl, ppo):
         script.init_distributed = lambda: joined
     results = {kind: step() for kind, step in WORKERS.items()}
     if joined[0] == 0:
-        torch.save(results, output)
-    evaluation.leave_process_group()
+        torch.save(results, Path(root) / "steps.pt")
+    leave, evaluation.leave_process_group = evaluation.leave_process_group, torch.distributed.barrier
+    for argv in whole_runs(Path(root)):
+        pcl.main(pcl.parse_args(argv))
+    leave()
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    """Every worker's result on 2 ranks, from one torchrun launch."""
-    output = tmp_path_factory.mktemp("two-ranks") / "two.pt"
-    torchrun(Path(__file__), "steps", output, timeout=900)
-    return torch.load(output, weights_only=False)
+def launch(tmp_path_factory) -> Path:
+    """The worker on 2 ranks: its folder."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    torchrun(Path(__file__), "steps", root, timeout=900)
+    return root
 
 
-# ---- the tests -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_ranks(launch):
+    return torch.load(launch / "steps.pt", weights_only=False)
+
+
 @pytest.mark.slow
 def test_hapo_one_step_on_two_ranks_equals_one_process_weights_and_history(two_ranks):
     two, one = two_ranks["hapo-step"], hapo_step()
@@ -286,17 +309,6 @@ def test_hapo_one_step_on_two_ranks_equals_one_process_weights_and_history(two_r
     assert moved > 1e-4, f"the step moved the weights by only {moved}: the comparison could not fail"
     assert_same_statistics(two["stats"], one["stats"])
     assert gap < 1e-9, f"2 ranks differ from 1 process by {gap} (the step moved weights by {moved})"
-
-
-def resume_pair(script: str, root: Path, extra: list) -> Path:
-    """4 steps on 2 ranks with a checkpoint after 2 (root/straight), and the same run stopped after 2 steps and
-    resumed in place (root/resumed). A constant learning rate: the stopped run's schedule ended at step 2."""
-    common = ["--rollout", "hf", "--prompts-per-step", "4", "--mini-batch", "16", "--micro-batch", "8",
-              "--eval-every", "0", "--eval-max-problems", "2", "--save-every", "2", *extra]
-    torchrun(ROOT / script, *common, "--output-dir", root / "straight")
-    torchrun(ROOT / script, *common, "--total-steps", "2", "--output-dir", root / "resumed")
-    torchrun(ROOT / script, "--resume", root / "resumed", "--total-steps", "4")
-    return root
 
 
 def assert_resume_equal(root: Path) -> list:
@@ -357,8 +369,8 @@ def test_pcl_one_step_on_two_ranks_equals_one_process_selection_policy_and_value
 
 
 @pytest.mark.slow
-def test_pcl_two_rank_resume_equals_uninterrupted_run_with_value_model(tmp_path):
-    root = resume_pair("pcl.py", tmp_path, ["--total-steps", "4"])
+def test_pcl_two_rank_resume_equals_uninterrupted_run_with_value_model(launch):
+    root = launch
     assert_resume_equal(root)
     value = lambda run, step: torch.load(root / run / f"checkpoint-{step}" / "value_model.pt")  # noqa: E731
     straight, resumed, halfway = value("straight", 4), value("resumed", 4), value("straight", 2)
@@ -381,11 +393,8 @@ def test_pcl_dynamic_sampling_on_two_ranks_keeps_the_single_process_groups(two_r
 
 
 @pytest.mark.slow
-def test_pcl_dynamic_sampling_runs_under_torchrun(tmp_path):
-    torchrun(ROOT / "pcl.py", "--select", "dynamic-sampling", "--rollout", "hf", "--prompts-per-step", "4",
-             "--mini-batch", "32", "--micro-batch", "8", "--total-steps", "2", "--eval-every", "0",
-             "--eval-max-problems", "4", "--output-dir", tmp_path)
-    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][1:]  # step 0: only an evaluation
+def test_pcl_dynamic_sampling_runs_under_torchrun(launch):
+    metrics = [json.loads(line) for line in open(launch / "dynamic-sampling" / "metrics.jsonl")][1:]  # step 0: only an evaluation
     assert len(metrics) == 2 and any(m["kept_prompts"] for m in metrics), metrics
     pool = 4 * 4 * 8  # k*m candidates x n samples, from both ranks
     for m in metrics:
