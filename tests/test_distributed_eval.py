@@ -60,13 +60,25 @@ def test_shards_cover_every_problem_once():
             assert max(e - s for s, e in bounds) - min(e - s for s, e in bounds) <= 1
 
 
+# eval.py's command lines that the worker runs on 2 ranks, each into its folder
+CLI_RUNS = {"greedy": [*SMALL, "--engine", "hf"],
+            "pass-at-k": [*SMALL, "--engine", "hf", "--samples", "4", "--temperature", "1", "--k", "1,2,4"]}
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory) -> Path:
+    """The worker on 2 ranks, once: its folder."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    torchrun(Path(__file__), "evaluate", root, timeout=600)
+    return root
+
+
 @pytest.mark.slow
-def test_two_ranks_greedy_equal_one_process(tmp_path, one_process_run):
+def test_two_ranks_greedy_equal_one_process(launch, one_process_run):
     """Greedy decoding: the same samples, in the same order with the same indices, and the same metrics. (A vLLM
     engine per rank goes through the same sharding and gathering in eval.evaluate: the training-time test below.)"""
-    torchrun(ROOT / "eval.py", *SMALL, "--engine", "hf", "--output-dir", tmp_path / "two", timeout=600)
     one, one_samples = one_process_run("hf")
-    two, two_samples = read_run(tmp_path / "two")
+    two, two_samples = read_run(launch / "greedy")
     assert two["data_parallel_shards"] == 2 and one["data_parallel_shards"] == 1
     assert [s["index"] for s in two_samples] == list(range(25))
     assert two_samples == one_samples
@@ -90,11 +102,9 @@ def test_one_engine_over_two_ranks_equals_one_process(tmp_path, one_process_run)
 
 
 @pytest.mark.slow
-def test_two_ranks_sampled_pass_at_k_over_all_samples(tmp_path):
+def test_two_ranks_sampled_pass_at_k_over_all_samples(launch):
     """n samples per problem from both ranks: pass@k is computed on rank 0 from all 25 x 4 samples."""
-    torchrun(ROOT / "eval.py", *SMALL, "--engine", "hf", "--samples", "4", "--temperature", "1", "--k", "1,2,4",
-             "--output-dir", tmp_path, timeout=600)
-    results, samples = read_run(tmp_path)
+    results, samples = read_run(launch / "pass-at-k")
     toy = results["benchmarks"]["toy"]
     assert [s["index"] for s in samples] == [i for i in range(25) for _ in range(4)]
     counts = [sum(s["correct"] for s in samples[4 * i:4 * i + 4]) for i in range(25)]
@@ -103,12 +113,18 @@ def test_two_ranks_sampled_pass_at_k_over_all_samples(tmp_path):
     assert toy["accuracy"] == pytest.approx(sum(counts) / 100)
 
 
-def evaluate_worker(output: str) -> None:
-    """What a training script does at evaluation under torchrun: every rank calls eval.evaluate, each must generate
-    only its share, and every rank get all 25 results. First "hf" (--rollout hf): the policy sharded by FSDP on both
-    ranks; batches of 4 give rank 0 (12 prompts) 3 generate calls to rank 1's 4, so rank 0 must add a filler call to
-    stay in the collectives. Then "vllm" where installed: a vLLM engine per rank (external_launcher), which joins the
-    trainer's process group as in a training run."""
+def evaluate_worker(root: str) -> None:
+    """eval.py's CLI_RUNS through eval.main, as `torchrun eval.py` would run them. Then what a training script does
+    at evaluation under torchrun: every rank calls eval.evaluate, each must generate only its share, and every rank
+    get all 25 results. First "hf" (--rollout hf): the policy sharded by FSDP on both ranks; batches of 4 give rank 0
+    (12 prompts) 3 generate calls to rank 1's 4, so rank 0 must add a filler call to stay in the collectives. Then
+    "vllm" where installed: a vLLM engine per rank (external_launcher), which joins the trainer's process group as in
+    a training run. All in one process group: one launch costs two interpreters."""
+    join = torch.distributed.init_process_group
+    torch.distributed.init_process_group = lambda *a, **k: torch.distributed.is_initialized() or join(*a, **k)
+    leave, evaluation.leave_process_group = evaluation.leave_process_group, torch.distributed.barrier
+    for name, argv in CLI_RUNS.items():
+        evaluation.main(evaluation.parse_args([*argv, "--output-dir", str(Path(root) / name)]))
     import grpo
     _, world, device = grpo.init_distributed()
     model, tokenizer = evaluation.load_model("tiny")
@@ -131,16 +147,15 @@ def evaluate_worker(output: str) -> None:
         _, one_sample = evaluation.evaluate(engine, tokenizer, evaluation.load_benchmark("toy")[:1],
                                             template="qwen-math-train", max_tokens=24, mode="boxed", batch_size=4)
         results[kind] = {"metrics": metrics, "samples": samples, "generated": share, "one_sample": one_sample}
-    Path(f"{output}.rank{torch.distributed.get_rank()}").write_text(json.dumps(results))
+    Path(root, f"evaluate.rank{torch.distributed.get_rank()}").write_text(json.dumps(results))
     if not HAS_VLLM:  # a vLLM engine tears the process group down itself
-        evaluation.leave_process_group()
+        leave()
 
 
 @pytest.mark.slow
-def test_training_time_evaluation_splits_the_set_between_ranks(tmp_path, one_process_run):
-    torchrun(Path(__file__), "evaluate", tmp_path / "out", timeout=600)
+def test_training_time_evaluation_splits_the_set_between_ranks(launch, one_process_run):
     for rank, share in ((0, 12), (1, 13)):
-        results = json.loads(Path(f"{tmp_path / 'out'}.rank{rank}").read_text())
+        results = json.loads((launch / f"evaluate.rank{rank}").read_text())
         assert list(results) == (["hf", "vllm"] if HAS_VLLM else ["hf"])
         for kind, result in results.items():
             one, one_samples = one_process_run(kind)
