@@ -117,3 +117,12 @@ def training_run():
     """training_run("grpo"): a run of the test file's RUNS (or its script's default run), trained once per session
     and shared by every test that reads it: {"folder", "stdout", "metrics": one dict per logged step}."""
     return result
+
+
+@pytest.fixture(scope="module")
+def launch(request, tmp_path_factory) -> Path:
+    """The test file's worker on 2 ranks (`torchrun <file> worker FOLDER`), once per file: its folder."""
+    from test_distributed import torchrun
+    root = tmp_path_factory.mktemp("two-ranks")
+    torchrun(request.module.__file__, "worker", root, timeout=900)
+    return root

@@ -2,7 +2,7 @@
 same batch, and a resumed 2-rank run equals an uninterrupted one.
 
 The file is also the worker that torchrun starts (`python -m torch.distributed.run ... test_distributed.py
-steps FOLDER`): sampling on 2 ranks cannot equal sampling in one process, so the step test feeds fixed rollouts
+worker FOLDER`): sampling on 2 ranks cannot equal sampling in one process, so the step test feeds fixed rollouts
 to the real update path (shard_model, update_policy, streamed_weights); the same launch then trains the whole runs
 that the resume and vLLM tests read."""
 import dataclasses
@@ -181,14 +181,6 @@ def test_logged_statistics_do_not_depend_on_the_micro_batch():
 
 
 @pytest.fixture(scope="module")
-def launch(tmp_path_factory) -> Path:
-    """The worker on 2 ranks: its folder."""
-    root = tmp_path_factory.mktemp("two-ranks")
-    torchrun(Path(__file__), "steps", root, timeout=900)
-    return root
-
-
-@pytest.fixture(scope="module")
 def two_ranks(launch):
     """{variant of STEPS: one_training_step's result on 2 ranks}."""
     return torch.load(launch / "steps.pt")
@@ -308,5 +300,5 @@ def test_each_rank_vllm_engine_samples_from_the_trained_weights(launch):
     assert len(gaps) == 3 and max(gaps) < 1e-4, f"engine and trainer log-probs differ: {gaps}"
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["steps"]:
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     worker(sys.argv[2])

@@ -65,14 +65,6 @@ CLI_RUNS = {"greedy": [*SMALL, "--engine", "hf"],
             "pass-at-k": [*SMALL, "--engine", "hf", "--samples", "4", "--temperature", "1", "--k", "1,2,4"]}
 
 
-@pytest.fixture(scope="module")
-def launch(tmp_path_factory) -> Path:
-    """The worker on 2 ranks, once: its folder."""
-    root = tmp_path_factory.mktemp("two-ranks")
-    torchrun(Path(__file__), "evaluate", root, timeout=600)
-    return root
-
-
 @pytest.mark.slow
 def test_two_ranks_greedy_equal_one_process(launch, one_process_run):
     """Greedy decoding: the same samples, in the same order with the same indices, and the same metrics. (A vLLM
@@ -165,5 +157,5 @@ def test_training_time_evaluation_splits_the_set_between_ranks(launch, one_proce
             assert result["metrics"]["accuracy"] == one["benchmarks"]["toy"]["accuracy"]
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["evaluate"]:
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     evaluate_worker(sys.argv[2])

@@ -5,7 +5,7 @@ histories are dicts that rank 0 writes through the save_sharded_checkpoint these
 same source), and their single-process resume tests restore them.
 
 As in test_distributed.py, this file is also the worker that torchrun starts (`python -m torch.distributed.run ...
-test_distributed_forks.py steps FOLDER`): fixed rollouts go through the real scoring and update path, then
+test_distributed_forks.py worker FOLDER`): fixed rollouts go through the real scoring and update path, then
 pcl.py's whole runs go through pcl.main."""
 import dataclasses
 import json
@@ -23,7 +23,7 @@ import one_shot  # noqa: E402
 import pcl  # noqa: E402
 import ppo  # noqa: E402
 # tests/ is on the path
-from test_distributed import assert_same_statistics, fixed_batch, max_difference, torchrun  # noqa: E402
+from test_distributed import assert_same_statistics, fixed_batch, max_difference  # noqa: E402
 
 HAS_GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
 pytestmark = pytest.mark.skipif(not HAS_GLOO, reason="torch.distributed with the gloo backend is not available")
@@ -280,14 +280,6 @@ def worker(root: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def launch(tmp_path_factory) -> Path:
-    """The worker on 2 ranks: its folder."""
-    root = tmp_path_factory.mktemp("two-ranks")
-    torchrun(Path(__file__), "steps", root, timeout=900)
-    return root
-
-
-@pytest.fixture(scope="module")
 def two_ranks(launch):
     return torch.load(launch / "steps.pt", weights_only=False)
 
@@ -475,5 +467,5 @@ def test_ppo_reference_on_cpu_under_torchrun_equals_the_sharded_reference(two_ra
     assert logprobs["whole"] == logprobs["sharded"]
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["steps"]:
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     worker(sys.argv[2])
