@@ -102,7 +102,7 @@ def most_held_in_push(model) -> int:
     return engine.most_held
 
 
-# the variants the tests compare with one process, all in one torchrun launch (a launch costs two interpreters)
+# the variants the tests compare with one process, all in one torchrun launch (a launch starts three interpreters)
 STEPS = {"plain": {}, "rank-1-masked": {"masked": RANK_1_MASKED}, "masked": {"masked": MASKED},
          "two-mini-batches": {"mini_batches": 2}, "local-counts": {"local_counts": True}}  # local counts: the last
 
@@ -124,8 +124,8 @@ def whole_runs(root: Path) -> list[list[str]]:
 
 
 def worker(root: str) -> None:
-    """Every variant of STEPS (root/steps.pt), then every run of whole_runs, in one torchrun launch (a launch costs
-    two interpreters): the runs go through grpo.main as `torchrun grpo.py` would, in one process group."""
+    """Every variant of STEPS (root/steps.pt), then every run of whole_runs, in one torchrun launch (a launch starts
+    three interpreters): the runs go through grpo.main as `torchrun grpo.py` would, in one process group."""
     joined = grpo.init_distributed()
     grpo.init_distributed = lambda: joined
     results = {name: one_training_step(**kwargs) for name, kwargs in STEPS.items()}

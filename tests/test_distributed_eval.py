@@ -111,7 +111,7 @@ def evaluate_worker(root: str) -> None:
     get all 25 results. First "hf" (--rollout hf): the policy sharded by FSDP on both ranks; batches of 4 give rank 0
     (12 prompts) 3 generate calls to rank 1's 4, so rank 0 must add a filler call to stay in the collectives. Then
     "vllm" where installed: a vLLM engine per rank (external_launcher), which joins the trainer's process group as in
-    a training run. All in one process group: one launch costs two interpreters."""
+    a training run. All in one process group: a launch starts three interpreters."""
     join = torch.distributed.init_process_group
     torch.distributed.init_process_group = lambda *a, **k: torch.distributed.is_initialized() or join(*a, **k)
     leave, evaluation.leave_process_group = evaluation.leave_process_group, torch.distributed.barrier

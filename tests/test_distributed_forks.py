@@ -218,7 +218,8 @@ def ppo_reference_on_cpu() -> dict:
     tokenizer = evaluation.load_model("tiny")[1]
     rollouts = fixed_batch(tokenizer)[0][rank * 8:(rank + 1) * 8]  # rank 1 holds the long responses
     load = lambda: evaluation.load_model("tiny", dtype=torch.float64)[0].eval().requires_grad_(False)  # noqa: E731
-    whole, sharded, args = load(), ppo.shard_model(load(), device, world), ppo.Args(micro_batch=3, reference_on_cpu=True)
+    whole, sharded = load(), ppo.shard_model(load(), device, world)
+    args = ppo.Args(micro_batch=3, reference_on_cpu=True)
     with torch.no_grad(), ppo.reference_on_device(whole, device, args):
         logprobs = {name: ppo.token_logprobs(reference, rollouts, args, tokenizer.pad_token_id, device)
                     for name, reference in (("whole", whole), ("sharded", sharded))}
@@ -266,7 +267,7 @@ def whole_runs(root: Path) -> list[list[str]]:
 
 def worker(root: str) -> None:
     """Every worker above (root/steps.pt: {kind: its result}), then pcl.py's whole runs, in one torchrun launch (a
-    launch costs two interpreters), in one process group."""
+    launch starts three interpreters), in one process group."""
     joined = hapo.init_distributed()
     for script in (hapo, one_shot, pcl, ppo):
         script.init_distributed = lambda: joined
@@ -362,9 +363,8 @@ def test_pcl_one_step_on_two_ranks_equals_one_process_selection_policy_and_value
 
 @pytest.mark.slow
 def test_pcl_two_rank_resume_equals_uninterrupted_run_with_value_model(launch):
-    root = launch
-    assert_resume_equal(root)
-    value = lambda run, step: torch.load(root / run / f"checkpoint-{step}" / "value_model.pt")  # noqa: E731
+    assert_resume_equal(launch)
+    value = lambda run, step: torch.load(launch / run / f"checkpoint-{step}" / "value_model.pt")  # noqa: E731
     straight, resumed, halfway = value("straight", 4), value("resumed", 4), value("straight", 2)
     assert any(not torch.equal(straight[k], halfway[k]) for k in halfway), "V did not move in steps 3-4"
     for k in straight:
@@ -386,7 +386,8 @@ def test_pcl_dynamic_sampling_on_two_ranks_keeps_the_single_process_groups(two_r
 
 @pytest.mark.slow
 def test_pcl_dynamic_sampling_runs_under_torchrun(launch):
-    metrics = [json.loads(line) for line in open(launch / "dynamic-sampling" / "metrics.jsonl")][1:]  # step 0: only an evaluation
+    # step 0: only an evaluation
+    metrics = [json.loads(line) for line in open(launch / "dynamic-sampling" / "metrics.jsonl")][1:]
     assert len(metrics) == 2 and any(m["kept_prompts"] for m in metrics), metrics
     pool = 4 * 4 * 8  # k*m candidates x n samples, from both ranks
     for m in metrics:

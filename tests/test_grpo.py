@@ -321,8 +321,7 @@ def test_the_readme_training_data_loads(tiny):
 @pytest.mark.slow
 def test_default_run_learns(training_run):
     """The CartPole of the codebase: no arguments, the tiny model's reward climbs on the toy task."""
-    # (not step 0's evaluation)
-    rewards = [m["reward_mean"] for m in training_run("grpo")["metrics"] if "reward_mean" in m]
+    rewards = [m["reward_mean"] for m in training_run("grpo")["metrics"] if "reward_mean" in m]  # not step 0
     tenth = max(1, len(rewards) // 10)
     first, last = sum(rewards[:tenth]) / tenth, sum(rewards[-tenth:]) / tenth
     print(f"reward first tenth {first:.3f}, last tenth {last:.3f}")

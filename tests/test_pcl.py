@@ -185,7 +185,7 @@ def test_default_run_pcl_learns(default_runs):
 
 
 @pytest.mark.slow
-def test_resumed_run_equals_uninterrupted_run_policy_and_value_model(tmp_path):
+def test_resumed_run_equals_uninterrupted_run_policy_and_value_model(tmp_path, capsys):
     """A 2-step run resumed in place with --total-steps 4 against 4 steps straight (in this process, to save
     interpreter starts): policy, V and metrics.jsonl as the uninterrupted run's. The learning rate warms up over 3
     steps: a scheduler restarted by the resume would show at step 3; V's AdamW state not restored would move V."""
@@ -194,7 +194,9 @@ def test_resumed_run_equals_uninterrupted_run_policy_and_value_model(tmp_path):
               "--save-every", "2"]
     pcl.main(pcl.parse_args([*common, "--total-steps", "4", "--output-dir", str(tmp_path / "straight")]))
     pcl.main(pcl.parse_args([*common, "--total-steps", "2", "--output-dir", str(tmp_path / "resumed")]))
+    capsys.readouterr()
     pcl.main(pcl.parse_args(["--resume", str(tmp_path / "resumed"), "--total-steps", "4"]))
+    assert "finished at step 4 of 4" in capsys.readouterr().out
     from safetensors.torch import load_file
     straight = load_file(tmp_path / "straight" / "checkpoint-4" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors")
