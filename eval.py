@@ -215,8 +215,10 @@ def tiny_model_path(seed: int = 0, name: str = TINY_NAME) -> str:
     cache.mkdir(parents=True, exist_ok=True)
     print(f"building the built-in {name} model in {path} (about a minute on 2 cores, once)", flush=True)
     staging = Path(tempfile.mkdtemp(dir=cache, prefix=".building-"))
+    fillers = hashlib.sha256(repr(TINY_MODELS[name]["fillers"]).encode()).hexdigest()[:12]
+    first_stage = cache / f".first-stage-v{TINY_VERSION}-seed{seed}-{fillers}.pt"  # `tiny` and `tiny-format` share it
     with torch.random.fork_rng(devices=[]):  # the build seeds torch: a run draws the same, cached model or not
-        build_tiny_model(staging, seed, **TINY_MODELS[name])
+        build_tiny_model(staging, seed, **TINY_MODELS[name], first_stage=first_stage)
     if not (staging / "config.json").exists():  # transformers writes a model on global rank 0 only
         shutil.rmtree(staging, ignore_errors=True)
         raise SystemExit(f"the {name} model is not in {cache} and only global rank 0 can build it: build it once "
@@ -231,7 +233,7 @@ def tiny_model_path(seed: int = 0, name: str = TINY_NAME) -> str:
 
 def build_tiny_model(folder: Path, seed: int = 0, fillers: tuple[str, ...] = TOY_FILLERS,
                      level_correct: dict = TOY_LEVEL_CORRECT, doubt_steps: int = 150,
-                     level_hedged: dict | None = None) -> None:
+                     level_hedged: dict | None = None, first_stage: Path | None = None) -> None:
     """A Qwen2 model of 0.45M parameters and a BPE tokenizer trained on toy text, saved like a hub checkpoint. Random
     weights, then supervised pretraining (format_pretrain) into a model that writes `\\boxed{d}` and stops, as a base
     model does, and samples the right toy answer only some of the time: RL's job is to make it reliable."""
@@ -247,7 +249,8 @@ def build_tiny_model(folder: Path, seed: int = 0, fillers: tuple[str, ...] = TOY
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=im_end,
     )
     model = Qwen2ForCausalLM(config)
-    format_pretrain(model, tokenizer, rng, fillers, level_correct, doubt_steps=doubt_steps, level_hedged=level_hedged)
+    format_pretrain(model, tokenizer, rng, fillers, level_correct, doubt_steps=doubt_steps, level_hedged=level_hedged,
+                    first_stage=first_stage)
     model.generation_config = GenerationConfig(eos_token_id=[im_end, config.bos_token_id],
                                                pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(folder)
@@ -285,14 +288,20 @@ def train_tiny_tokenizer(rng: random.Random, fillers: tuple[str, ...] = TOY_FILL
 
 def format_pretrain(model, tokenizer, rng: random.Random, fillers: tuple[str, ...] = TOY_FILLERS,
                     level_correct: dict = TOY_LEVEL_CORRECT, read_steps: int = 450, doubt_steps: int = 150,
-                    level_hedged: dict | None = None) -> None:
+                    level_hedged: dict | None = None, first_stage: Path | None = None) -> None:
     """Supervised steps on response tokens, in two stages. 1. Toy questions answered right: the model learns to find
     the number in its prompt (far sooner than a CPU-sized RL run would discover it). 2. Answers right only with their
     level's share (`level_correct`), else another digit, at a lower learning rate so that the model settles near
     these shares: it finds the number but doubts it, as a base model that solves a problem sometimes. With
-    `level_hedged` (`tiny-format`) this stage also varies the answer's form (toy_style)."""
+    `level_hedged` (`tiny-format`) this stage also varies the answer's form (toy_style). `first_stage`: a file that
+    keeps stage 1's weights and `rng`'s state after it, for the next build with the same seed and fillers."""
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for steps, lr, doubt in ((read_steps, 2e-3, False), (doubt_steps, 5e-4, True)):
+        if not doubt and first_stage and first_stage.exists():
+            kept = torch.load(first_stage)
+            model.load_state_dict(kept["model"])
+            rng.setstate(kept["rng"])
+            continue
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
         for _ in range(steps):
             rows = [(p["problem"], toy_label(p, rng, level_correct) if doubt else p["answer"],
@@ -304,6 +313,9 @@ def format_pretrain(model, tokenizer, rng: random.Random, fillers: tuple[str, ..
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        if not doubt and first_stage:
+            torch.save({"model": model.state_dict(), "rng": rng.getstate()}, f"{first_stage}.{os.getpid()}")
+            os.replace(f"{first_stage}.{os.getpid()}", first_stage)  # atomic: a parallel build reads all or nothing
 
 
 def toy_label(problem: dict, rng: random.Random, level_correct: dict = TOY_LEVEL_CORRECT) -> str:

@@ -89,18 +89,24 @@ def pytest_collection_finish(session):
     sys.path.insert(0, str(ROOT))
     for module in modules:
         SPECS.update(runs_of(module))
-    models = {importlib.import_module(script).Args().model for script, _ in SPECS.values()}
+    import eval as evaluation
+    groups: dict[str, list[str]] = {}  # models that share a first stage (tiny, tiny-format): one process, in turn
+    for model in sorted({importlib.import_module(script).Args().model for script, _ in SPECS.values()}):
+        groups.setdefault(repr(evaluation.TINY_MODELS.get(model, {}).get("fillers")), []).append(model)
     env = dict(os.environ, OMP_NUM_THREADS="1")  # a tiny model's build gains little from a second thread
-    builds = [subprocess.Popen([sys.executable, "-c", f"import eval; eval.resolve_model_path({m!r})"], cwd=ROOT,
-                               env=env) for m in sorted(models)]
-    assert all(build.wait() == 0 for build in builds), "a built-in model failed to build"
+    builds = [subprocess.Popen([sys.executable, "-c", f"import eval; [eval.resolve_model_path(m) for m in {group!r}]"],
+                               cwd=ROOT, env=env) for group in groups.values()]
     # one core trains the runs from now on: a second thread here, or in the processes tests start, would only contend
     # for it (measured: both sides ~15% slower)
     import torch
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
+    # the runs start when the first build ends and frees a core; by then `tiny`, the first run's model, is built
+    while all(build.poll() is None for build in builds):
+        time.sleep(0.2)
     for name, (script, argv) in SPECS.items():
         RUNS[name] = TRAINER.submit(train, script, argv)
+    assert all(build.wait() == 0 for build in builds), "a built-in model failed to build"
     session.items[:] = [item for item in session.items if not reads(item)] + \
         [item for module in reversed(modules) for item in session.items if reads(item) and item.module is module]
 
