@@ -101,7 +101,8 @@ def pytest_collection_finish(session):
     import torch
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
-    # the runs start when the first build ends and frees a core; by then `tiny`, the first run's model, is built
+    # the runs start when the first build ends and frees a core; by then the other process has built `tiny` (its first
+    # model), which the first run reads (were it not there, that run would build it itself: slower, not wrong)
     while all(build.poll() is None for build in builds):
         time.sleep(0.2)
     for name, (script, argv) in SPECS.items():
